@@ -1,0 +1,20 @@
+"""spach: the SPACH backbones (conv / attention / MLP spatial mixing in one skeleton), exact and fast.
+
+    import spach
+    model = spach.create_model("spach_ms_s_patch4_224_hybrid", pretrained="spach_hybrid_ms_s.pth")
+
+Importing spach registers every variant with timm.
+"""
+from spach.backbone import SpachConfig, SpachNet, family_of
+from spach.blocks import MixingBlock
+from spach.convert import load_checkpoint, official_to_spach, read_checkpoint, spach_to_official
+from spach.errors import CheckpointError, SpachError
+from spach.mixers import MixerContext, list_mixers, register_mixer
+from spach.zoo import OFFICIAL_TOP1, create_model, list_models
+
+__all__ = [
+    "CheckpointError", "MixerContext", "MixingBlock", "OFFICIAL_TOP1", "SpachConfig", "SpachError", "SpachNet",
+    "create_model", "family_of", "list_mixers", "list_models", "load_checkpoint", "official_to_spach",
+    "read_checkpoint", "register_mixer", "spach_to_official",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""Checkpoints: safe reading, the official <-> spach parameter-name converter, and strict loading.
+
+Official names (microsoft/SPACH) -> ours:
+    norm1 / norm2 (model level)           -> norm_pre / norm
+    blocks.{j}.*                          -> stages.0.blocks.{j}.*            (single-stage)
+    layer1.{j}.*                          -> stages.0.blocks.{j}.*            (multi-stage)
+    layer{s}.0.net.1.{0,1}.*              -> stages.{s-1}.downsample.{conv,norm}.*
+    layer{s}.{j}.*  (s > 1)               -> stages.{s-1}.blocks.{j-1}.*
+  inside a block:
+    gamma_1 [1, 1, C]                     -> gamma [C]
+    spatial_func.* / channel_func.*       -> mixer.* / mlp.*
+    cpe_net.net.1.*                       -> cpe.*
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from spach.errors import CheckpointError
+
+# Official checkpoints may hold the training arguments as an argparse.Namespace: harmless data,
+# so allow it for weights_only loading (everything else that is not a tensor container stays refused).
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+_BLOCK_TO_SPACH = [
+    (re.compile(r"^gamma_1$"), "gamma"),
+    (re.compile(r"^spatial_func\."), "mixer."),
+    (re.compile(r"^channel_func\."), "mlp."),
+    (re.compile(r"^cpe_net\.net\.1\."), "cpe."),
+]
+_BLOCK_TO_OFFICIAL = [
+    (re.compile(r"^gamma$"), "gamma_1"),
+    (re.compile(r"^mixer\."), "spatial_func."),
+    (re.compile(r"^mlp\."), "channel_func."),
+    (re.compile(r"^cpe\."), "cpe_net.net.1."),
+]
+_TOP_TO_SPACH = {"norm1.": "norm_pre.", "norm2.": "norm."}
+_TOP_TO_OFFICIAL = {v: k for k, v in _TOP_TO_SPACH.items()}
+
+
+def _sub(rules: list[tuple[re.Pattern, str]], rest: str) -> str:
+    for pattern, repl in rules:
+        if pattern.search(rest):
+            return pattern.sub(repl, rest, count=1)
+    return rest
+
+
+def is_official(state_dict: dict[str, Any]) -> bool:
+    return not any(k.startswith("stages.") for k in state_dict)
+
+
+def official_to_spach(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        if m := re.match(r"^blocks\.(\d+)\.(.+)$", key):
+            key = f"stages.0.blocks.{m[1]}.{_sub(_BLOCK_TO_SPACH, m[2])}"
+        elif m := re.match(r"^layer(\d+)\.0\.net\.1\.([01])\.(.+)$", key):
+            key = f"stages.{int(m[1]) - 1}.downsample.{'conv' if m[2] == '0' else 'norm'}.{m[3]}"
+        elif m := re.match(r"^layer(\d+)\.(\d+)\.(.+)$", key):
+            stage, j = int(m[1]) - 1, int(m[2]) - (1 if m[1] != "1" else 0)
+            key = f"stages.{stage}.blocks.{j}.{_sub(_BLOCK_TO_SPACH, m[3])}"
+        else:
+            key = next((new + key[len(old):] for old, new in _TOP_TO_SPACH.items() if key.startswith(old)), key)
+        if key.endswith(".gamma") and value.ndim == 3:
+            value = value.reshape(-1)
+        out[key] = value
+    return out
+
+
+def spach_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Export to the official layout (e.g. to evaluate weights trained here with the official code)."""
+    if "pos_embed" in state_dict:
+        raise CheckpointError("the official SPACH code has no position embedding; a pos_embed model cannot be exported")
+    single = not any(k.startswith("stages.1.") for k in state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if m := re.match(r"^stages\.(\d+)\.downsample\.(conv|norm)\.(.+)$", key):
+            key = f"layer{int(m[1]) + 1}.0.net.1.{0 if m[2] == 'conv' else 1}.{m[3]}"
+        elif m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key):
+            stage, j, rest = int(m[1]), int(m[2]), _sub(_BLOCK_TO_OFFICIAL, m[3])
+            key = f"blocks.{j}.{rest}" if single else f"layer{stage + 1}.{j + (stage > 0)}.{rest}"
+            if rest == "gamma_1":
+                value = value.reshape(1, 1, -1)
+        else:
+            key = next((new + key[len(old):] for old, new in _TOP_TO_OFFICIAL.items() if key.startswith(old)), key)
+        out[key] = value
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely (`weights_only=True`) and return its model state dict.
+
+    Accepts a bare state dict or a dict holding it under `model` (the official code's choice),
+    `model_ema`/`state_dict_ema` (taken when `use_ema`, or when there is nothing else) or `state_dict`.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it holds Python objects other than tensors and plain data, which spach refuses to unpickle"
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+    order = ("model_ema", "state_dict_ema", "model", "state_dict") if use_ema else ("model", "state_dict", "model_ema", "state_dict_ema")
+    for key in order:
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in ckpt.items()}
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} holds no model state dict (expected tensors under 'model' or at the top level)")
+    return state
+
+
+def check_fits(state_dict: dict[str, torch.Tensor], model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise one clear line when `state_dict` (spach names) does not match `model` exactly."""
+    own = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
+    theirs = {k: v.shape for k, v in state_dict.items() if not k.startswith(skip_prefixes)}
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    shapes = [f"{k} {tuple(theirs[k])} vs model {tuple(own[k])}" for k in own if k in theirs and theirs[k] != own[k]]
+    if not (missing or unexpected or shapes):
+        return
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {few(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches: {few(shapes)}")
+    raise CheckpointError(
+        f"checkpoint does not fit model {name} ({'; '.join(parts)}); is it a checkpoint of another model or img_size?"
+    )
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's pretrained filter: convert official names and check the fit (the head is left to timm,
+    which drops it when num_classes differs)."""
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if is_official(state_dict):
+        state_dict = official_to_spach(state_dict)
+    check_fits(state_dict, model, skip_prefixes=("head.",))
+    return state_dict
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = False) -> nn.Module:
+    """Load an official or spach checkpoint into `model` strictly. A head of another class count is
+    left at its fresh init (fine-tuning); everything else must match exactly."""
+    state = checkpoint_filter_fn(read_checkpoint(path, use_ema), model)
+    head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+    if any(k not in state or state[k].shape != v.shape for k, v in head.items()):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")} | head
+    check_fits(state, model)
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,146 @@
+"""Spatial mixers: the one module that differs between the SPACH families, and their registry.
+
+Every mixer maps channels-last image tokens `(B, H, W, C)` to the same shape. Its constructor names
+the facts it needs from `MixerContext` (e.g. `dim`, `num_heads`, `num_tokens`); the builder passes
+exactly those, so a new mixer is a small class plus one `@register_mixer("name")` line:
+
+    @register_mixer("pool")
+    class Pool(nn.Module):
+        def __init__(self, pool_size: int = 3):
+            super().__init__()
+            self.pool = nn.AvgPool2d(pool_size, 1, pool_size // 2, count_include_pad=False)
+
+        def forward(self, x):                       # (B, H, W, C)
+            y = x.permute(0, 3, 1, 2)               # channels-last view, no copy
+            return (self.pool(y) - y).permute(0, 2, 3, 1)
+
+The "conv" family has no spatial-mixing module at all (its block is only the 3x3 depthwise conv bypass
+and the channel MLP): its name is listed in `MIXERS_WITHOUT_MODULE` and `build_mixer` returns None.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spach.errors import SpachError
+
+
+@dataclass(frozen=True)
+class MixerContext:
+    """What a block knows when it builds its mixer; a mixer's __init__ takes any subset by name."""
+
+    dim: int
+    grid_size: tuple[int, int]
+    num_heads: int = 1
+    token_ratio: float = 0.5
+    qkv_bias: bool = True
+    attn_drop: float = 0.0
+    drop: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+
+_MIXERS: dict[str, type[nn.Module]] = {}
+# Mixer names whose block has no spatial-mixing module (the conv family: CPE + channel MLP only).
+MIXERS_WITHOUT_MODULE = {"conv"}
+_ALIASES = {"pass": "conv", "transformer": "attn", "trans": "attn"}
+
+
+def register_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a spatial mixer available by `name` in every layout."""
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _MIXERS or name in MIXERS_WITHOUT_MODULE or name in _ALIASES:
+            raise ValueError(f"a spatial mixer named {name!r} is already registered")
+        _MIXERS[name] = cls
+        return cls
+
+    return add
+
+
+def canonical_mixer(name: str) -> str:
+    """The registered name for `name` (resolving official aliases such as 'pass'), or a clear error."""
+    name = _ALIASES.get(name, name)
+    if name not in _MIXERS and name not in MIXERS_WITHOUT_MODULE:
+        raise SpachError(
+            f"unknown spatial mixer {name!r}; known: {', '.join(list_mixers())} "
+            "(register a new one with spach.register_mixer)"
+        )
+    return name
+
+
+def list_mixers() -> list[str]:
+    return sorted(MIXERS_WITHOUT_MODULE | set(_MIXERS))
+
+
+def build_mixer(name: str, ctx: MixerContext) -> nn.Module | None:
+    """Build mixer `name`, passing only the context fields its constructor asks for."""
+    name = canonical_mixer(name)
+    if name in MIXERS_WITHOUT_MODULE:
+        return None
+    cls = _MIXERS[name]
+    available = {f.name: getattr(ctx, f.name) for f in fields(ctx)} | {"num_tokens": ctx.num_tokens}
+    wanted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in available.items() if k in wanted})
+
+
+@register_mixer("attn")
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens (fused scaled-dot-product attention)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise SpachError(f"attention width {dim} is not divisible by num_heads={num_heads}; pick num_heads dividing it")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        # The last axis splits as (3, heads, head_dim), as in the official code.
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(y))
+
+
+@register_mixer("mlp")
+class TokenMLP(nn.Module):
+    """MLP along the token axis (MLP-Mixer style); its weights tie the model to one token count.
+
+    Parameters keep the official `nn.Linear(N, N*ratio)` layout; the forward multiplies from the left
+    (`W @ x`) so the `(B, N, C)` tokens are never transposed.
+    """
+
+    def __init__(self, num_tokens: int, token_ratio: float = 0.5, drop: float = 0.0):
+        super().__init__()
+        hidden = int(num_tokens * token_ratio)
+        self.num_tokens = num_tokens
+        self.fc1 = nn.Linear(num_tokens, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, num_tokens)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H * W != self.num_tokens:
+            raise SpachError(
+                f"token-mixing MLP was built for {self.num_tokens} tokens but got {H}x{W}={H * W}; "
+                "MLP models are tied to their img_size: build the model with the input resolution"
+            )
+        t = x.reshape(B, H * W, C)
+        t = self.drop(self.act(torch.baddbmm(self.fc1.bias[:, None], self.fc1.weight.expand(B, -1, -1), t)))
+        t = self.drop(torch.baddbmm(self.fc2.bias[:, None], self.fc2.weight.expand(B, -1, -1), t))
+        return t.reshape(B, H, W, C)

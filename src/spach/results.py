@@ -1,0 +1,169 @@
+"""A battle's results as data: one `RunResult` per (contestant, seed) and one `ContestantResult` per
+contestant, read back from the study folder. The findings and the report work on these, never on files.
+
+Study folder layout (written by `spach.battle`):
+    study.toml            the study as last run
+    costs.json            per contestant: family, layout, cpe, params, MACs, throughput (measured once)
+    results.jsonl         the ledger: one line per finished or failed run attempt
+    runs/<name>/seed<k>/  the engine's run folder (config.json, metrics.jsonl, summary.json, ...)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COSTS_FILE = "costs.json"
+LEDGER_FILE = "results.jsonl"
+RUNS_DIR = "runs"
+
+
+def run_dir(study_dir: Path, contestant: str, seed: int) -> Path:
+    return Path(study_dir) / RUNS_DIR / contestant / f"seed{seed}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete JSON line of `path` (a torn last line, from a crash mid-write, is skipped)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class RunResult:
+    """One training run: its per-epoch records and, once finished, its summary."""
+
+    contestant: str
+    seed: int
+    status: str  # "done", "failed", "partial" (interrupted) or "pending"
+    epochs: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+    error: str | None = None
+
+    def _last(self, key: str) -> float:
+        for rec in reversed(self.epochs):
+            if rec.get(key) is not None:
+                return float(rec[key])
+        return math.nan
+
+    @property
+    def final_top1(self) -> float:
+        if self.summary and self.summary.get("final_top1") is not None:
+            return float(self.summary["final_top1"])
+        return self._last("top1")
+
+    @property
+    def best_top1(self) -> float:
+        if self.summary and self.summary.get("best_top1") is not None:
+            return float(self.summary["best_top1"])
+        return max((float(r["top1"]) for r in self.epochs if "top1" in r), default=math.nan)
+
+    @property
+    def final_train_loss(self) -> float:
+        if self.summary and self.summary.get("final_train_loss") is not None:
+            return float(self.summary["final_train_loss"])
+        return self._last("train_loss")
+
+    @property
+    def fit_loss(self) -> float:
+        """Final loss on training images: the clean eval-mode loss on a train subset when the recipe
+        measures it, else the running training loss (which includes augmentation and dropout)."""
+        clean = self._last("train_eval_loss")
+        return clean if not math.isnan(clean) else self.final_train_loss
+
+    @property
+    def gap(self) -> float:
+        """Generalisation gap: train-subset top-1 minus test top-1 at the last epoch (NaN if unmeasured)."""
+        return self._last("train_eval_top1") - self.final_top1
+
+    @property
+    def wall_time_s(self) -> float:
+        if self.summary and self.summary.get("wall_time_s") is not None:
+            return float(self.summary["wall_time_s"])
+        return float(sum(r.get("epoch_time", 0.0) for r in self.epochs))
+
+    def curve(self) -> list[tuple[float, float]]:
+        """(training loss, test top-1) per epoch, the training loss as in `fit_loss`."""
+        key = "train_eval_loss" if all("train_eval_loss" in r for r in self.epochs) else "train_loss"
+        return [(float(r[key]), float(r["top1"])) for r in self.epochs if key in r and "top1" in r]
+
+
+@dataclass
+class ContestantResult:
+    """A contestant's facts (from `costs.json`) and its runs."""
+
+    name: str
+    family: str  # conv / attn / mlp / hybrid / a custom mixer / "outside" (timm models)
+    layout: str  # "single" or "multi"
+    cpe: bool = True
+    shared: bool = False
+    params: int = 0
+    macs: int = 0
+    throughput: float = math.nan  # inference images/s on the machine that ran the battle
+    arch_key: str = ""  # the architecture apart from local modeling and weight sharing
+    model: str = "spach"
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def done(self) -> list[RunResult]:
+        return [r for r in self.runs if r.status == "done"]
+
+    def values(self, metric: str) -> list[float]:
+        """`metric` (a `RunResult` property) over the finished seeds, NaNs dropped."""
+        vals = [getattr(r, metric) for r in self.done]
+        return [float(v) for v in vals if not math.isnan(v)]
+
+    def mean(self, metric: str) -> float:
+        vals = self.values(metric)
+        return float(np.mean(vals)) if vals else math.nan
+
+    def std(self, metric: str) -> float:
+        vals = self.values(metric)
+        return float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
+
+
+def load_costs(study_dir: Path) -> dict[str, dict[str, Any]]:
+    return read_json(Path(study_dir) / COSTS_FILE) or {}
+
+
+def load_run(study_dir: Path, contestant: str, seed: int) -> RunResult:
+    folder = run_dir(study_dir, contestant, seed)
+    epochs = read_jsonl(folder / "metrics.jsonl")
+    summary = read_json(folder / "summary.json")
+    error_file = folder / "error.txt"
+    if summary is not None:
+        return RunResult(contestant, seed, "done", epochs, summary)
+    if error_file.exists():
+        return RunResult(contestant, seed, "failed", epochs, None, error_file.read_text().strip().splitlines()[-1])
+    return RunResult(contestant, seed, "partial" if epochs else "pending", epochs)
+
+
+def load_results(study_dir: Path, contestants: list[str], seeds: list[int]) -> list[ContestantResult]:
+    """Everything the report needs, in the study's contestant order."""
+    costs = load_costs(study_dir)
+    out = []
+    for name in contestants:
+        facts = costs.get(name, {})
+        known = {k: facts[k] for k in ContestantResult.__dataclass_fields__ if k in facts and k != "runs"}
+        known.setdefault("family", "?")
+        known.setdefault("layout", "?")
+        out.append(ContestantResult(name=name, **{k: v for k, v in known.items() if k != "name"},
+                                    runs=[load_run(study_dir, name, s) for s in seeds]))
+    return out
