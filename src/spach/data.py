@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import RandomErasing, create_transform, resolve_data_config
+from timm.data import create_transform, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.datasets import ImageFolder
@@ -144,8 +145,8 @@ def _unpickle(path: Path) -> dict:
 TINY_CLASSES = ["bar", "column", "ring", "disk"]
 
 
-def make_tiny(train: bool, seed: int = 0, size: int = 28) -> TensorImages:
-    """A built-in toy set for tests: 28x28 grayscale shapes (bar, column, ring, disk) with random
+def make_tiny(train: bool, seed: int = 0, size: int = 32) -> TensorImages:
+    """A built-in toy set for tests: 32x32 grayscale shapes (bar, column, ring, disk) with random
     position, size and noise; 256 training and 64 validation images, generated, never downloaded."""
     rng = np.random.default_rng(seed + (0 if train else 1))
     n = 256 if train else 64
@@ -323,20 +324,18 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 # ---------------------------------------------------------------------------------------- assembly
 @dataclass
 class Data:
-    """What the engine needs: loaders (train is re-created per epoch via `train_loader(epoch, skip)`)."""
+    """What the engine needs; the training loader is made per epoch from its sampler: `train_loader(sampler)`."""
 
     num_classes: int
     in_chans: int
     img_size: int
     classes: list[str]
     train_size: int
+    val_size: int
     tensor_path: bool
-    make_train_loader: Callable[[Sampler], Any]
+    train_loader: Callable[[Sampler], Any]
     val_loader: Any
     train_eval_loader: Any | None
-
-    def train_loader(self, sampler: Sampler) -> Any:
-        return self.make_train_loader(sampler)
 
 
 def _fixed_subset(n: int, k: int, seed: int) -> torch.Tensor:
@@ -377,18 +376,18 @@ def build_data(cfg: "TrainConfig", pretrained_cfg: dict[str, Any], device: torch
     train_eval = pick(train, cfg.eval_train_subset, cfg.seed + 2) if cfg.eval_train_subset else None
     tensor_path = isinstance(train_full, TensorImages) and not _needs_pil(cfg)
 
-    eval_kw = dict(batch_size=cfg.eval_batch_size or cfg.batch_size, rank=rank, world=world, device=device)
+    ebs = cfg.eval_batch_size or cfg.batch_size
     if isinstance(train_full, TensorImages):
         eval_tf = TensorTransform(size, mean, std, device)
-        val_loader = TensorLoader(val, shard(len(val), rank, world), eval_kw["batch_size"], eval_tf, device)
-        te_loader = TensorLoader(train_eval, shard(len(train_eval), rank, world), eval_kw["batch_size"], eval_tf, device) \
+        val_loader = TensorLoader(val, shard(len(val), rank, world), ebs, eval_tf, device)
+        te_loader = TensorLoader(train_eval, shard(len(train_eval), rank, world), ebs, eval_tf, device) \
             if train_eval is not None else None
     else:
         data_cfg = resolve_data_config({"input_size": (in_chans, size, size), "mean": mean, "std": std}, pretrained_cfg=pretrained_cfg)
         eval_tf = create_transform(**data_cfg, is_training=False)
-        val_loader = _image_loader(_with_transform(val, eval_tf), shard(len(val), rank, world), cfg, eval_kw["batch_size"], False)
+        val_loader = _image_loader(_with_transform(val, eval_tf), shard(len(val), rank, world), cfg, ebs, False)
         te_loader = _image_loader(_with_transform(train_eval, eval_tf), shard(len(train_eval), rank, world), cfg,
-                                  eval_kw["batch_size"], False) if train_eval is not None else None
+                                  ebs, False) if train_eval is not None else None
 
     if tensor_path:
         train_tf = TensorTransform(size, mean, std, device, train=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
@@ -407,7 +406,7 @@ def build_data(cfg: "TrainConfig", pretrained_cfg: dict[str, Any], device: torch
         def make(sampler: Sampler) -> Any:
             return _image_loader(train_t, sampler, cfg, cfg.batch_size, True)
 
-    return Data(len(classes), in_chans, size, list(classes), len(train), tensor_path, make, val_loader, te_loader)
+    return Data(len(classes), in_chans, size, list(classes), len(train), len(val), tensor_path, make, val_loader, te_loader)
 
 
 class _Transformed(Dataset):
@@ -431,7 +430,7 @@ def _with_transform(ds: Dataset, transform: Callable) -> Dataset:
 def _image_loader(ds: Dataset, sampler: Any, cfg: "TrainConfig", batch_size: int, train: bool) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=train,
                       pin_memory=torch.cuda.is_available(), collate_fn=collate_skip_bad,
-                      persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
+                      persistent_workers=False)
 
 
 def eval_loader_for(model: torch.nn.Module, dataset: str, data_path: str | None, batch_size: int, workers: int,
