@@ -1,0 +1,32 @@
+"""`spach models` and the CLI's error contract (one line, exit 2, no traceback)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from spach.cli import main
+
+
+def test_models_table_and_json(capsys):
+    main(["models", "spach_ms_s*"])
+    out = capsys.readouterr().out
+    assert "spach_ms_s_plus_patch4_224_hybrid" in out and "83.9" in out and "63.14" in out and "12.18" in out
+    main(["models", "*xxs_patch16*", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {f"spach_xxs_patch16_224_{m}" for m in ("conv", "attn", "mlp")}
+    assert {r["params"] for r in rows} == {7828840, 3931048, 8307184}
+    assert all(r["layout"] == "single-stage" and r["top1"] is None for r in rows)
+
+
+def test_user_error_is_one_line_without_traceback():
+    r = subprocess.run([sys.executable, "-m", "spach", "models", "nothing_like_this"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "no model matches" in r.stderr
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "models" in capsys.readouterr().out
