@@ -652,3 +652,59 @@ class _Run:
         if self.d.main:
             checkpoint.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+# ------------------------------------------------------------------------------------ spach eval
+def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | None, dataset: str = "imagefolder",
+                        batch_size: int = 128, workers: int = 4, device: str = "auto", img_size: int = 0,
+                        amp: str = "auto", model_kwargs: dict | None = None, use_ema: bool = False,
+                        skip_bad_images: bool = False, throughput: bool = False) -> dict[str, Any]:
+    """Top-1/top-5/loss of a checkpoint on the validation split. Image folders use the model's
+    pretrained config (resize, crop, mean/std); a spach training checkpoint also brings its own
+    model name, architecture overrides, resolution and normalisation."""
+    from spach.data import eval_loader_for
+
+    args = checkpoint.load(pretrained).get("args") if Path(pretrained).is_file() else None
+    args = args if isinstance(args, dict) else {}
+    model = model or args.get("model")
+    if not model:
+        raise SpachError(f"{pretrained} does not name its model; pass --model")
+    d = _setup(device)
+    amp_dtype = _amp_dtype(amp, d.device)
+    dataset = canonical_dataset(dataset)
+    cfg = TrainConfig(model=model, model_kwargs=model_kwargs if model_kwargs is not None else args.get("model_kwargs", {}),
+                      pretrained="", drop_path=0.0)
+    size = img_size or args.get("img_size", 0)
+    mean, std = args.get("mean") or None, args.get("std") or None
+    with torch.device("meta"):  # a free probe, for the model's pretrained config (resize, crop, mean/std)
+        probe = build_model(cfg, 1000, 3)
+    loader, n = eval_loader_for(probe, dataset, data_path, batch_size, workers, d.device, size, mean, std, skip_bad_images)
+    first_x = next(iter(loader))[0]
+    num_classes = _dataset_classes(loader)
+    net = build_model(dataclasses.replace(cfg, pretrained=""), num_classes, first_x.shape[1], size or first_x.shape[-1])
+    _load_strict(net, pretrained, use_ema)
+    net = net.to(d.device)
+    result = evaluate(net, loader, d.device, amp_dtype)
+    result.update(model=model, checkpoint=str(pretrained), dataset=dataset, images=n, device=str(d.device))
+    if throughput:
+        from spach.profile import throughput as measure
+
+        result["throughput"] = measure(net, batch_size=batch_size, img_size=first_x.shape[-1], device=d.device,
+                                       dtype=amp_dtype, warmup=50, repeats=30)
+    return result
+
+
+def _dataset_classes(loader: Any) -> int:
+    ds = loader.data if hasattr(loader, "data") else loader.dataset.ds
+    return len(ds.classes)
+
+
+def _load_strict(net: nn.Module, path: str, use_ema: bool) -> None:
+    """Load every weight, the head included (evaluating a freshly initialised head would be meaningless)."""
+    from spach.convert import check_fits, checkpoint_filter_fn, read_checkpoint
+
+    state = read_checkpoint(path, use_ema)
+    if hasattr(net, "config"):  # a spach model: official names are converted
+        state = checkpoint_filter_fn(state, net)
+    check_fits(state, net)
+    net.load_state_dict(state)
