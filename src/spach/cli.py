@@ -29,11 +29,87 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    pass  # issue 4
+    import dataclasses
+    import json
+
+    from spach.engine import TrainConfig
+    from spach.presets import PRESETS
+
+    p = sub.add_parser(
+        "train", help="train a model with the paper's (DeiT) recipe; torchrun --nproc_per_node N -m spach train ... for DDP",
+        description="Train with the paper's DeiT recipe (the defaults). Precedence: defaults < --preset < --config < flags. "
+                    "The resolved config is saved as config.json in the run folder.")
+    p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file of settings (names as the flags, - or _)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        group = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
+        flag, default = "--" + f.name.replace("_", "-"), f.default_factory() if callable(f.default_factory) else f.default
+        kw: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default!r})")
+        if f.name == "preset":
+            kw.update(choices=sorted(PRESETS), help=f"named small-data preset: {', '.join(sorted(PRESETS))}")
+        elif isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kw.update(nargs="*", type=float)
+        elif not isinstance(default, dict):
+            kw["type"] = type(default)
+        group.add_argument(flag, **kw)
+
+    def run(args: argparse.Namespace) -> None:
+        from spach.engine import train
+        from spach.presets import resolve
+
+        overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+        if isinstance(overrides.get("model_kwargs"), str):
+            try:
+                overrides["model_kwargs"] = json.loads(overrides["model_kwargs"])
+            except json.JSONDecodeError as e:
+                raise SpachError(f"--model-kwargs is not valid JSON ({e})") from None
+        train(resolve(overrides.pop("preset", None), args.config, **overrides))
+
+    p.set_defaults(func=run)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    pass  # issue 4
+    p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on a validation set",
+                       description="Evaluate a checkpoint with the model's pretrained config (resize, crop, mean/std); "
+                                   "a spach training checkpoint brings its own model, architecture and normalisation.")
+    p.add_argument("--model", help="model name (default: the one a spach training checkpoint names)")
+    p.add_argument("--pretrained", required=True, metavar="PATH", help="checkpoint to evaluate (official or spach)")
+    p.add_argument("--data-path", help="data folder (image folders: holding val/; fashion-mnist has a default)")
+    p.add_argument("--dataset", default="imagefolder", help="imagefolder, fashion-mnist (fmnist), cifar10, cifar100 or tiny (default: imagefolder)")
+    p.add_argument("--model-kwargs", help="architecture overrides as JSON (default: the checkpoint's own)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    p.add_argument("--workers", type=int, default=4, help="data loader processes for image folders (default: 4)")
+    p.add_argument("--img-size", type=int, default=0, help="resolution (default: the checkpoint's or the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (default: auto, GPU only)")
+    p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights the checkpoint holds")
+    p.add_argument("--skip-bad-images", action="store_true", help="count and skip unreadable images instead of failing")
+    p.add_argument("--throughput", action="store_true", help="also measure images/s the paper's way (one batch, 50 warm-up, 30 timed)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': stdout only as JSON)")
+
+    def run(args: argparse.Namespace) -> None:
+        import json
+
+        from spach.checkpoint import atomic_write_text
+        from spach.engine import evaluate_checkpoint
+
+        try:
+            kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+        except json.JSONDecodeError as e:
+            raise SpachError(f"--model-kwargs is not valid JSON ({e})") from None
+        r = evaluate_checkpoint(args.model, args.pretrained, args.data_path, args.dataset, args.batch_size, args.workers,
+                                args.device, args.img_size, args.amp, kwargs, args.use_ema, args.skip_bad_images, args.throughput)
+        if args.json == "-":
+            print(json.dumps(r, indent=2))
+            return
+        speed = f"  {r['throughput']:.0f} img/s" if "throughput" in r else ""
+        print(f"{r['model']} on {r['dataset']} ({r['n']} images): top1 {r['top1']:.2f}  top5 {r['top5']:.2f}  loss {r['loss']:.4f}{speed}")
+        if args.json:
+            atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
+
+    p.set_defaults(func=run)
 
 
 def _add_battle(sub: argparse._SubParsersAction) -> None:
