@@ -1,0 +1,127 @@
+"""Datasets, transforms and samplers: readers on files the tests write, and each bad input."""
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spach.data import (
+    SkipSampler, TensorTransform, load_cifar, load_fashion_mnist, load_folders, make_tiny, train_sampler,
+)
+from spach.errors import SpachError
+from spach.presets import resolve
+
+
+def write_idx(path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_idx(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)), compress)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, compress)
+    train, val = load_fashion_mnist(tmp_path, True), load_fashion_mnist(tmp_path, False)
+    assert train.images.shape == (12, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert val.labels.tolist() == [0, 1, 2, 3, 4] and len(train.classes) == 10
+
+
+def test_fashion_mnist_corrupt_and_missing(tmp_path):
+    with pytest.raises(SpachError, match="does not exist"):
+        load_fashion_mnist(tmp_path / "nope", True)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"garbage!")
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3), False)
+    with pytest.raises(SpachError, match="cannot read IDX file .*train-images"):
+        load_fashion_mnist(tmp_path, True)
+
+
+def test_cifar_pickle(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+        (root / name).write_bytes(pickle.dumps(batch))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    train = load_cifar(tmp_path, 10, True)
+    assert train.images.shape == (20, 3, 32, 32) and train.classes[3] == "c3"
+    assert len(load_cifar(root, 10, False)) == 4
+
+
+def test_tiny_is_deterministic():
+    a, b = make_tiny(True, seed=1), make_tiny(True, seed=1)
+    assert torch.equal(a.images, b.images) and a.images.shape == (256, 1, 32, 32)
+    assert sorted(set(a.labels.tolist())) == [0, 1, 2, 3]
+    pil, label = a[5]
+    assert pil.size == (32, 32) and label == int(a.labels[5])
+
+
+def make_folders(root, train_classes=("a", "b"), val_classes=("a", "b"), n=3):
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_folders(tmp_path):
+    train, val = load_folders(make_folders(tmp_path), skip_bad=False)
+    assert train.classes == ["a", "b"] and len(train) == 6 and len(val) == 6
+    img, label = train[0]
+    assert img.size == (24, 20) and label == 0
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "does not exist"), ("empty", "is empty"), ("noval", "has no val/ folder"), ("differ", "class folders differ"),
+])
+def test_folder_errors(tmp_path, case, match):
+    root = tmp_path / "data"
+    if case == "empty":
+        root.mkdir()
+    elif case == "noval":
+        (root / "train" / "a").mkdir(parents=True)
+    elif case == "differ":
+        make_folders(root, val_classes=("a", "c"))
+    with pytest.raises(SpachError, match=match):
+        load_folders(root, skip_bad=False)
+
+
+def test_bad_image_fails_naming_file_or_is_skipped(tmp_path):
+    root = make_folders(tmp_path)
+    (root / "train" / "a" / "9.png").write_bytes(b"not a png")
+    train, _ = load_folders(root, skip_bad=False)
+    bad = [i for i, (p, _) in enumerate(train.samples) if p.endswith("9.png")][0]
+    with pytest.raises(SpachError, match=r"cannot read image .*9\.png.*--skip-bad-images"):
+        train[bad]
+    train, _ = load_folders(root, skip_bad=True)
+    assert train[bad] is None
+
+
+def test_tensor_transform_shapes_and_normalisation():
+    x = torch.full((4, 1, 28, 28), 51, dtype=torch.uint8)
+    ev = TensorTransform(32, (0.2,), (0.1,), torch.device("cpu"))(x)
+    assert ev.shape == (4, 1, 32, 32) and torch.allclose(ev, torch.zeros_like(ev), atol=1e-4)
+    tr = TensorTransform(28, (0.0,), (1.0,), torch.device("cpu"), train=True, re_prob=1.0)(x)
+    assert tr.shape == (4, 1, 28, 28) and torch.isfinite(tr).all()
+
+
+def test_samplers_shard_and_skip():
+    cfg = resolve("tiny", repeated_aug=1)
+    shards = [list(train_sampler(10, cfg, r, 2)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+    s = train_sampler(10, cfg, 0, 1)
+    s.set_epoch(3)
+    assert list(SkipSampler(s, 4)) == list(s)[4:] and len(SkipSampler(s, 4)) == 6
+    ra = train_sampler(512, resolve("tiny", repeated_aug=3), 0, 2)
+    assert len(ra) == 256

@@ -1,0 +1,225 @@
+"""Training and evaluation on the built-in tiny set: files, resume == uninterrupted, crash safety,
+non-finite loss, bad input, config files, the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spach
+from spach import checkpoint, engine
+from spach.errors import CheckpointError, SpachError
+from spach.presets import resolve
+
+TINY = dict(net_arch=[[["conv", 1]], [["attn", 1]]], hidden_dim=16, num_heads=2, patch_size=4)
+TIMING = {"images_per_s", "epoch_time", "max_mem_mb"}
+
+
+def tiny_cfg(out, **kw):
+    return resolve("tiny", **{"model": "spach", "model_kwargs": TINY, "output": str(out), "progress": "none", **kw})
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(recs):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+
+
+def test_train_writes_the_run_folder(tmp_path):
+    seen = []
+    summary = engine.train(tiny_cfg(tmp_path / "run", eval_train_subset=32), on_epoch_end=seen.append)
+    run = tmp_path / "run"
+    assert {"config.json", "metrics.jsonl", "checkpoint.pth", "best.pth", "summary.json"} <= {p.name for p in run.iterdir()}
+    recs = records(run)
+    assert [r["epoch"] for r in recs] == [1, 2] and seen == recs
+    for key in ("train_loss", "val_loss", "top1", "top5", "lr", "images_per_s", "epoch_time", "max_mem_mb",
+                "train_eval_loss", "train_eval_top1"):
+        assert key in recs[-1]
+    for key in ("best_top1", "final_top1", "final_val_loss", "final_train_loss", "final_train_eval_loss", "epochs",
+                "wall_time_s", "params"):
+        assert key in summary
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "tiny" and config["resolved"]["num_classes"] == 4
+    # the checkpoint is an official-style dict that spach.create_model loads
+    model = spach.create_model("spach", pretrained=str(run / "checkpoint.pth"), num_classes=4, in_chans=1, img_size=32, **TINY)
+    assert model.num_classes == 4
+    # resume="auto" on a finished run returns its summary without training again
+    assert engine.train(tiny_cfg(run, eval_train_subset=32, resume="auto")) == summary
+
+
+def test_tiny_model_learns(tmp_path):
+    summary = engine.train(tiny_cfg(tmp_path, epochs=6))
+    recs = records(tmp_path)
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"] and summary["best_top1"] > 40
+
+
+RICH = dict(epochs=3, drop_path=0.1, reprob=0.5, mixup=0.8, cutmix=1.0, model_ema=True, model_ema_decay=0.9)
+
+
+def final_weights(out):
+    return checkpoint.load(out / "checkpoint.pth")["model"]
+
+
+def assert_same_run(a, b):
+    assert without_timing(records(a)) == without_timing(records(b))
+    wa, wb = final_weights(a), final_weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_epoch_equals_uninterrupted(tmp_path):
+    engine.train(tiny_cfg(tmp_path / "full", **RICH))
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(tiny_cfg(tmp_path / "cut", **RICH), on_epoch_end=stop_after_first)
+    assert len(records(tmp_path / "cut")) == 1
+    engine.train(tiny_cfg(tmp_path / "cut", resume="auto", **RICH))
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_sigterm_mid_epoch_saves_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    engine.train(tiny_cfg(tmp_path / "full", **RICH))
+    calls = {"n": 0}
+    build = engine.build_model
+
+    def build_with_sigterm(*args, **kw):
+        model = build(*args, **kw)
+
+        def hook(module, inputs):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == 11:  # epoch 2, step 3 of 8
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(engine, "build_model", build_with_sigterm)
+    old_handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(tiny_cfg(tmp_path / "cut", **RICH))
+    assert signal.getsignal(signal.SIGTERM) is old_handler  # handlers restored
+    saved = checkpoint.load(tmp_path / "cut" / "checkpoint.pth")
+    assert (saved["epoch"], saved["step"]) == (1, 3)
+    monkeypatch.setattr(engine, "build_model", build)
+    engine.train(tiny_cfg(tmp_path / "cut", resume="auto", **RICH))
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    checkpoint.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def crash(fd):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.atomic_save({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert checkpoint.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temp file left behind
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    build = engine.build_model
+    calls = {"n": 0}
+
+    def build_nan_later(*args, **kw):
+        model = build(*args, **kw)
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] > 10:
+                    return output * float("nan")
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(engine, "build_model", build_nan_later)
+    with pytest.raises(SpachError, match=r"loss became nan at epoch 2 step 3.*last good checkpoint \(epoch 1\)"):
+        engine.train(tiny_cfg(tmp_path))
+    saved = checkpoint.load(tmp_path / "checkpoint.pth")
+    assert saved["epoch"] == 1 and saved["step"] == 0
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert len(records(tmp_path)) == 1
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(SpachError, match="unknown model 'spach_nope'"):
+        engine.train(tiny_cfg(tmp_path / "a", model="spach_nope"))
+    assert not (tmp_path / "a").exists()  # nothing written
+    with pytest.raises(SpachError, match="unknown dataset"):
+        engine.train(tiny_cfg(tmp_path / "a", dataset="mnist-ish"))
+    with pytest.raises(SpachError, match="no --data-path"):
+        engine.train(tiny_cfg(tmp_path / "a", dataset="imagefolder"))
+    with pytest.raises(SpachError, match="data folder .* does not exist"):
+        engine.train(tiny_cfg(tmp_path / "a", dataset="imagefolder", data_path=str(tmp_path / "none")))
+
+    run = tmp_path / "run"
+    engine.train(tiny_cfg(run, epochs=1))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(SpachError, match="holds a different run .*model_kwargs"):
+        engine.train(tiny_cfg(run, epochs=1, resume="auto", model_kwargs={**TINY, "hidden_dim": 32}))
+    with pytest.raises(SpachError, match="already holds this run; pass --resume auto"):
+        engine.train(tiny_cfg(run, epochs=1))
+    with pytest.raises(SpachError, match="holds a different run .*lr"):
+        engine.train(tiny_cfg(run, epochs=1, lr=0.5, resume="auto"))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing lost
+
+    other = tmp_path / "other"
+    with pytest.raises(CheckpointError, match="another model"):
+        engine.train(tiny_cfg(other, model_kwargs={**TINY, "hidden_dim": 32}, resume=str(run / "checkpoint.pth")))
+    with pytest.raises(CheckpointError, match="does not fit model"):
+        engine.evaluate_checkpoint("spach", str(run / "best.pth"), None, "tiny", model_kwargs={**TINY, "hidden_dim": 32})
+
+
+def test_evaluate_checkpoint_and_timm_baseline(tmp_path):
+    run = tmp_path / "run"
+    summary = engine.train(tiny_cfg(run, epochs=1))
+    r = engine.evaluate_checkpoint(None, str(run / "checkpoint.pth"), None, "tiny", batch_size=16)
+    assert r["n"] == 64 and abs(r["top1"] - summary["final_top1"]) < 1e-6
+    s = engine.train(tiny_cfg(tmp_path / "vit", epochs=1, model="test_vit", model_kwargs={}))
+    assert s["params"] > 0 and s["epochs"] == 1
+
+
+def test_config_file_and_precedence(tmp_path):
+    (tmp_path / "c.toml").write_text('preset = "tiny"\nepochs = 7\nlr = 0.01\n')
+    (tmp_path / "c.yaml").write_text("batch-size: 16\nmodel_kwargs: {hidden_dim: 8}\n")
+    cfg = resolve(None, str(tmp_path / "c.toml"), lr=0.02)
+    assert (cfg.dataset, cfg.epochs, cfg.lr, cfg.preset) == ("tiny", 7, 0.02, "tiny")
+    cfg = resolve("tiny", str(tmp_path / "c.yaml"))
+    assert cfg.batch_size == 16 and cfg.model_kwargs == {"hidden_dim": 8}
+    (tmp_path / "bad.toml").write_text("lr_typo = 1\n")
+    with pytest.raises(SpachError, match="unknown training setting.*lr_typo"):
+        resolve(None, str(tmp_path / "bad.toml"))
+    with pytest.raises(SpachError, match="unknown preset"):
+        resolve("imagenet-xl")
+    cfg = engine.TrainConfig()
+    assert (cfg.lr, cfg.weight_decay, cfg.warmup_epochs, cfg.epochs, cfg.mixup, cfg.cutmix, cfg.reprob, cfg.repeated_aug,
+            cfg.drop_path, cfg.model_ema_decay, cfg.smoothing) == (5e-4, 0.05, 20, 300, 0.8, 1.0, 0.25, 3, 0.1, 0.99996, 0.1)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "spach", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_train_eval_and_errors(tmp_path):
+    kw = json.dumps(TINY)
+    p = run_cli("train", "--preset", "tiny", "--model", "spach", "--model-kwargs", kw, "--epochs", "1", "--output", "run",
+                "--no-model-ema", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "epoch 1/1" in p.stdout and json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 1
+    p = run_cli("eval", "--pretrained", "run/best.pth", "--dataset", "tiny", "--json", "e.json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "top1" in p.stdout and json.loads((tmp_path / "e.json").read_text())["n"] == 64
+    p = run_cli("train", "--preset", "tiny", "--model", "spach_nope", "--output", "x", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("spach train: error: unknown model") and p.stderr.count("\n") == 1
