@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -458,8 +459,11 @@ class _Run:
             state["rng"] = rank_rng[d.rank] if rank_rng and d.rank < len(rank_rng) else None
             if d.main:
                 self.progress.line(f"resuming {self.out} at epoch {state['epoch'] + 1}, step {state['step']}")
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
-            if d.world > 1 else model
+        ddp_model = model
+        if d.world > 1:
+            # the depthwise CPE weight (C, 1, 3, 3) gets grads of equivalent but differently written strides
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
         resolved = dict(lr=lr, total_batch=total_batch, world_size=d.world, num_classes=data.num_classes, in_chans=data.in_chans,
                         img_size=data.img_size, device=str(d.device), amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
