@@ -57,9 +57,14 @@ class MixingBlock(nn.Module):
         y = x
         if self.mixer is not None:
             s = self.mixer(self.norm1(x))
-            y = y + self.drop_path(s * self.gamma if self.gamma is not None else s)
+            if self.gamma is not None and isinstance(self.drop_path, nn.Identity):
+                y = torch.addcmul(x, s, self.gamma)  # x + gamma * s in one pass over memory
+            else:
+                y = x + self.drop_path(s * self.gamma if self.gamma is not None else s)
         if self.cpe is not None:
-            y = y + to_nhwc(self.cpe(to_nchw(x)))
+            c = to_nhwc(self.cpe(to_nchw(x)))
+            # Accumulate into a buffer this block allocated (never into the input x).
+            y = y.add_(c) if self.mixer is not None else y + c
         return y + self.drop_path(self.mlp(self.norm2(y)))
 
 
@@ -71,7 +76,7 @@ class ChannelsLastGroupNorm1(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[1:], eps=self.eps) * self.weight + self.bias
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[1:], eps=self.eps), self.weight)
 
 
 class Downsample(nn.Module):
