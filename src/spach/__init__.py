@@ -10,11 +10,12 @@ from spach.blocks import MixingBlock
 from spach.convert import load_checkpoint, official_to_spach, read_checkpoint, spach_to_official
 from spach.errors import CheckpointError, SpachError
 from spach.mixers import MixerContext, list_mixers, register_mixer
+from spach.optimize import optimize
 from spach.zoo import OFFICIAL_TOP1, create_model, list_models
 
 __all__ = [
     "CheckpointError", "MixerContext", "MixingBlock", "OFFICIAL_TOP1", "SpachConfig", "SpachError", "SpachNet",
-    "create_model", "family_of", "list_mixers", "list_models", "load_checkpoint", "official_to_spach",
+    "create_model", "family_of", "optimize", "list_mixers", "list_models", "load_checkpoint", "official_to_spach",
     "read_checkpoint", "register_mixer", "spach_to_official",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""The fastest inference setup for a device, in one call: `spach.optimize(model, ...)`.
+
+    model = spach.optimize(spach.create_model(name, pretrained=path), device="cuda", dtype="bf16", compile=True)
+    logits = model(images)            # eval mode, no autograd, mixed precision, compiled
+
+What it does, and why:
+- eval mode, weights moved to the device, conv weights in channels-last memory format (the stem and
+  downsample convolutions then read the channels-last tokens without a layout change);
+- `dtype` bf16/fp16 runs the model under autocast (weights stay fp32; accuracy as in training with AMP);
+- `compile=True` wraps it in `torch.compile(fullgraph=True)`; on CPU with Inductor's "freezing"
+  (weights become constants: pre-packed oneDNN matmuls with fused bias/GELU), on GPU with
+  `mode="max-autotune-no-cudagraphs"` unless a mode is given;
+- on CPU (glibc), `tune_cpu_allocator()`: large freed blocks stay in the heap instead of being
+  unmapped, so activations do not pay fresh page faults on every forward (3-4x faster elementwise ops
+  on the 2-core benchmark machine).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+import torch
+import torch.nn as nn
+
+from spach.errors import SpachError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise SpachError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise SpachError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise SpachError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpachError("device 'cuda' was asked for but no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+@functools.cache
+def tune_cpu_allocator() -> bool:
+    """Keep freed blocks in glibc's heap (no mmap/munmap per large tensor). Process-wide; returns
+    whether it applied (False off glibc). Memory freed by PyTorch is reused rather than returned to
+    the OS, so the process's resident size stays at its high-water mark."""
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+class InferenceModel(nn.Module):
+    """`model` (or its compiled form) run without autograd, under autocast when `dtype` is not fp32.
+    `.model` is the plain module (for its config, state dict, ...)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, compiled: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self._run = compiled if compiled is not None else model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self._run(x)
+
+
+def optimize(
+    model: nn.Module,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "fp32",
+    compile: bool = False,
+    channels_last: bool = True,
+    compile_mode: str | None = None,
+) -> InferenceModel:
+    """The fastest inference setup of `model` for `device` (default: CUDA if available, else CPU).
+
+    `dtype`: 'fp32', 'bf16' or 'fp16' (autocast). `compile`: torch.compile with fullgraph=True (first
+    call takes seconds to minutes). The returned module takes images on any device and returns logits.
+    Training is not affected: call this on the model you evaluate, not the one you train.
+    """
+    device, dtype = parse_device(device), parse_dtype(dtype)
+    model = model.eval().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    compiled = None
+    if compile:
+        if device.type == "cpu":
+            compiled = torch.compile(model, fullgraph=True, mode=compile_mode, options=None if compile_mode else {"freezing": True})
+        else:
+            compiled = torch.compile(model, fullgraph=True, mode=compile_mode or "max-autotune-no-cudagraphs")
+    return InferenceModel(model, device, dtype, compiled)
