@@ -25,7 +25,43 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    pass  # issue 3
+    def int_list(text: str) -> list[int]:
+        try:
+            return [int(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+    p = sub.add_parser("bench", help="measure params, MACs, throughput, latency, memory and %% of the matmul peak")
+    p.add_argument("models", nargs="+", help="zoo model names (see `spach models`)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16 run under autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) (first pass takes minutes)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's, 224)")
+    p.add_argument("--mode", default="infer", choices=["infer", "train", "both"], help="train = fwd + bwd + AdamW step")
+    p.add_argument("--protocol", default="default", choices=["default", "swin"],
+                   help="default: 3 warm-up + 5 timed passes, median; swin: 50 + 30, the paper's protocol")
+    p.add_argument("--quick", action="store_true", help="fewer passes and a short sweep")
+    p.add_argument("--sweep", action="store_true", help="also sweep batch size and image size (growth plots)")
+    p.add_argument("--sweep-batch-sizes", type=int_list, default=None, metavar="N,N,..", help="default 1,8,32")
+    p.add_argument("--sweep-img-sizes", type=int_list, default=None, metavar="S,S,..", help="default 128,224,320")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", metavar="FILE", help="write the records as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write the records as CSV")
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
+
+    def run(args: argparse.Namespace) -> None:
+        from spach.bench import command
+
+        command(
+            args.models, json_path=args.json, csv_path=args.csv, plot_dir=args.plots, with_sweep=args.sweep,
+            sweep_batch_sizes=args.sweep_batch_sizes, sweep_img_sizes=args.sweep_img_sizes, threads=args.threads,
+            device=args.device, dtype=args.dtype, compile=args.compile, channels_last=args.channels_last, batch_size=args.batch_size, img_size=args.img_size, mode=args.mode,
+            protocol=args.protocol, quick=args.quick,
+        )
+
+    p.set_defaults(func=run)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -113,11 +149,37 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_battle(sub: argparse._SubParsersAction) -> None:
-    pass  # issue 5
+    p = sub.add_parser("battle", help="run (or resume) a study comparing spatial-mixing families, then write its report")
+    p.add_argument("study", nargs="?", help="study TOML file (default: the embedded default preset, or the study "
+                   "already in --output)")
+    p.add_argument("--preset", help="a shipped study instead of a file: default, medium, medium-cifar10, paper, tiny")
+    p.add_argument("--output", help="study folder (default: battles/<study name>); rerun to resume")
+    p.add_argument("--jobs", type=int, help="runs trained at a time (default: the study's, 1)")
+    p.add_argument("--data", help="dataset folder (sets data.data_path; the paper preset needs ImageNet here)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and a time estimate, train nothing")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--list-presets", action="store_true", help="list the shipped studies and exit")
+
+    def run(args: argparse.Namespace) -> None:
+        from spach.battle import battle_command
+
+        battle_command(args.study, preset=args.preset, output=args.output, jobs=args.jobs, data=args.data,
+                       dry_run=args.dry_run, report=not args.no_report, list_presets=args.list_presets)
+
+    p.set_defaults(func=run)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    pass  # issue 5
+    p = sub.add_parser("report", help="(re)build report.md and report.html of a battle folder")
+    p.add_argument("folder", help="the battle's study folder")
+
+    def run(args: argparse.Namespace) -> None:
+        from spach.report import write_report
+
+        path = write_report(args.folder)
+        print(f"report: {path} (and {path.with_suffix('.md')})")
+
+    p.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
