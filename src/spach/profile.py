@@ -36,18 +36,35 @@ def input_shape(model: nn.Module, img_size: int | tuple[int, int] | None = None)
     return (chans, *size)
 
 
-@torch.no_grad()
+def count_module_macs(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of `module(*inputs)`: torch's FLOP counter / 2, plus what modules that
+    run ops the counter does not know report through an `uncounted_macs(*inputs) -> int` method
+    (called with each call's inputs, so a shared module counts once per use)."""
+    extra: list[int] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: extra.append(int(mod.uncounted_macs(*args))))
+        for m in module.modules() if callable(getattr(m, "uncounted_macs", None))
+    ]
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter.get_total_flops() // 2 + sum(extra)
+
+
 def count_macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
     """Multiply-accumulates of one forward pass at batch 1 (FLOPs counted by torch / 2)."""
     was_training = model.training
     model.eval()
     param = next(model.parameters())
     x = torch.zeros(1, *input_shape(model, img_size), device=param.device, dtype=param.dtype)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x)
-    model.train(was_training)
-    return counter.get_total_flops() // 2
+    try:
+        return count_module_macs(model, x)
+    finally:
+        model.train(was_training)
 
 
 # --- time ------------------------------------------------------------------------------------
