@@ -221,6 +221,16 @@ def load_folders(root: str | os.PathLike | None, skip_bad: bool) -> tuple[Checke
     return train, val
 
 
+def load_val_folder(root: str | os.PathLike | None, skip_bad: bool) -> CheckedImageFolder:
+    """`root/val` class folders (or `root` itself when it has no val/), for evaluation alone."""
+    if not root:
+        raise SpachError("no --data-path given; pass a folder holding val/ class folders")
+    root = Path(root)
+    _check_folder(root, hint="pass --data-path to a folder holding val/ class folders")
+    val = CheckedImageFolder(root / "val" if (root / "val").is_dir() else root, None, skip_bad)
+    return val
+
+
 def load_dataset(name: str, data_path: str | None, train: bool, seed: int = 0) -> TensorImages:
     """One split of an in-memory dataset."""
     name = canonical_dataset(name)
@@ -440,7 +450,7 @@ def eval_loader_for(model: torch.nn.Module, dataset: str, data_path: str | None,
     (resize, crop, mean/std) for folders, the dataset's own statistics for in-memory sets."""
     name = canonical_dataset(dataset)
     if name == "imagefolder":
-        _, val = load_folders(data_path, skip_bad)
+        val = load_val_folder(data_path, skip_bad)
         data_cfg = resolve_data_config({}, model=model)
         if img_size:
             data_cfg["input_size"] = (3, img_size, img_size)

@@ -346,17 +346,16 @@ def _max_mem_mb(device: torch.device) -> float:
 def _check_run_folder(cfg: TrainConfig, out: Path) -> Path | None:
     """The checkpoint to resume from, if any; refuses a folder that holds another run."""
     ckpt = out / "checkpoint.pth"
-    if cfg.resume not in ("", "auto"):
-        if not Path(cfg.resume).is_file():
-            raise SpachError(f"--resume {cfg.resume}: no such checkpoint file; pass a checkpoint.pth or 'auto'")
-        return Path(cfg.resume)
+    explicit = cfg.resume not in ("", "auto")
+    if explicit and not Path(cfg.resume).is_file():
+        raise SpachError(f"--resume {cfg.resume}: no such checkpoint file; pass a checkpoint.pth or 'auto'")
     if out.exists() and not out.is_dir():
         raise SpachError(f"output {out} is a file, not a folder; choose another --output")
     saved = out / "config.json"
     if not saved.is_file():
         if out.is_dir() and any(out.iterdir()):
             raise SpachError(f"output folder {out} already holds other files; choose an empty or new --output")
-        return None
+        return Path(cfg.resume) if explicit else None
     try:
         old = json.loads(saved.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -367,6 +366,8 @@ def _check_run_folder(cfg: TrainConfig, out: Path) -> Path | None:
     if differ:
         raise SpachError(f"output folder {out} holds a different run (it differs in {', '.join(differ[:4])}); "
                          f"choose another --output")
+    if explicit:
+        return Path(cfg.resume)
     if not ckpt.is_file():
         return None  # the earlier run stopped before its first checkpoint: start again
     if cfg.resume != "auto":
@@ -668,7 +669,9 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     model name, architecture overrides, resolution and normalisation."""
     from spach.data import eval_loader_for
 
-    args = checkpoint.load(pretrained).get("args") if Path(pretrained).is_file() else None
+    if not Path(pretrained).is_file():
+        raise CheckpointError(f"checkpoint {pretrained} does not exist; pass the path of a .pth file")
+    args = checkpoint.load(pretrained).get("args")
     args = args if isinstance(args, dict) else {}
     model = model or args.get("model")
     if not model:
