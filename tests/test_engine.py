@@ -61,6 +61,14 @@ def test_tiny_model_learns(tmp_path):
 RICH = dict(epochs=3, drop_path=0.1, reprob=0.5, mixup=0.8, cutmix=1.0, model_ema=True, model_ema_decay=0.9)
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted run the resume tests compare with."""
+    out = tmp_path_factory.mktemp("full")
+    engine.train(tiny_cfg(out, **RICH))
+    return out
+
+
 def final_weights(out):
     return checkpoint.load(out / "checkpoint.pth")["model"]
 
@@ -71,8 +79,7 @@ def assert_same_run(a, b):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_after_epoch_equals_uninterrupted(tmp_path):
-    engine.train(tiny_cfg(tmp_path / "full", **RICH))
+def test_resume_after_epoch_equals_uninterrupted(tmp_path, full_run):
 
     def stop_after_first(record):
         if record["epoch"] == 1:
@@ -82,11 +89,10 @@ def test_resume_after_epoch_equals_uninterrupted(tmp_path):
         engine.train(tiny_cfg(tmp_path / "cut", **RICH), on_epoch_end=stop_after_first)
     assert len(records(tmp_path / "cut")) == 1
     engine.train(tiny_cfg(tmp_path / "cut", resume="auto", **RICH))
-    assert_same_run(tmp_path / "full", tmp_path / "cut")
+    assert_same_run(full_run, tmp_path / "cut")
 
 
-def test_sigterm_mid_epoch_saves_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    engine.train(tiny_cfg(tmp_path / "full", **RICH))
+def test_sigterm_mid_epoch_saves_and_resume_equals_uninterrupted(tmp_path, monkeypatch, full_run):
     calls = {"n": 0}
     build = engine.build_model
 
@@ -111,7 +117,7 @@ def test_sigterm_mid_epoch_saves_and_resume_equals_uninterrupted(tmp_path, monke
     assert (saved["epoch"], saved["step"]) == (1, 3)
     monkeypatch.setattr(engine, "build_model", build)
     engine.train(tiny_cfg(tmp_path / "cut", resume="auto", **RICH))
-    assert_same_run(tmp_path / "full", tmp_path / "cut")
+    assert_same_run(full_run, tmp_path / "cut")
 
 
 def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
