@@ -229,3 +229,43 @@ def test_cli_train_eval_and_errors(tmp_path):
     assert "top1" in p.stdout and json.loads((tmp_path / "e.json").read_text())["n"] == 64
     p = run_cli("train", "--preset", "tiny", "--model", "spach_nope", "--output", "x", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.startswith("spach train: error: unknown model") and p.stderr.count("\n") == 1
+
+
+def test_per_image_path_with_randaugment(tmp_path):
+    s = engine.train(tiny_cfg(tmp_path, epochs=1, aa="rand-m9-mstd0.5-inc1", mixup=0.8, reprob=0.25))
+    assert json.loads((tmp_path / "config.json").read_text())["resolved"]["tensor_data_path"] is False
+    assert s["epochs"] == 1
+
+
+def image_folders(root, classes, n=8, bad=None):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (32, 32, 3)).astype("uint8")
+                img[..., c % 3] += 150
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+    if bad:
+        (root / "train" / classes[0] / bad).write_bytes(b"broken")
+    return root
+
+
+def folder_cfg(out, data, **kw):
+    return tiny_cfg(out, **{"dataset": "imagefolder", "data_path": str(data), "img_size": 32, "batch_size": 8, **kw})
+
+
+def test_image_folders_bad_image_skip_and_finetune(tmp_path):
+    data = image_folders(tmp_path / "a", ["r", "g"], bad="zz.png")
+    with pytest.raises(SpachError, match=r"cannot read image .*zz\.png"):
+        engine.train(folder_cfg(tmp_path / "run", data, epochs=1))
+    engine.train(folder_cfg(tmp_path / "run2", data, epochs=1, skip_bad_images=True))
+    assert records(tmp_path / "run2")[0]["skipped_images"] == 1
+    # fine-tune on 3 classes at another resolution: a new head, the rest from the checkpoint
+    other = image_folders(tmp_path / "b", ["r", "g", "b"])
+    s = engine.train(folder_cfg(tmp_path / "ft", other, epochs=1, img_size=64, pretrained=str(tmp_path / "run2" / "best.pth")))
+    assert s["epochs"] == 1
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["resolved"]["num_classes"] == 3

@@ -332,7 +332,7 @@ class _Progress:
             self.bar = None
 
     def line(self, text: str) -> None:
-        if self.mode != "none" or text.startswith("epoch"):
+        if self.mode != "none":
             print(text, flush=True)
 
 
