@@ -6,6 +6,7 @@ Study folder layout (written by `spach.battle`):
     costs.json            per contestant: family, layout, cpe, params, MACs, throughput (measured once)
     results.jsonl         the ledger: one line per finished or failed run attempt
     runs/<name>/seed<k>/  the engine's run folder (config.json, metrics.jsonl, summary.json, ...)
+    runs/<name>/seed<k>.log, .error.txt   the engine's output, and the traceback of a failed run
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def load_run(study_dir: Path, contestant: str, seed: int) -> RunResult:
     folder = run_dir(study_dir, contestant, seed)
     epochs = read_jsonl(folder / "metrics.jsonl")
     summary = read_json(folder / "summary.json")
-    error_file = folder / "error.txt"
+    error_file = folder.with_name(folder.name + ".error.txt")
     if summary is not None:
         return RunResult(contestant, seed, "done", epochs, summary)
     if error_file.exists():

@@ -1,0 +1,132 @@
+"""Study files: the presets parse, and every mistake gets one clear line naming the field."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from spach.errors import SpachError
+from spach.study import list_presets, load_study, parse_study
+
+GOOD = """
+[study]
+name = "t"
+seeds = [0, 1]
+
+[data]
+dataset = "tiny"
+
+[recipe]
+epochs = 1
+lr = 1e-3
+
+[[contestant]]
+name = "conv"
+arch = { net_arch = [["conv", 1]], hidden_dim = 16, patch_size = 4 }
+
+[[contestant]]
+name = "attn-ms"
+arch = { net_arch = [[["conv", 1]], [["attn", 1]]], hidden_dim = 16, patch_size = 2, num_heads = 2 }
+recipe = { lr = 5e-4 }
+"""
+
+
+def test_good_study_parses():
+    s = parse_study(GOOD)
+    assert s.name == "t" and s.seeds == [0, 1] and [c.name for c in s.contestants] == ["conv", "attn-ms"]
+    kw = s.train_kwargs(s.contestants[1], 1, "out")
+    assert kw["lr"] == 5e-4 and kw["epochs"] == 1 and kw["dataset"] == "tiny" and kw["seed"] == 1
+    assert kw["model"] == "spach" and kw["model_kwargs"]["hidden_dim"] == 16
+
+
+@pytest.mark.parametrize("name", ["default", "medium", "medium-cifar10", "paper", "tiny"])
+def test_presets_parse(name):
+    assert name in list_presets()
+    s = load_study(preset=name)
+    assert s.contestants and len(s.seeds) >= 1
+
+
+def test_default_preset_covers_the_design():
+    s = load_study()
+    assert len(s.seeds) >= 2 and s.data["dataset"] == "fashion-mnist"
+    kinds = {(c.arch["net_arch"][0][0] if isinstance(c.arch["net_arch"][0][0], str) else "ms") for c in s.contestants}
+    assert "ms" in kinds and kinds & {"conv", "attn", "mlp"}
+    assert any(c.arch.get("cpe") is False for c in s.contestants)
+
+
+def _mutate(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("not toml [", "not valid TOML"),
+    (GOOD + "\n[extra]\nx = 1\n", "extra: unknown table"),
+    (_mutate('name = "t"', 'name = "t"\nseed = [0]'), "study.seed: unknown key; did you mean 'seeds'?"),
+    (_mutate("seeds = [0, 1]", "seeds = []"), "study.seeds: expected a non-empty list of integers"),
+    (_mutate("seeds = [0, 1]", "seeds = [1, 1]"), "study.seeds: seeds repeat"),
+    (_mutate("seeds = [0, 1]", 'seeds = [0]\nquestions = ["hybrids"]'), "study.questions: unknown question 'hybrids'"),
+    (_mutate("lr = 1e-3", "lr = 1e-3\nlrr = 2"), "recipe.lrr: unknown key; did you mean 'lr'?"),
+    (_mutate("lr = 1e-3", "seed = 3"), "recipe.seed: is set by the battle itself"),
+    (_mutate("lr = 1e-3", 'dataset = "tiny"'), "recipe.dataset: belongs in [data]"),
+    (_mutate("epochs = 1", 'epochs = "ten"'), "recipe.epochs: expected an integer"),
+    (_mutate("recipe = { lr = 5e-4 }", "recipe = { smoothing = 0.2 }"), "contestant 'attn-ms'.recipe.smoothing: a contestant may only override"),
+    (_mutate('name = "conv"', 'name = "attn-ms"'), "contestant.name: 'attn-ms' is used by more than one contestant"),
+    (_mutate('name = "conv"', 'name = "a b"'), "contestant[0].name: expected a folder-safe name"),
+    (_mutate("hidden_dim = 16, patch_size = 4", "hidden_dim = 16, patch_size = 4, hiden = 3"), "contestant 'conv'.arch.hiden: unknown key"),
+    (_mutate("hidden_dim = 16, patch_size = 4", "hidden_dim = 16, patch_size = 4, img_size = 32"), "contestant 'conv'.arch.img_size: is set by the training engine; set [data].img_size"),
+    (_mutate('[["conv", 1]]', '[["convolution", 1]]'), "contestant 'conv'.arch.net_arch: unknown spatial mixer 'convolution'"),
+    (_mutate('arch = { net_arch = [["conv", 1]], hidden_dim = 16, patch_size = 4 }', ""), "contestant 'conv'.arch.net_arch: model 'spach' is built from arch alone"),
+    (_mutate('name = "conv"', 'name = "conv"\nmodel = "resnet-18"'), "contestant 'conv'.model: 'resnet-18' is neither"),
+    (_mutate('name = "conv"', 'name = "conv"\ncolour = 1'), "contestant 'conv'.colour: unknown key"),
+])
+def test_mistakes_name_the_field(text, expected):
+    with pytest.raises(SpachError) as e:
+        parse_study(text, source="s.toml")
+    msg = str(e.value)
+    assert msg.startswith("s.toml: ") and expected in msg and "\n" not in msg
+
+
+def test_no_contestants():
+    with pytest.raises(SpachError, match="no contestants"):
+        parse_study('[study]\nname = "x"\n')
+
+
+def test_zoo_and_timm_models_are_accepted():
+    text = GOOD.replace('name = "conv"', 'name = "conv"\nmodel = "resnet18"').replace(
+        'arch = { net_arch = [["conv", 1]], hidden_dim = 16, patch_size = 4 }', "")
+    assert parse_study(text).contestants[0].model == "resnet18"
+
+
+def test_custom_mixer_from_a_study_import(tmp_path):
+    (tmp_path / "my_mixer.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        import spach
+
+        @spach.register_mixer("studyshift")
+        class Shift(nn.Module):
+            def forward(self, x):
+                return x.roll(1, dims=1) - x
+    """))
+    study_file = tmp_path / "s.toml"
+    study_file.write_text(GOOD.replace('name = "t"', 'name = "t"\nimports = ["my_mixer.py"]').replace(
+        '[["conv", 1]]', '[["studyshift", 1]]'))
+    s = load_study(study_file)
+    assert s.imports == [str(tmp_path / "my_mixer.py")]
+    load_study(study_file)  # importing twice in one process is fine
+
+
+def test_missing_file_and_unknown_preset():
+    with pytest.raises(SpachError, match="does not exist"):
+        load_study("/nonexistent/study.toml")
+    with pytest.raises(SpachError, match="unknown preset 'nope'; choose one of"):
+        load_study(preset="nope")
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD.replace("lr = 1e-3", "lrr = 1"))
+    r = subprocess.run([sys.executable, "-m", "spach", "battle", str(bad), "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"spach battle: error: {bad}: recipe.lrr: unknown key; did you mean 'lr'?"
