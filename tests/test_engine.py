@@ -184,6 +184,8 @@ def test_bad_inputs(tmp_path):
     other = tmp_path / "other"
     with pytest.raises(CheckpointError, match="another model"):
         engine.train(tiny_cfg(other, model_kwargs={**TINY, "hidden_dim": 32}, resume=str(run / "checkpoint.pth")))
+    with pytest.raises(CheckpointError, match="is of model 'spach', not 'spach_ms_xxs_patch4_224_conv'"):
+        engine.evaluate_checkpoint("spach_ms_xxs_patch4_224_conv", str(run / "best.pth"), None, "tiny")
     with pytest.raises(CheckpointError, match="does not fit model"):
         engine.evaluate_checkpoint("spach", str(run / "best.pth"), None, "tiny", model_kwargs={**TINY, "hidden_dim": 32})
 

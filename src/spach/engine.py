@@ -673,6 +673,8 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
         raise CheckpointError(f"checkpoint {pretrained} does not exist; pass the path of a .pth file")
     args = checkpoint.load(pretrained).get("args")
     args = args if isinstance(args, dict) else {}
+    if model and args.get("model") and model != args["model"]:
+        raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; drop --model or pass the right one")
     model = model or args.get("model")
     if not model:
         raise SpachError(f"{pretrained} does not name its model; pass --model")
