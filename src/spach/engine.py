@@ -535,6 +535,7 @@ class _Run:
         step = start
         for step, (x, y) in enumerate(_checked(loader), start=start):
             sums[3] += cfg.batch_size - len(x)
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)  # no-op for in-memory sets
             if p["mixup"] is not None:
                 if len(x) % 2:  # a skipped bad image made the batch odd
                     x, y = x[:-1], y[:-1]
