@@ -271,3 +271,10 @@ def test_image_folders_bad_image_skip_and_finetune(tmp_path):
     s = engine.train(folder_cfg(tmp_path / "ft", other, epochs=1, img_size=64, pretrained=str(tmp_path / "run2" / "best.pth")))
     assert s["epochs"] == 1
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["resolved"]["num_classes"] == 3
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    s = engine.train(tiny_cfg(tmp_path, epochs=1, amp="bf16"))
+    assert json.loads((tmp_path / "config.json").read_text())["resolved"]["amp"] == "bfloat16" and s["epochs"] == 1
+    with pytest.raises(SpachError, match="unknown --amp"):
+        engine.train(tiny_cfg(tmp_path / "x", amp="fp8"))
