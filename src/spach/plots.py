@@ -72,7 +72,9 @@ def accuracy_vs_cost(entries: list[ContestantResult], path: Path, cost: str) -> 
                     mfc="none" if not e.cpe else st["color"], capsize=3, ms=7)
         ax.annotate(e.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = pareto_front([(x, y) for _, x, y in pts], higher_x_better=cost != "macs")
-    ax.plot([pts[i][1] for i in front], [pts[i][2] for i in front], ":", color="0.3", label="Pareto front", zorder=0)
+    ax.plot([pts[i][1] for i in front], [pts[i][2] for i in front], ":", color="0.3", zorder=0)
+    ax.scatter([pts[i][1] for i in front], [pts[i][2] for i in front], s=260, facecolors="none", edgecolors="0.3",
+               linestyle=":", label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("MMACs per image (log)" if cost == "macs" else "inference images/s on this machine (log)")
     ax.set_ylabel("test top-1 % (mean ± std over seeds)")

@@ -62,6 +62,8 @@ def _p(p: float) -> str:
 
 def evidence(c: Comparison) -> str:
     """One comparison in a line: means, difference with its 95% interval, p-value."""
+    if not c.a_values or not c.b_values:
+        return f"{c.claim}: no values ({c.note or 'no finished runs'})"
     line = (f"{c.a} {_f(c.mean_a)} vs {c.b} {_f(c.mean_b)}: {_f(c.diff, signed=True)} "
             f"[{_f(c.ci[0], signed=True)}, {_f(c.ci[1], signed=True)}], p {_p(c.p)}")
     return line + (f" ({c.note})" if c.note else "")
@@ -278,4 +280,15 @@ def _finding_dict(f: Finding) -> dict[str, Any]:
     d = {k: getattr(f, k) for k in ("number", "key", "title", "verdict", "summary", "not_tested")}
     d["comparisons"] = [{**{k: getattr(c, k) for k in ("claim", "a", "b", "metric", "a_values", "b_values", "diff", "p", "verdict", "note")},
                          "ci": list(c.ci)} for c in f.comparisons]
-    return json.loads(json.dumps(d).replace("NaN", "null"))
+    return _no_nan(d)
+
+
+def _no_nan(x: Any) -> Any:
+    """JSON has no NaN: write null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x

@@ -1,0 +1,116 @@
+"""The report on a hand-made study folder (no training): tables, findings, figures, both formats."""
+import json
+
+import pytest
+
+from spach.errors import SpachError
+from spach.plots import pareto_front
+from spach.report import render_markdown, write_report
+from spach.results import run_dir
+from spach.study import parse_study
+
+STUDY = """
+[study]
+name = "fake"
+seeds = [0, 1, 2]
+notes = "Made by hand."
+
+[data]
+dataset = "tiny"
+eval_train_subset = 32
+
+[recipe]
+epochs = 3
+
+[[contestant]]
+name = "conv-ss"
+arch = { net_arch = [["conv", 2]], hidden_dim = 8, patch_size = 4 }
+
+[[contestant]]
+name = "conv-ms"
+arch = { net_arch = [[["conv", 1]], [["conv", 1]]], hidden_dim = 8, patch_size = 2 }
+
+[[contestant]]
+name = "attn-ms"
+arch = { net_arch = [[["conv", 1]], [["attn", 1]]], hidden_dim = 8, patch_size = 2 }
+
+[[contestant]]
+name = "attn-ms-nocpe"
+arch = { net_arch = [[["conv", 1]], [["attn", 1]]], hidden_dim = 8, patch_size = 2, cpe = false }
+"""
+# final top-1 per seed: conv-ms clearly beats conv-ss; attn-ms vs its no-CPE twin is a coin toss
+TOP1 = {"conv-ss": [80.0, 80.4, 80.2], "conv-ms": [90.0, 90.3, 90.1], "attn-ms": [85.0, 88.0, 83.0],
+        "attn-ms-nocpe": [86.0, 84.0, 87.0]}
+FACTS = {"conv-ss": ("conv", "single", True, "A"), "conv-ms": ("conv", "multi", True, "B"),
+         "attn-ms": ("attn", "multi", True, "C"), "attn-ms-nocpe": ("attn", "multi", False, "C")}
+
+
+def make_folder(tmp_path, failed=(), pending=()):
+    study = parse_study(STUDY)
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps(study.to_dict()))
+    costs = {n: {"params": 1000 * (i + 1), "macs": 100_000 * (i + 1), "throughput": 500.0 - 50 * i, "family": f,
+                 "layout": lay, "cpe": cpe, "shared": False, "arch_key": key, "model": "spach"}
+             for i, (n, (f, lay, cpe, key)) in enumerate(FACTS.items())}
+    (out / "costs.json").write_text(json.dumps(costs))
+    for name, finals in TOP1.items():
+        for seed, final in enumerate(finals):
+            folder = run_dir(out, name, seed)
+            folder.mkdir(parents=True)
+            if (name, seed) in failed:
+                (folder.parent / f"seed{seed}.error.txt").write_text("Traceback ...\nRuntimeError: out of memory\n")
+                continue
+            epochs = [{"epoch": e, "train_loss": 2.0 - 0.4 * e, "train_eval_loss": 1.9 - 0.4 * e, "val_loss": 1.0,
+                       "top1": final - 10 + 5 * (e - 1), "train_eval_top1": final - 9 + 5 * (e - 1), "epoch_time": 2.0}
+                      for e in (1, 2, 3)]
+            if (name, seed) in pending:
+                epochs = epochs[:1]
+            (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
+            if (name, seed) not in pending:
+                (folder / "summary.json").write_text(json.dumps({"final_top1": final, "best_top1": final, "epochs": 3,
+                                                                 "final_train_loss": 0.8, "wall_time_s": 6.0}))
+    return out
+
+
+def test_report_tables_findings_and_figures(tmp_path):
+    out = make_folder(tmp_path)
+    html_path = write_report(out)
+    md = (out / "report.md").read_text()
+    assert "| conv-ms | conv | multi | 2.00k | 0.2 | 450 | 90.13 ± 0.15 (n=3) |" in md
+    assert "| attn-ms-nocpe | attn | multi, no CPE |" in md
+    assert "| 1 | Multi-stage layouts beat single-stage ones at equal cost | supported | conv-ms 90.13 vs conv-ss 80.20: +9.93" in md
+    assert "| 2 | Local modeling (the CPE depthwise-conv bypass) lifts attention and MLP models | inconclusive |" in md
+    assert "| 5 | Hybrids (conv early, attention late) beat each pure family | not testable here | Not testable" in md
+    assert "Made by hand." in md and "How far this is from the paper" in md
+    assert "## Failed runs" not in md
+    html = html_path.read_text()
+    assert html.startswith("<!doctype html>") and html.count("<img") == 5 and 'class="supported"' in html
+    findings = json.loads((out / "findings.json").read_text())
+    assert [f["verdict"] for f in findings] == ["supported", "inconclusive", "untested", "inconclusive", "untested"]
+
+
+def test_report_lists_failed_and_unfinished_runs(tmp_path):
+    out = make_folder(tmp_path, failed=[("attn-ms", 2)], pending=[("conv-ss", 1)])
+    write_report(out)
+    md = (out / "report.md").read_text()
+    assert "| attn-ms seed 2 | RuntimeError: out of memory |" in md
+    assert "conv-ss seed 1 (1 epochs)" in md
+    assert "| conv-ss | conv | single | 1.00k | 0.1 | 500 | 80.10 ± 0.14 (n=2) |" in md
+
+
+def test_report_needs_a_battle_folder(tmp_path):
+    with pytest.raises(SpachError, match="not a battle folder"):
+        write_report(tmp_path)
+
+
+def test_markdown_escapes_table_cells(tmp_path):
+    md = render_markdown([("table", (["a|b"], [["x|y"]]))], tmp_path)
+    assert "a\\|b" in md and "x\\|y" in md
+
+
+def test_pareto_front():
+    # (cost, accuracy): the 3rd is dominated by the 2nd (cheaper and better)
+    points = [(1.0, 80.0), (2.0, 85.0), (3.0, 84.0), (4.0, 90.0)]
+    assert pareto_front(points, higher_x_better=False) == [0, 1, 3]
+    assert pareto_front([(10.0, 80.0), (5.0, 85.0)], higher_x_better=True) == [1, 0]
