@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import os
 import platform
 import resource
 import statistics
@@ -225,6 +226,7 @@ def bench_model(
         channels_last=channels_last, batch_size=batch_size, img_size=shape[1], params=count_params(net), macs=macs,
         matmul_peak_gflops=round(peak, 1), top1=OFFICIAL_TOP1.get(name) if shape[1:] == (224, 224) else None,
     )
+    rec.extra["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # a busy machine skews times
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch_size, *shape, device=device).contiguous(memory_format=memory_format)
     gflop = 2 * macs / 1e9
