@@ -184,6 +184,17 @@ def test_two_runs_at_a_time(tmp_path):
     assert len(summaries(out)) == 2
 
 
+def test_a_timm_model_as_outside_baseline(tmp_path):
+    arch = 'arch = { net_arch = [["conv", 1]], hidden_dim = 8, patch_size = 4, num_heads = 1 }'
+    text = tiny(epochs=1, second="resnet", mixer="conv").replace("seeds = [0, 1]", "seeds = [0]")
+    study = parse_study(text.replace(f'name = "resnet"\n{arch}', 'name = "resnet"\nmodel = "resnet10t"'))
+    out = tmp_path / "b"
+    run_battle(study, out, stream=io.StringIO())
+    costs = json.loads((out / "costs.json").read_text())
+    assert costs["resnet"]["family"] == "outside" and costs["resnet"]["macs"] > 0
+    assert len(summaries(out)) == 2 and "| resnet | outside | - |" in (out / "report.md").read_text()
+
+
 def test_dry_run_prints_the_runs_and_hours():
     log = io.StringIO()
     hours = print_plan(load_study(preset="tiny"), log)

@@ -132,10 +132,10 @@ def contestant_facts(model: Any) -> dict[str, Any]:
             "shared": bool(cfg.shared_spatial_func), "arch_key": json.dumps(arch, sort_keys=True, default=str)}
 
 
-def measure_costs(study: Study, out: Path | None, device: str = "cpu", quick: bool = False) -> dict[str, dict[str, Any]]:
-    """Params, MACs and inference throughput (images/s, batch 64, `device`) of every contestant, cached in
-    `out/costs.json`. A model that cannot be built with the study's data is a user error; one that
-    crashes otherwise is recorded (`error`) and its runs fail without training."""
+def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bool = True) -> dict[str, dict[str, Any]]:
+    """Params, MACs and inference throughput (images/s, batch 64, `device`; NaN when not `timed`) of every
+    contestant, cached in `out/costs.json`. A model that cannot be built with the study's data is a user
+    error; one that crashes otherwise is recorded (`error`) and its runs fail without training."""
     from spach.engine import TrainConfig, build_model
     from spach.profile import count_macs, count_params, throughput
 
@@ -151,9 +151,10 @@ def measure_costs(study: Study, out: Path | None, device: str = "cpu", quick: bo
             raise SpachError(f"contestant {c.name!r}: {e}") from None
         try:
             img = size or model.pretrained_cfg["input_size"][-1]
-            batch, reps = (4, 2) if quick else (64, 5)
+            if getattr(model, "config", None) is None:  # a timm model: profile reads its input shape from here
+                model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (chans, img, img)}
             costs[c.name] = {"params": count_params(model), "macs": count_macs(model, img),
-                             "throughput": throughput(model, batch, img, device, warmup=1 if quick else 3, repeats=reps),
+                             "throughput": throughput(model, 64, img, device) if timed else math.nan,
                              "throughput_device": device, "model": c.model, **contestant_facts(model)}
         except Exception as e:
             costs[c.name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0], "model": c.model}
@@ -366,7 +367,7 @@ def print_plan(study: Study, stream: TextIO | None = None) -> float:
 
     stream = stream or sys.stdout
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    costs = measure_costs(study, None, device, quick=device == "cpu")
+    costs = measure_costs(study, None, device, timed=device == "cuda")
     name = study.data.get("dataset", "imagefolder")
     from spach.data import canonical_dataset
 
@@ -378,11 +379,11 @@ def print_plan(study: Study, stream: TextIO | None = None) -> float:
           f"{len(study.contestants) * len(study.seeds)} runs of {cfg.epochs} epochs on {name} "
           f"({n_train} training, {n_val} validation images)", file=stream)
     measured = device == "cuda"
-    basis = (f"measured inference throughput on {torch.cuda.get_device_name()} x 1/3 for training" if measured else
-             f"no GPU here: GPU hours from MACs at {V100_TRAIN_FLOPS / 1e12:.0f} TFLOP/s of training per V100 "
-             "(calibrated on DeiT-B: 53 h on 8 V100); CPU throughput shown for reference")
+    basis = (f"inference throughput measured on {torch.cuda.get_device_name()} (batch 64, fp32), training at 1/3 of it"
+             if measured else f"no GPU here to measure: GPU hours from MACs at {V100_TRAIN_FLOPS / 1e12:.0f} TFLOP/s "
+             "of training per V100 (the rate of DeiT-B: 300 epochs of ImageNet in 53 h on 8 V100s)")
     print(f"estimate: {basis}", file=stream)
-    print(f"{'contestant':<28} {'params':>8} {'GMACs':>7} {device + ' img/s':>11} {'GPU h/run':>10}", file=stream)
+    print(f"{'contestant':<28} {'params':>8} {'GMACs':>7} {'img/s':>9} {'GPU h/run':>10}", file=stream)
     total = 0.0
     for c in study.contestants:
         k = costs[c.name]
@@ -395,8 +396,8 @@ def print_plan(study: Study, stream: TextIO | None = None) -> float:
             secs = cfg.epochs * (n_train * 6 + n_val * 2) * k["macs"] / V100_TRAIN_FLOPS
         hours = secs / 3600
         total += hours * len(study.seeds)
-        print(f"{c.name:<28} {k['params'] / 1e6:>7.1f}M {k['macs'] / 1e9:>7.2f} {k['throughput']:>11.1f} {hours:>10.1f}",
-              file=stream)
+        rate = f"{k['throughput']:.0f}" if math.isfinite(k["throughput"]) else "-"
+        print(f"{c.name:<28} {k['params'] / 1e6:>7.2f}M {k['macs'] / 1e9:>7.3f} {rate:>9} {hours:>10.2f}", file=stream)
     print(f"total: {total:.0f} GPU hours ({total / 8:.0f} h on 8 GPUs) for {len(study.seeds)} seed(s)", file=stream)
     return total
 
