@@ -123,6 +123,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights the checkpoint holds")
     p.add_argument("--skip-bad-images", action="store_true", help="count and skip unreadable images instead of failing")
     p.add_argument("--throughput", action="store_true", help="also measure images/s the paper's way (one batch, 50 warm-up, 30 timed)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first (pays off on long evaluations)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': stdout only as JSON)")
 
     def run(args: argparse.Namespace) -> None:
@@ -136,7 +137,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         except json.JSONDecodeError as e:
             raise SpachError(f"--model-kwargs is not valid JSON ({e})") from None
         r = evaluate_checkpoint(args.model, args.pretrained, args.data_path, args.dataset, args.batch_size, args.workers,
-                                args.device, args.img_size, args.amp, kwargs, args.use_ema, args.skip_bad_images, args.throughput)
+                                args.device, args.img_size, args.amp, kwargs, args.use_ema, args.skip_bad_images, args.throughput, args.compile)
         if args.json == "-":
             print(json.dumps(r, indent=2))
             return
