@@ -224,8 +224,8 @@ class Progress:
     """Lines on `stream`: which run, its epoch, and ETAs for the run and the whole study. An epoch's time
     is predicted from the contestant's own epochs, else from seconds per MAC seen so far."""
 
-    def __init__(self, runs: list[Run], costs: dict[str, dict], stream: TextIO):
-        self.runs, self.costs, self.stream = runs, costs, stream
+    def __init__(self, runs: list[Run], costs: dict[str, dict], stream: TextIO, jobs: int = 1):
+        self.runs, self.costs, self.stream, self.jobs = runs, costs, stream, jobs
         self.index = {id(r): i + 1 for i, r in enumerate(runs)}
         self.epoch_times: dict[str, list[float]] = {}
         self.epochs_done: dict[int, int] = {}
@@ -256,7 +256,8 @@ class Progress:
     def epoch(self, run: Run, rec: dict[str, Any]) -> None:
         self.epochs_done[id(run)] = rec["epoch"]
         self.epoch_times.setdefault(run.contestant.name, []).append(rec.get("epoch_time", math.nan))
-        study_eta = sum(self.remaining(r) for r in self.runs if not r.finished)
+        left = [r for r in self.runs if not r.finished]
+        study_eta = sum(self.remaining(r) for r in left) / max(1, min(self.jobs, len(left)))
         self.say(run, f"epoch {rec['epoch']}/{run.kwargs['epochs']}  train loss {rec['train_loss']:.3f}  "
                       f"test top-1 {rec['top1']:.2f}%  {rec.get('images_per_s', 0):.0f} img/s  |  "
                       f"run ETA {_hms(self.remaining(run))}  study ETA {_hms(study_eta)}")
@@ -285,7 +286,8 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
     costs = measure_costs(study, out, device)
     ledger = Ledger(out / LEDGER_FILE)
     pending = [r for r in runs if not r.is_done()]
-    progress = Progress(runs, costs, stream)
+    jobs = jobs or study.jobs
+    progress = Progress(runs, costs, stream, jobs)
     for r in runs:
         r.finished = r not in pending
     print(f"{len(runs) - len(pending)} runs finished earlier, {len(pending)} to run", file=stream, flush=True)
@@ -296,7 +298,6 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
         ledger.append(outcome)
         progress.finish(r, outcome)
     pending = [r for r in pending if r not in broken]
-    jobs = jobs or study.jobs
     try:
         if jobs <= 1:
             _run_serial(pending, progress, ledger, stream)
@@ -336,7 +337,9 @@ def _run_parallel(runs: list[Run], progress: Progress, ledger: Ledger, jobs: int
         try:
             while futures:
                 for fut, run in list(futures.items()):
-                    if fut.running() and id(run) not in announced:
+                    # running() is also true for the few calls queued ahead for the workers: announce
+                    # (in submission order, as they start) no more runs than there are workers
+                    if fut.running() and id(run) not in announced and len(announced & set(map(id, futures.values()))) < jobs:
                         announced.add(id(run))
                         progress.say(run, "training")
                     recs = read_jsonl(run.folder / "metrics.jsonl")
