@@ -278,3 +278,14 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["resolved"]["amp"] == "bfloat16" and s["epochs"] == 1
     with pytest.raises(SpachError, match="unknown --amp"):
         engine.train(tiny_cfg(tmp_path / "x", amp="fp8"))
+
+
+def test_stop_signal_during_the_final_evaluation_is_not_lost(tmp_path):
+    def stop_at_the_end(record):
+        if record["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(tiny_cfg(tmp_path), on_epoch_end=stop_at_the_end)
+    assert (tmp_path / "summary.json").is_file() and len(records(tmp_path)) == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -151,8 +151,6 @@ def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bo
             raise SpachError(f"contestant {c.name!r}: {e}") from None
         try:
             img = size or model.pretrained_cfg["input_size"][-1]
-            if getattr(model, "config", None) is None:  # a timm model: profile reads its input shape from here
-                model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (chans, img, img)}
             costs[c.name] = {"params": count_params(model), "macs": count_macs(model, img),
                              "throughput": throughput(model, 64, img, device) if timed else math.nan,
                              "throughput_device": device, "model": c.model, **contestant_facts(model)}

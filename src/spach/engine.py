@@ -296,6 +296,8 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if flag.set:  # arrived after the last training step (e.g. during the final evaluation): the run is saved
+        raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------------------------ progress

@@ -27,8 +27,14 @@ def count_params(model: nn.Module) -> int:
 
 
 def input_shape(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(channels, H, W) a model takes: a spach model's config, else (timm models) the input
+    channels of its first convolution and the size its pretrained config names."""
     cfg = getattr(model, "config", None)
-    chans = cfg.in_chans if cfg is not None else model.pretrained_cfg["input_size"][0]
+    if cfg is not None:
+        chans = cfg.in_chans
+    else:
+        first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        chans = first_conv.in_channels if first_conv is not None else model.pretrained_cfg["input_size"][0]
     if img_size is None:
         size = cfg.img_size if cfg is not None else tuple(model.pretrained_cfg["input_size"][1:])
     else:
