@@ -204,8 +204,10 @@ def bench_model(
     protocol: Protocol | None = None,
     peak_gflops: float | None = None,
     latency: bool = True,
+    precision: str = "autocast",
 ) -> BenchRecord:
-    """Measure one model (a zoo name, or a function building the module) in one setting."""
+    """Measure one model (a zoo name, or a function building the module) in one setting.
+    `precision` (bf16/fp16 inference only): 'autocast' or 'weights' (see `spach.optimize`)."""
     if mode not in MODES:
         raise SpachError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     from spach.zoo import OFFICIAL_TOP1
@@ -226,13 +228,17 @@ def bench_model(
         channels_last=channels_last, batch_size=batch_size, img_size=shape[1], params=count_params(net), macs=macs,
         matmul_peak_gflops=round(peak, 1), top1=OFFICIAL_TOP1.get(name) if shape[1:] == (224, 224) else None,
     )
+    if torch_dtype != torch.float32:
+        rec.extra["precision"] = precision
     rec.extra["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # a busy machine skews times
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch_size, *shape, device=device).contiguous(memory_format=memory_format)
     gflop = 2 * macs / 1e9
 
     if mode in ("infer", "both"):
-        fast = optimize(net, device, torch_dtype, compile=compile, channels_last=channels_last)
+        if precision == "weights" and torch_dtype != torch.float32 and mode == "both":
+            raise SpachError("precision 'weights' converts the model's weights: benchmark it with mode 'infer'")
+        fast = optimize(net, device, torch_dtype, compile=compile, channels_last=channels_last, precision=precision)
         if compile:
             t0 = time.perf_counter()
             fast(x)
@@ -288,6 +294,7 @@ def run(
     quick: bool = False,
     progress: bool = True,
     latency: bool = True,
+    precision: str = "autocast",
 ) -> list[dict[str, Any]]:
     """Benchmark each model in one setting; returns one record (dict) per model. The matmul peak is
     measured before and after the models and the higher value is used for every record."""
@@ -305,7 +312,7 @@ def run(
     records = []
     for name in tqdm(models, desc="spach bench", unit="model", disable=not progress, leave=False):
         records.append(bench_model(
-            name, dev, dtype, compile, channels_last, batch_size, img_size, mode, proto, peak, latency,
+            name, dev, dtype, compile, channels_last, batch_size, img_size, mode, proto, peak, latency, precision,
         ))
     peak = max(peak, matmul_peak(dev, dtype, quick))
     return [_with_peak(r, peak).as_dict() for r in records]
@@ -392,7 +399,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
     if records:
         r = records[0]
-        lines.insert(0, f"{r['device_name']} | {r['dtype']}{' compiled' if r['compiled'] else ' eager'}"
+        weights = " (weights in " + r["dtype"] + ")" if r["extra"].get("precision") == "weights" else ""
+        lines.insert(0, f"{r['device_name']} | {r['dtype']}{weights}{' compiled' if r['compiled'] else ' eager'}"
                         f"{' channels-last' if r['channels_last'] else ''} | batch {r['batch_size']}, {r['img_size']}px"
                         f" | matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s")
     return "\n".join(lines)

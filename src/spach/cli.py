@@ -35,6 +35,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs="+", help="zoo model names (see `spach models`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16 run under autocast")
+    p.add_argument("--precision", default="autocast", choices=["autocast", "weights"],
+                   help="bf16/fp16 inference: autocast (default) or weights converted once (see spach.optimize)")
     p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) (first pass takes minutes)")
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
     p.add_argument("--batch-size", type=int, default=32)
@@ -58,7 +60,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             args.models, json_path=args.json, csv_path=args.csv, plot_dir=args.plots, with_sweep=args.sweep,
             sweep_batch_sizes=args.sweep_batch_sizes, sweep_img_sizes=args.sweep_img_sizes, threads=args.threads,
             device=args.device, dtype=args.dtype, compile=args.compile, channels_last=args.channels_last, batch_size=args.batch_size, img_size=args.img_size, mode=args.mode,
-            protocol=args.protocol, quick=args.quick,
+            protocol=args.protocol, quick=args.quick, precision=args.precision,
         )
 
     p.set_defaults(func=run)
