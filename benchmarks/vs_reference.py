@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import spach
-from spach.profile import input_shape
+from spach.models.flops import input_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = [f"spach_ms_s_patch4_224_{f}" for f in ("conv", "attn", "mlp", "hybrid")]

@@ -3,9 +3,9 @@ import pytest
 import timm
 import timm.optim
 import torch
+from conftest import randomize_
 
 import spach
-from conftest import randomize_
 
 MS = dict(net_arch=[[("conv", 1)], [("attn", 2)], [("mlp", 2)], [("attn", 1)]], hidden_dim=8, num_heads=2, patch_size=4, img_size=64, num_classes=4)
 

@@ -5,17 +5,18 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from spach.battle import battle_command, print_plan, run_battle
+from spach.battle.command import battle_command
+from spach.battle.costs import print_plan
+from spach.battle.runner import run_battle
+from spach.battle.study import load_study, parse_study
 from spach.cli import main
 from spach.errors import SpachError
-from spach.results import read_jsonl
-from spach.study import load_study, parse_study
+from spach.files import read_jsonl
 
 TINY = """
 [study]

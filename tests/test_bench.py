@@ -83,7 +83,7 @@ def test_matmul_peak_is_measured():
 
 
 def test_top1_plots_from_records(tmp_path):
-    from spach.bench_plots import write_plots
+    from spach.bench.plots import write_plots
 
     [rec] = bench.run(["spach_ms_xxs_patch4_224_conv"], batch_size=1, img_size=64, quick=True, progress=False)
     records = [{**rec, "model": f"m{i}", "top1": 70.0 + i, "macs": rec["macs"] * (i + 1), "family": f}

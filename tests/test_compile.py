@@ -2,9 +2,9 @@
 and under autocast; one real Inductor compile through spach.optimize matches eager."""
 import pytest
 import torch
+from conftest import randomize_
 
 import spach
-from conftest import randomize_
 
 ARCHS = {
     "conv": [[("conv", 1)], [("conv", 1)]],

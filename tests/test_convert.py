@@ -4,10 +4,10 @@ import argparse
 import pytest
 import timm
 import torch
-
-import spach
 from conftest import randomize_
 from official_reference import forward as official_forward
+
+import spach
 
 TINY = dict(img_size=32, num_classes=5)
 TINY_ARCHS = {

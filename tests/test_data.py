@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from spach.data import (
-    SkipSampler, TensorTransform, load_cifar, load_fashion_mnist, load_folders, make_tiny, train_sampler,
-)
 from spach.errors import SpachError
-from spach.presets import resolve
+from spach.train.data import SkipSampler, TensorTransform, train_sampler
+from spach.train.datasets import load_cifar, load_fashion_mnist, load_folders, make_tiny
+from spach.train.presets import resolve
 
 
 def write_idx(path, array: np.ndarray, compress: bool) -> None:

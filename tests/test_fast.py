@@ -7,14 +7,14 @@ a relative error of 1e-5, bf16 autocast within 2e-2.
 """
 import collections
 
+import official_reference as ref
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import official_reference as ref
 import spach
-from conftest import randomize_
 
 HEADS = 4
 ARCH = [[("conv", 1)], [("attn", 1)], [("mlp", 1)], [("attn", 1)]]

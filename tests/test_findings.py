@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from spach.findings import accuracy_at_loss, aggregate, judge, welch
-from spach.results import ContestantResult, RunResult
+from spach.battle.findings import accuracy_at_loss, aggregate, judge, welch
+from spach.battle.results import ContestantResult, RunResult
 
 
 def entry(name, family, layout, top1, cpe=True, shared=False, macs=1_000_000, params=100_000, arch_key=None,

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 import spach
-from spach.mixers import MixerContext, build_mixer
+from spach.models.mixers import MixerContext, build_mixer
 
 
 @spach.register_mixer("test_pool")

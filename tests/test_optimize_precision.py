@@ -1,9 +1,9 @@
 """`spach.optimize(..., dtype="bf16", precision="weights")`: weights converted once, LayerNorm kept fp32."""
 import pytest
 import torch
+from conftest import randomize_
 
 import spach
-from conftest import randomize_
 from spach.errors import SpachError
 
 ARCH = [[("conv", 1)], [("attn", 1)], [("mlp", 1)], [("attn", 1)]]

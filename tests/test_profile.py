@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 import spach
-from spach.mixers import MixerContext, build_mixer
-from spach.profile import count_macs, count_module_macs, throughput
+from spach.bench.profile import count_macs, count_module_macs, throughput
+from spach.models.mixers import MixerContext, build_mixer
 
 B, H, W, C, HEADS = 1, 6, 5, 16, 4
 N = H * W

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
+from spach.battle.plots import pareto_front
+from spach.battle.report import render_markdown, write_report
+from spach.battle.results import run_dir
+from spach.battle.study import parse_study
 from spach.errors import SpachError
-from spach.plots import pareto_front
-from spach.report import render_markdown, write_report
-from spach.results import run_dir
-from spach.study import parse_study
 
 STUDY = """
 [study]

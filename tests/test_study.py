@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
+from spach.battle.study import list_presets, load_study, parse_study
 from spach.errors import SpachError
-from spach.study import list_presets, load_study, parse_study
 
 GOOD = """
 [study]

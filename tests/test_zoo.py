@@ -4,7 +4,7 @@ import timm
 import torch
 
 import spach
-from spach.profile import count_macs, count_params
+from spach.models.flops import count_macs, count_params
 
 
 def _meta_model(entry: dict) -> torch.nn.Module:

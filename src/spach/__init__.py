@@ -5,13 +5,18 @@
 
 Importing spach registers every variant with timm.
 """
-from spach.backbone import SpachConfig, SpachNet, family_of
-from spach.blocks import MixingBlock
-from spach.convert import load_checkpoint, official_to_spach, read_checkpoint, spach_to_official
+from spach.bench.optimize import optimize
 from spach.errors import CheckpointError, SpachError
-from spach.mixers import MixerContext, list_mixers, register_mixer
-from spach.optimize import optimize
-from spach.zoo import OFFICIAL_TOP1, create_model, list_models
+from spach.models.backbone import SpachConfig, SpachNet, family_of
+from spach.models.blocks import MixingBlock
+from spach.models.convert import (
+    load_checkpoint,
+    official_to_spach,
+    read_checkpoint,
+    spach_to_official,
+)
+from spach.models.mixers import MixerContext, list_mixers, register_mixer
+from spach.models.zoo import OFFICIAL_TOP1, create_model, list_models
 
 __all__ = [
     "CheckpointError", "MixerContext", "MixingBlock", "OFFICIAL_TOP1", "SpachConfig", "SpachError", "SpachNet",

@@ -6,9 +6,21 @@ to the function that runs it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
+from spach.battle.command import battle_command
+from spach.battle.report import write_report
+from spach.bench.command import command as bench_command
+from spach.bench.measure import BenchSettings
 from spach.errors import SpachError
+from spach.files import atomic_write_text
+from spach.models.table import print_models
+from spach.train.config import ConfigError, TrainConfig
+from spach.train.engine import train
+from spach.train.evaluate import evaluate_checkpoint
+from spach.train.presets import PRESETS, resolve
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +29,6 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     def run(args: argparse.Namespace) -> None:
-        from spach.zoo_table import print_models
-
         print_models(args.pattern, as_json=args.json)
 
     p.set_defaults(func=run)
@@ -54,25 +64,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
 
     def run(args: argparse.Namespace) -> None:
-        from spach.bench import command
-
-        command(
-            args.models, json_path=args.json, csv_path=args.csv, plot_dir=args.plots, with_sweep=args.sweep,
-            sweep_batch_sizes=args.sweep_batch_sizes, sweep_img_sizes=args.sweep_img_sizes, threads=args.threads,
-            device=args.device, dtype=args.dtype, compile=args.compile, channels_last=args.channels_last, batch_size=args.batch_size, img_size=args.img_size, mode=args.mode,
-            protocol=args.protocol, quick=args.quick, precision=args.precision,
-        )
+        settings = BenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSettings)
+                                    if f.name != "latency"})
+        bench_command(args.models, settings, json_path=args.json, csv_path=args.csv, plot_dir=args.plots,
+                with_sweep=args.sweep, sweep_batch_sizes=args.sweep_batch_sizes, sweep_img_sizes=args.sweep_img_sizes,
+                threads=args.threads)
 
     p.set_defaults(func=run)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    import dataclasses
-    import json
-
-    from spach.engine import TrainConfig
-    from spach.presets import PRESETS
-
     p = sub.add_parser(
         "train", help="train a model with the paper's (DeiT) recipe; torchrun --nproc_per_node N -m spach train ... for DDP",
         description="Train with the paper's DeiT recipe (the defaults). Precedence: defaults < --preset < --config < flags. "
@@ -94,16 +95,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         group.add_argument(flag, **kw)
 
     def run(args: argparse.Namespace) -> None:
-        from spach.engine import train
-        from spach.presets import resolve
-
         overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
         if isinstance(overrides.get("model_kwargs"), str):
             try:
                 overrides["model_kwargs"] = json.loads(overrides["model_kwargs"])
             except json.JSONDecodeError as e:
                 raise SpachError(f"--model-kwargs is not valid JSON ({e})") from None
-        train(resolve(overrides.pop("preset", None), args.config, **overrides))
+        try:
+            cfg = resolve(overrides.pop("preset", None), args.config, **overrides)
+        except ConfigError as e:
+            raise SpachError(f"--{e.field.replace('_', '-')} {e.problem}") from None
+        train(cfg)
 
     p.set_defaults(func=run)
 
@@ -129,11 +131,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': stdout only as JSON)")
 
     def run(args: argparse.Namespace) -> None:
-        import json
-
-        from spach.checkpoint import atomic_write_text
-        from spach.engine import evaluate_checkpoint
-
         try:
             kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
         except json.JSONDecodeError as e:
@@ -164,8 +161,6 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-presets", action="store_true", help="list the shipped studies and exit")
 
     def run(args: argparse.Namespace) -> None:
-        from spach.battle import battle_command
-
         battle_command(args.study, preset=args.preset, output=args.output, jobs=args.jobs, data=args.data,
                        dry_run=args.dry_run, report=not args.no_report, list_presets=args.list_presets)
 
@@ -177,8 +172,6 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder", help="the battle's study folder")
 
     def run(args: argparse.Namespace) -> None:
-        from spach.report import write_report
-
         path = write_report(args.folder)
         print(f"report: {path} (and {path.with_suffix('.md')})")
 

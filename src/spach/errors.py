@@ -7,3 +7,15 @@ class SpachError(Exception):
 
 class CheckpointError(SpachError):
     """A checkpoint that cannot be read, or that belongs to another model."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its message's first line (a worker's re-raised error: its last
+    line, without the 'SomeError: ' prefix), or its type name when it has no message."""
+    msg = str(e).strip()
+    if not msg:
+        return type(e).__name__
+    lines = msg.splitlines()
+    if len(lines) > 1 and lines[-1].split(": ", 1)[0].endswith("Error"):  # a re-raised traceback
+        return lines[-1].split(": ", 1)[1]
+    return lines[0]

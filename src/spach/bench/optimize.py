@@ -28,34 +28,10 @@ import functools
 import torch
 import torch.nn as nn
 
+from spach.device import parse_device, parse_dtype
 from spach.errors import SpachError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("autocast", "weights")
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise SpachError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
-        return dtype
-    if dtype not in DTYPES:
-        raise SpachError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise SpachError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpachError("device 'cuda' was asked for but no CUDA GPU is available here; use --device cpu")
-    return device
 
 
 @functools.cache

@@ -10,7 +10,6 @@ Study folder layout (written by `spach.battle`):
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from spach.battle.study import Study
+from spach.errors import SpachError
+from spach.files import append_jsonl, read_json, read_jsonl
+
+STUDY_FILE = "study.json"
 COSTS_FILE = "costs.json"
 LEDGER_FILE = "results.jsonl"
 RUNS_DIR = "runs"
@@ -27,24 +31,32 @@ def run_dir(study_dir: Path, contestant: str, seed: int) -> Path:
     return Path(study_dir) / RUNS_DIR / contestant / f"seed{seed}"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Every complete JSON line of `path` (a torn last line, from a crash mid-write, is skipped)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+class Ledger:
+    """`results.jsonl`: one line per finished or failed run attempt, appended (earlier lines are never
+    rewritten)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.path, record)
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path)
 
 
-def read_json(path: Path) -> dict | None:
+def load_study_folder(study_dir: Path) -> Study:
+    """The study recorded in a battle folder, or a one-line error saying why there is none."""
+    path = Path(study_dir) / STUDY_FILE
+    if not path.is_file():
+        raise SpachError(f"{study_dir} is not a battle folder: it holds no battle (no {STUDY_FILE}); run 'spach battle STUDY --output "
+                         f"{study_dir}' first")
+    data = read_json(path)
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+        return Study.from_dict(data)
+    except (TypeError, KeyError, AttributeError):
+        raise SpachError(f"{path} is corrupt; rerun 'spach battle STUDY --output {study_dir}' with the study file to "
+                         "rewrite it (finished runs are kept)") from None
 
 
 @dataclass
@@ -141,7 +153,9 @@ class ContestantResult:
 
 
 def load_costs(study_dir: Path) -> dict[str, dict[str, Any]]:
-    return read_json(Path(study_dir) / COSTS_FILE) or {}
+    """`costs.json` (empty when missing or corrupt: the battle measures the costs again)."""
+    costs = read_json(Path(study_dir) / COSTS_FILE)
+    return {k: v for k, v in costs.items() if isinstance(v, dict)} if isinstance(costs, dict) else {}
 
 
 def load_run(study_dir: Path, contestant: str, seed: int) -> RunResult:
@@ -149,10 +163,11 @@ def load_run(study_dir: Path, contestant: str, seed: int) -> RunResult:
     epochs = read_jsonl(folder / "metrics.jsonl")
     summary = read_json(folder / "summary.json")
     error_file = folder.with_name(folder.name + ".error.txt")
-    if summary is not None:
+    if isinstance(summary, dict):
         return RunResult(contestant, seed, "done", epochs, summary)
     if error_file.exists():
-        return RunResult(contestant, seed, "failed", epochs, None, error_file.read_text().strip().splitlines()[-1])
+        lines = error_file.read_bytes().decode("utf-8", "replace").strip().splitlines()
+        return RunResult(contestant, seed, "failed", epochs, None, lines[-1] if lines else "unknown error")
     return RunResult(contestant, seed, "partial" if epochs else "pending", epochs)
 
 

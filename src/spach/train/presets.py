@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import tomllib
 import yaml
 
 from spach.errors import SpachError
-
-if TYPE_CHECKING:
-    from spach.engine import TrainConfig
+from spach.files import read_text
+from spach.train.config import TrainConfig
 
 _SMALL = dict(  # shared by the small-image presets: short schedule, no heavy regularisers
     epochs=10, batch_size=128, lr=4e-3, warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5,
@@ -44,10 +43,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (`.toml`) or YAML (`.yaml`/`.yml`) or JSON file of `TrainConfig` fields
     (`-` and `_` both accepted in names). A run's `config.json` is accepted too."""
     path = Path(path)
-    if not path.is_file():
-        raise SpachError(f"config file {path} does not exist")
+    text = read_text(path, "config file")
     try:
-        text = path.read_text()
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
@@ -56,7 +53,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             data = json.loads(text)
         else:
             raise SpachError(f"config file {path} must end in .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise SpachError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise SpachError(f"config file {path} must hold a table of settings, not a {type(data).__name__}")
@@ -64,9 +61,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def resolve(preset: str | None = None, config_file: str | None = None, **overrides: Any) -> "TrainConfig":
+def resolve(preset: str | None = None, config_file: str | None = None, **overrides: Any) -> TrainConfig:
     """defaults < preset < config file < overrides, checked against `TrainConfig`'s fields."""
-    from spach.engine import TrainConfig
 
     values: dict[str, Any] = {}
     file_values = load_config_file(config_file) if config_file else {}

@@ -17,9 +17,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import FeatureGetterNet
 
-from spach.backbone import SpachConfig, SpachNet
-from spach.convert import checkpoint_filter_fn, load_checkpoint
 from spach.errors import SpachError
+from spach.models.backbone import SpachConfig, SpachNet
+from spach.models.convert import checkpoint_filter_fn, load_checkpoint
 
 # Released ImageNet-1K top-1 (%) of the official checkpoints.
 OFFICIAL_TOP1 = {

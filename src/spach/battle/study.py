@@ -24,18 +24,25 @@ Presets ship as package data (`spach/studies/<name>.toml`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import re
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import timm
+import tomllib
+
+from spach.battle.questions import QUESTION_KEYS
 from spach.errors import SpachError
-from spach.findings import QUESTION_KEYS
+from spach.files import read_text
+from spach.models.backbone import SpachConfig, normalize_arch
+from spach.models.zoo import list_models
+from spach.train.config import TrainConfig
 
 # TrainConfig fields a study may not set: the battle owns them.
 MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset"}
@@ -113,9 +120,7 @@ def load_study(path: str | Path | None = None, preset: str | None = None) -> Stu
         raise SpachError("give a study file or --preset, not both")
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise SpachError(f"study file {path} does not exist")
-        return parse_study(path.read_text(), source=str(path), base=path.parent)
+        return parse_study(read_text(path, "study file"), source=str(path), base=path.parent)
     name = preset or "default"
     return parse_study(preset_text(name), source=f"preset {name}")
 
@@ -208,8 +213,6 @@ def _resolve_import(item: Any, base: Path | None) -> str:
 
 
 def _train_fields() -> dict[str, dataclasses.Field]:
-    from spach.engine import TrainConfig
-
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -225,8 +228,6 @@ class _Validator:
     def keys(self, table: dict, allowed: set[str], where: str, hint: str = "") -> None:
         for key in table:
             if key not in allowed:
-                import difflib
-
                 close = difflib.get_close_matches(key, sorted(allowed), n=1)
                 fix = f"did you mean {close[0]!r}?" if close else hint or f"known: {', '.join(sorted(allowed))}"
                 self.fail(f"{where}.{key}" if where != "the top level" else key,
@@ -299,34 +300,26 @@ class _Validator:
         return Contestant(name, model, arch, recipe, self.get(entry, f"{where}.label", str, default=""))
 
     def model(self, where: str, model: str, arch: dict) -> None:
-        import spach
-
         if model == "spach" and "net_arch" not in arch:
             self.fail(f"{where}.arch.net_arch", "model 'spach' is built from arch alone; give net_arch, "
                       "e.g. [[\"attn\", 6]] (single-stage) or [[[\"conv\", 2]], [[\"attn\", 2]]] (multi-stage)")
         for key, fix in ENGINE_SET.items():
             if key in arch:
                 self.fail(f"{where}.arch.{key}", f"is set by the training engine; {fix}")
-        if model == "spach" or model in spach.list_models():
-            known = set(spach.SpachConfig.__dataclass_fields__) - set(ENGINE_SET)
+        if model == "spach" or model in list_models():
+            known = set(SpachConfig.__dataclass_fields__) - set(ENGINE_SET)
             for key in arch:
                 if key not in known:
                     self.keys({key: None}, known, f"{where}.arch", hint=f"not a SpachConfig field; known: {', '.join(sorted(known))}")
             if "net_arch" in arch:
                 self.net_arch(f"{where}.arch.net_arch", arch["net_arch"])
             return
-        import timm
-
         if model not in timm.list_models():
-            import difflib
-
-            close = difflib.get_close_matches(model, spach.list_models() + ["spach"], n=1)
+            close = difflib.get_close_matches(model, list_models() + ["spach"], n=1)
             self.fail(f"{where}.model", f"{model!r} is neither 'spach', a spach zoo name nor a timm model"
                       + (f"; did you mean {close[0]!r}?" if close else "; see 'spach models' or timm.list_models()"))
 
     def net_arch(self, where: str, arch: Any) -> None:
-        from spach.backbone import normalize_arch
-
         try:
             normalize_arch(arch)
         except SpachError as e:

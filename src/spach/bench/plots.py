@@ -4,16 +4,18 @@ from __future__ import annotations
 import os
 from typing import Any
 
-FAMILY_COLORS = {"conv": "tab:blue", "attn": "tab:red", "mlp": "tab:green", "hybrid": "tab:purple"}
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FAMILY_COLORS = {"conv": "tab:blue", "attn": "tab:orange", "mlp": "tab:green", "hybrid": "tab:red", "outside": "tab:gray"}
+_EXTRA = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def color(family: str) -> str:
+    """One colour per family, in every plot spach draws (a custom mixer gets a stable extra one)."""
+    return FAMILY_COLORS.get(family, _EXTRA[sum(map(ord, family)) % len(_EXTRA)])
 
 
 def _scatter(ax, records: list[dict[str, Any]], x_key: str, y_key: str, x_scale: float = 1.0) -> None:
@@ -21,7 +23,7 @@ def _scatter(ax, records: list[dict[str, Any]], x_key: str, y_key: str, x_scale:
         if r.get(x_key) is None or r.get(y_key) is None:
             continue
         x = r[x_key] / x_scale
-        ax.scatter(x, r[y_key], color=FAMILY_COLORS.get(r["family"], "tab:gray"), label=r["family"])
+        ax.scatter(x, r[y_key], color=color(r["family"]), label=r["family"])
         ax.annotate(r["model"].removeprefix("spach_").replace("_patch4_224", "").replace("_patch16_224", ""),
                     (x, r[y_key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     handles, labels = ax.get_legend_handles_labels()
@@ -38,7 +40,6 @@ def _setting(r: dict[str, Any]) -> str:
 
 def write_plots(records: list[dict[str, Any]], out_dir: str, sweep_records: list[dict[str, Any]] | None = None) -> list[str]:
     """Write the plots that the records allow into `out_dir`; return their paths."""
-    plt = _plt()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
 
@@ -72,7 +73,7 @@ def write_plots(records: list[dict[str, Any]], out_dir: str, sweep_records: list
         for model in dict.fromkeys(r["model"] for r in rows):
             pts = sorted((r[key], r["infer_img_s"]) for r in rows if r["model"] == model)
             family = next(r["family"] for r in rows if r["model"] == model)
-            ax.plot(*zip(*pts), marker="o", color=FAMILY_COLORS.get(family), label=model.removeprefix("spach_"))
+            ax.plot(*zip(*pts), marker="o", color=color(family), label=model.removeprefix("spach_"))
         ax.set(xlabel=label, ylabel="inference images/s", title=f"Throughput vs {label}\n{_setting(rows[0])}")
         if kind == "img":
             ax.set_yscale("log")

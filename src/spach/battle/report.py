@@ -17,12 +17,15 @@ from typing import Any
 
 import torch
 
-from spach.checkpoint import atomic_write_text
-from spach.errors import SpachError
-from spach.findings import Comparison, Finding, judge
-from spach.plots import make_all
-from spach.results import ContestantResult, load_results
-from spach.study import Study
+from spach.battle.findings import Comparison, Finding, judge
+from spach.battle.plan import data_shape
+from spach.battle.plots import make_all
+from spach.battle.results import ContestantResult, load_results, load_study_folder
+from spach.battle.study import Study
+from spach.files import atomic_write_text
+from spach.humanize import count, hms
+from spach.train.config import TrainConfig
+from spach.train.datasets import DATASETS, canonical_dataset
 
 # What the paper trained: 300 epochs of ImageNet-1k (1.28M images) at 224x224, models of 4-63M params.
 PAPER_IMAGES = 300 * 1_281_167
@@ -45,17 +48,6 @@ def _f(x: float, digits: int = 2, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _count(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _hms(s: float) -> str:
-    return "-" if not math.isfinite(s) else time.strftime("%H:%M:%S" if s >= 3600 else "%M:%S", time.gmtime(s))
-
-
 def _p(p: float) -> str:
     return "-" if not math.isfinite(p) else ("<0.001" if p < 1e-3 else f"{p:.3f}")
 
@@ -71,8 +63,6 @@ def evidence(c: Comparison) -> str:
 
 # -------------------------------------------------------------------------------------------- blocks
 def _study_facts(study: Study, entries: list[ContestantResult], elapsed: float) -> list[Block]:
-    from spach.engine import TrainConfig
-
     cfg = TrainConfig(**study.train_kwargs(study.contestants[0], study.seeds[0], ""))
     runs = [r for e in entries for r in e.runs]
     done = sum(r.status == "done" for r in runs)
@@ -80,7 +70,7 @@ def _study_facts(study: Study, entries: list[ContestantResult], elapsed: float) 
     data = cfg.dataset + (f" ({cfg.train_subset} training images)" if cfg.train_subset else "")
     head = (f"{len(entries)} contestants x {len(study.seeds)} seeds ({', '.join(map(str, study.seeds))}) on {data}, "
             f"{cfg.epochs} epochs each; {done} of {len(runs)} runs finished"
-            + (f", {failed} failed" if failed else "") + f". Training time {_hms(elapsed)} in all.")
+            + (f", {failed} failed" if failed else "") + f". Training time {hms(elapsed)} in all.")
     machine = (f"Machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
                + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only")
                + f"; report built {time.strftime('%Y-%m-%d %H:%M')}.")
@@ -88,10 +78,6 @@ def _study_facts(study: Study, entries: list[ContestantResult], elapsed: float) 
 
 
 def _scale_note(study: Study, entries: list[ContestantResult]) -> list[Block]:
-    from spach.battle import DATASETS, data_shape
-    from spach.data import canonical_dataset
-    from spach.engine import TrainConfig
-
     cfg = TrainConfig(**study.train_kwargs(study.contestants[0], study.seeds[0], ""))
     name = canonical_dataset(cfg.dataset)
     size = data_shape(study)[2] or 224
@@ -106,7 +92,7 @@ def _scale_note(study: Study, entries: list[ContestantResult]) -> list[Block]:
                             f"{size}x{size}; the paper's runs see {PAPER_IMAGES:,} ImageNet images (300 epochs x 1.28M) at "
                             f"224x224: {PAPER_IMAGES / seen:,.0f}x more images, each with {PAPER_PIXELS / size ** 2:.0f}x "
                             f"more pixels, on models of 4-63M parameters"
-                            + (f" (here: {_count(min(params))}-{_count(max(params))})" if params else "") + ". "
+                            + (f" (here: {count(min(params))}-{count(max(params))})" if params else "") + ". "
                             "Results at this scale say how the families behave early in training on small images; "
                             "they do not reproduce the paper's numbers."))
     best = max((e.mean("final_top1") for e in entries if e.done), default=math.nan)
@@ -147,9 +133,9 @@ def _contestant_table(entries: list[ContestantResult]) -> Block:
         n = len(e.done)
         top1 = f"{_f(e.mean('final_top1'))} ± {_f(e.std('final_top1'))} (n={n})" if n else "-"
         rows.append([e.name, e.family, e.layout + ("" if e.cpe else ", no CPE") + (", shared" if e.shared else ""),
-                     _count(e.params) if e.params else "-", _f(e.macs / 1e6, 1) if e.macs else "-", _f(e.throughput, 0),
+                     count(e.params) if e.params else "-", _f(e.macs / 1e6, 1) if e.macs else "-", _f(e.throughput, 0),
                      top1, _f(e.mean("best_top1")), _f(e.mean("final_train_loss"), 3), _f(e.mean("gap"), 2, signed=True),
-                     _hms(e.mean("wall_time_s"))])
+                     hms(e.mean("wall_time_s"))])
     return ("table", (["contestant", "family", "layout", "params", "MMACs", "img/s", "top-1 % (mean ± std)",
                        "best top-1", "final train loss", "gap (pts)", "time/run"], rows))
 
@@ -255,17 +241,10 @@ def render_html(blocks: list[Block], title: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- entry
-def load_study_dir(study_dir: Path) -> Study:
-    path = Path(study_dir) / "study.json"
-    if not path.is_file():
-        raise SpachError(f"{study_dir} is not a battle folder (no study.json); run 'spach battle --output {study_dir}' first")
-    return Study.from_dict(json.loads(path.read_text()))
-
-
 def write_report(study_dir: str | Path) -> Path:
     """Build the figures, `report.md` and `report.html` in `study_dir`; returns the HTML path."""
     study_dir = Path(study_dir)
-    study = load_study_dir(study_dir)
+    study = load_study_folder(study_dir)
     entries = load_results(study_dir, [c.name for c in study.contestants], study.seeds)
     findings = judge(entries, study.questions or None)
     figures = make_all(entries, findings, study_dir / "plots")

@@ -14,9 +14,16 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
 
-from spach.blocks import LN_EPS, ChannelsLastGroupNorm1, Downsample, MixingBlock, Stem, to_nchw
 from spach.errors import SpachError
-from spach.mixers import MixerContext, build_mixer, canonical_mixer
+from spach.models.blocks import (
+    LN_EPS,
+    ChannelsLastGroupNorm1,
+    Downsample,
+    MixingBlock,
+    Stem,
+    to_nchw,
+)
+from spach.models.mixers import MixerContext, build_mixer, canonical_mixer
 
 Arch = list[list[tuple[str, int]]]
 

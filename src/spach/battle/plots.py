@@ -12,15 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spach.findings import Finding  # noqa: E402
-from spach.results import ContestantResult  # noqa: E402
-
-FAMILY_COLORS = {"conv": "tab:blue", "attn": "tab:orange", "mlp": "tab:green", "hybrid": "tab:red", "outside": "tab:gray"}
-_EXTRA = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-
-
-def color(family: str) -> str:
-    return FAMILY_COLORS.get(family, _EXTRA[sum(map(ord, family)) % len(_EXTRA)])
+from spach.battle.findings import Finding  # noqa: E402
+from spach.battle.results import ContestantResult  # noqa: E402
+from spach.bench.plots import color  # noqa: E402
 
 
 def _style(e: ContestantResult) -> dict:

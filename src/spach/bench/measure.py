@@ -30,14 +30,23 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from spach.bench.optimize import optimize
+from spach.bench.profile import (
+    count_macs,
+    count_params,
+    input_shape,
+    make_step,
+    synchronize,
+    time_runs,
+)
+from spach.device import parse_device, parse_dtype
 from spach.errors import SpachError
-from spach.optimize import optimize, parse_device, parse_dtype
-from spach.profile import autocast, count_macs, count_params, input_shape, make_step, synchronize, time_runs
+from spach.models.zoo import OFFICIAL_TOP1, create_model
 
 MODES = ("infer", "train", "both")
 
@@ -60,6 +69,33 @@ class Protocol:
         """(central, low, high) items/s: median (or Swin's mean) and the spread over repeats."""
         central = items * len(times) / sum(times) if self.swin else items / statistics.median(times)
         return central, items / max(times), items / min(times)
+
+
+@dataclass
+class BenchSettings:
+    """One benchmark setting, shared by every model of a `spach bench` call (the CLI flags map 1:1)."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"  # fp32, or bf16/fp16 under autocast (or weights, see `precision`)
+    compile: bool = False
+    channels_last: bool = False
+    batch_size: int = 32
+    img_size: int | None = None  # None: the model's own
+    mode: str = "infer"  # infer, train (fwd + bwd + AdamW) or both
+    protocol: str = "default"  # default (3 + 5 passes, median) or swin (50 + 30, mean)
+    quick: bool = False
+    latency: bool = True  # also batch-1 latency
+    precision: str = "autocast"  # bf16/fp16 inference: autocast, or weights converted once
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SpachError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.batch_size < 1:
+            raise SpachError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.img_size is not None and self.img_size < 1:
+            raise SpachError(f"image size must be >= 1, got {self.img_size}")
+        parse_dtype(self.dtype)
+        Protocol.named(self.protocol)
 
 
 @dataclass
@@ -184,36 +220,23 @@ def _malloc_trim() -> None:
 
 # --- one model ---------------------------------------------------------------------------------
 def _build(model: str | Callable[[], nn.Module], img_size: int | None) -> tuple[str, nn.Module]:
-    import spach
-
     if callable(model):
         m = model()
         return getattr(m, "pretrained_cfg", {}).get("architecture", type(m).__name__), m
-    return model, spach.create_model(model, **({"img_size": img_size} if img_size else {}))
+    return model, create_model(model, **({"img_size": img_size} if img_size else {}))
 
 
 def bench_model(
     model: str | Callable[[], nn.Module],
-    device: str | torch.device = "cpu",
-    dtype: str = "fp32",
-    compile: bool = False,
-    channels_last: bool = False,
-    batch_size: int = 32,
-    img_size: int | None = None,
-    mode: str = "infer",
-    protocol: Protocol | None = None,
+    settings: BenchSettings | None = None,
     peak_gflops: float | None = None,
-    latency: bool = True,
-    precision: str = "autocast",
 ) -> BenchRecord:
-    """Measure one model (a zoo name, or a function building the module) in one setting.
-    `precision` (bf16/fp16 inference only): 'autocast' or 'weights' (see `spach.optimize`)."""
-    if mode not in MODES:
-        raise SpachError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    from spach.zoo import OFFICIAL_TOP1
-
+    """Measure one model (a zoo name, or a function building the module) in one setting."""
+    st = settings or BenchSettings()
+    device, dtype, compile, channels_last = st.device, st.dtype, st.compile, st.channels_last
+    batch_size, img_size, mode, precision = st.batch_size, st.img_size, st.mode, st.precision
     device, torch_dtype = parse_device(device), parse_dtype(dtype)
-    protocol = protocol or Protocol()
+    protocol = Protocol.named(st.protocol, st.quick)
     peak = peak_gflops or matmul_peak(device, torch_dtype, quick=True)
     if compile:
         torch._dynamo.reset()  # all SpachNets share forward's code: start each model's cache afresh
@@ -250,7 +273,7 @@ def bench_model(
         rec.infer_mem_mb, rec.mem_method = round(mem.mb, 1), mem.method
         rec.infer_gflops = rec.infer_img_s * gflop
         rec.infer_peak_frac = rec.infer_gflops / peak
-        if latency:
+        if st.latency:
             one = x[:1].contiguous(memory_format=memory_format)
             lat = time_runs(lambda: fast(one), device, protocol.warmup, protocol.repeats)
             rec.latency_ms, rec.latency_ms_low, rec.latency_ms_high = (
@@ -280,185 +303,3 @@ def _bench_train(
     return rate, round(mem.mb, 1)
 
 
-# --- many models -----------------------------------------------------------------------------
-def run(
-    models: Iterable[str],
-    device: str = "cpu",
-    dtype: str = "fp32",
-    compile: bool = False,
-    channels_last: bool = False,
-    batch_size: int = 32,
-    img_size: int | None = None,
-    mode: str = "infer",
-    protocol: str = "default",
-    quick: bool = False,
-    progress: bool = True,
-    latency: bool = True,
-    precision: str = "autocast",
-) -> list[dict[str, Any]]:
-    """Benchmark each model in one setting; returns one record (dict) per model. The matmul peak is
-    measured before and after the models and the higher value is used for every record."""
-    from tqdm import tqdm
-
-    models = list(models)
-    _check_models(models)
-    proto = Protocol.named(protocol, quick)
-    dev = parse_device(device)
-    if dev.type == "cpu":
-        from spach.optimize import tune_cpu_allocator
-
-        tune_cpu_allocator()  # training and the peak measurement get the same allocator as inference
-    peak = matmul_peak(dev, dtype, quick)
-    records = []
-    for name in tqdm(models, desc="spach bench", unit="model", disable=not progress, leave=False):
-        records.append(bench_model(
-            name, dev, dtype, compile, channels_last, batch_size, img_size, mode, proto, peak, latency, precision,
-        ))
-    peak = max(peak, matmul_peak(dev, dtype, quick))
-    return [_with_peak(r, peak).as_dict() for r in records]
-
-
-def sweep(
-    models: Iterable[str],
-    batch_sizes: Iterable[int] = (1, 8, 32),
-    img_sizes: Iterable[int] = (128, 224, 320),
-    img_size: int | None = None,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    quick: bool = False,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Inference throughput against batch size (at `img_size`, default the model's) and against image
-    size; each record has `extra["sweep"]` = 'batch' or 'img'. The image-size sweep runs at the
-    largest of `batch_sizes` that is <= 8, so that large images stay affordable on a CPU."""
-    from tqdm import tqdm
-
-    models, batch_sizes, img_sizes = list(models), list(batch_sizes), list(img_sizes)
-    _check_models(models)
-    proto = Protocol.named("default", quick=True) if quick else Protocol(2, 3)
-    dev = parse_device(device)
-    peak = matmul_peak(dev, dtype, quick=True)
-    img_batch = max([b for b in batch_sizes if b <= 8] or [min(batch_sizes)])
-    jobs = [(m, "batch", b, img_size) for m in models for b in batch_sizes]
-    jobs += [(m, "img", img_batch, s) for m in models for s in img_sizes]
-    records = []
-    for name, kind, b, s in tqdm(jobs, desc="spach bench sweep", unit="run", disable=not progress, leave=False):
-        rec = bench_model(name, dev, dtype, batch_size=b, img_size=s, protocol=proto, peak_gflops=peak, latency=False)
-        rec.extra["sweep"] = kind
-        records.append(rec.as_dict())
-    return records
-
-
-def _with_peak(rec: BenchRecord, peak: float) -> BenchRecord:
-    rec.matmul_peak_gflops = round(peak, 1)
-    if rec.infer_gflops is not None:
-        rec.infer_peak_frac = rec.infer_gflops / peak
-    if rec.train_gflops is not None:
-        rec.train_peak_frac = rec.train_gflops / peak
-    return rec
-
-
-def _check_models(models: list[str]) -> None:
-    import spach
-
-    if not models:
-        raise SpachError("no model to benchmark; name one or more, e.g. spach_ms_s_patch4_224_conv (see `spach models`)")
-    known = set(spach.list_models())
-    for m in models:
-        if m not in known:
-            spach.create_model(m)  # raises the zoo's error with close-name suggestions
-
-
-# --- output ------------------------------------------------------------------------------------
-def _spread(central: float | None, low: float | None, high: float | None, fmt: str = "{:.1f}") -> str:
-    if central is None:
-        return "-"
-    return f"{fmt.format(central)} [{fmt.format(low)}-{fmt.format(high)}]"
-
-
-def _pct(frac: float | None) -> str:
-    return "-" if frac is None else f"{100 * frac:.0f}%"
-
-
-def format_table(records: list[dict[str, Any]]) -> str:
-    """A fixed-width table: one row per record, median [min-max] for the timings."""
-    head = ["model", "params M", "GMACs", "infer img/s", "GFLOP/s", "%peak", "lat ms (b=1)",
-            "train img/s", "%peak", "mem MB inf/train"]
-    rows = []
-    for r in records:
-        mem = "/".join("-" if v is None else f"{v:.0f}" for v in (r["infer_mem_mb"], r["train_mem_mb"]))
-        rows.append([
-            r["model"], f"{r['params'] / 1e6:.1f}", f"{r['macs'] / 1e9:.2f}",
-            _spread(r["infer_img_s"], r["infer_img_s_low"], r["infer_img_s_high"]),
-            "-" if r["infer_gflops"] is None else f"{r['infer_gflops']:.0f}", _pct(r["infer_peak_frac"]),
-            _spread(r["latency_ms"], r["latency_ms_low"], r["latency_ms_high"], "{:.0f}"),
-            _spread(r["train_img_s"], r["train_img_s_low"], r["train_img_s_high"], "{:.2f}"), _pct(r["train_peak_frac"]),
-            mem,
-        ])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
-    if records:
-        r = records[0]
-        weights = " (weights in " + r["dtype"] + ")" if r["extra"].get("precision") == "weights" else ""
-        lines.insert(0, f"{r['device_name']} | {r['dtype']}{weights}{' compiled' if r['compiled'] else ' eager'}"
-                        f"{' channels-last' if r['channels_last'] else ''} | batch {r['batch_size']}, {r['img_size']}px"
-                        f" | matmul peak {r['matmul_peak_gflops']:.0f} GFLOP/s")
-    return "\n".join(lines)
-
-
-def write_json(records: list[dict[str, Any]], path: str, sweep_records: list[dict[str, Any]] | None = None) -> None:
-    import json
-
-    with open(path, "w") as f:
-        json.dump({"records": records, "sweep": sweep_records or []}, f, indent=1)
-
-
-def write_csv(records: list[dict[str, Any]], path: str) -> None:
-    import csv
-    import json
-
-    if not records:
-        raise SpachError(f"nothing to write to {path}: no benchmark records")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        for r in records:
-            writer.writerow({**r, "extra": json.dumps(r["extra"])})
-
-
-def command(
-    models: list[str],
-    json_path: str | None = None,
-    csv_path: str | None = None,
-    plot_dir: str | None = None,
-    with_sweep: bool = False,
-    sweep_batch_sizes: Iterable[int] | None = None,
-    sweep_img_sizes: Iterable[int] | None = None,
-    threads: int | None = None,
-    **settings: Any,
-) -> list[dict[str, Any]]:
-    """`spach bench`: run, print the table, write JSON/CSV/plots; returns the records."""
-    if threads is not None:
-        if threads < 1:
-            raise SpachError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    records = run(models, **settings)
-    print(format_table(records))
-    sweep_records = []
-    if with_sweep:
-        quick = settings.get("quick", False)
-        sweep_records = sweep(
-            models, sweep_batch_sizes or ((1, 8) if quick else (1, 8, 32)),
-            sweep_img_sizes or ((128, 224) if quick else (128, 224, 320)), settings.get("img_size"),
-            settings.get("device", "cpu"), settings.get("dtype", "fp32"), quick, settings.get("progress", True),
-        )
-    if json_path:
-        write_json(records, json_path, sweep_records)
-    if csv_path:
-        write_csv(records + sweep_records, csv_path)
-    if plot_dir:
-        from spach.bench_plots import write_plots
-
-        for path in write_plots(records, plot_dir, sweep_records):
-            print(f"wrote {path}")
-    return records

@@ -6,8 +6,8 @@ import json
 import torch
 
 from spach.errors import SpachError
-from spach.profile import count_macs, count_params
-from spach.zoo import OFFICIAL_TOP1, create_model, list_models
+from spach.models.flops import count_macs, count_params
+from spach.models.zoo import OFFICIAL_TOP1, create_model, list_models
 
 
 def model_rows(pattern: str = "*") -> list[dict]:

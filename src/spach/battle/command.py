@@ -1,0 +1,42 @@
+"""`spach battle`: pick the study (a file, a preset, the one already in --output, or the default),
+then run it, or print its plan and cost estimate (`--dry-run`)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from spach.battle.costs import print_plan
+from spach.battle.plan import open_study
+from spach.battle.results import STUDY_FILE
+from spach.battle.runner import run_battle
+from spach.battle.study import list_presets as presets
+from spach.battle.study import load_study, preset_text
+from spach.errors import SpachError
+
+
+def battle_command(study_file: str | None = None, preset: str | None = None, output: str | None = None,
+                   jobs: int | None = None, data: str | None = None, dry_run: bool = False, report: bool = True,
+                   list_presets: bool = False, stream: TextIO | None = None) -> Path | None:
+    """`spach battle`: pick the study (file, preset, the one already in --output, or the default), run it."""
+    stream = stream or sys.stdout
+    if list_presets:
+        for name in presets():
+            first = next((ln for ln in preset_text(name).splitlines() if ln.startswith("description")), "")
+            print(f"{name:<16} {first.split('=', 1)[-1].strip().strip(chr(34))}", file=stream)
+        return None
+    if jobs is not None and jobs < 1:
+        raise SpachError(f"--jobs must be >= 1, got {jobs}")
+    resuming = study_file is None and preset is None and output is not None and (Path(output) / STUDY_FILE).is_file()
+    study = None if resuming else load_study(study_file, preset)
+    if study is not None and data:
+        study.data["data_path"] = data
+    if dry_run:
+        dry_run_study = study or open_study(Path(output), None)
+        print_plan(dry_run_study, stream)
+        return None
+    out = Path(output or Path("battles") / study.name)
+    result = run_battle(study, out, jobs=jobs, report=report, stream=stream)
+    if report:
+        print(f"report: {result} (and {result.with_suffix('.md')})", file=stream, flush=True)
+    return result

@@ -1,0 +1,90 @@
+"""A study's runs: one per (contestant, seed), each with its own run folder and training config, and
+the checks made before any of them trains (recipe unchanged since earlier runs, data present)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spach.battle.results import load_study_folder, run_dir
+from spach.battle.study import Contestant, Study, import_plugins
+from spach.errors import SpachError
+from spach.files import read_json
+from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
+from spach.train.datasets import DATASETS, canonical_dataset, load_dataset
+
+
+@dataclass
+class Run:
+    contestant: Contestant
+    seed: int
+    folder: Path
+    kwargs: dict[str, Any]  # TrainConfig keyword arguments
+    finished: bool = False  # done, or failed in this battle
+
+    @property
+    def name(self) -> str:
+        return f"{self.contestant.name} seed {self.seed}"
+
+    @property
+    def error_file(self) -> Path:
+        return self.folder.with_name(self.folder.name + ".error.txt")
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder.with_name(self.folder.name + ".log")
+
+    def is_done(self) -> bool:
+        summary = read_json(self.folder / "summary.json")
+        return summary is not None and summary.get("epochs", 0) >= self.kwargs.get("epochs", 0)
+
+
+def plan(study: Study, out: Path) -> list[Run]:
+    """All runs, seed-major (every contestant once before any second seed: early partial results are balanced)."""
+    epochs = TrainConfig(**study.train_kwargs(study.contestants[0], 0, "")).epochs
+    return [Run(c, s, run_dir(out, c.name, s), {"epochs": epochs, **study.train_kwargs(c, s, str(run_dir(out, c.name, s)))})
+            for s in study.seeds for c in study.contestants]
+
+
+def open_study(out: Path, study: Study | None) -> Study:
+    """The study to run in `out`: the given one (recorded there), or the one recorded by an earlier battle."""
+    if study is None:
+        study = load_study_folder(out)
+        import_plugins(study.imports, study.source)
+    return study
+
+
+def check_compatible(runs: list[Run]) -> None:
+    """Refuse to mix runs of another recipe into a study folder (the engine would refuse them one by one)."""
+    for run in runs:
+        old = read_json(run.folder / "config.json")
+        if old is None:
+            continue
+        new = config_dict(TrainConfig(**run.kwargs))
+        differ = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+        if differ:
+            k = differ[0]
+            raise SpachError(f"{run.folder} was trained with {k} = {old.get(k)!r}, the study now says {new[k]!r}; "
+                             f"use another --output (or delete that run folder to redo it)")
+
+
+def check_data(study: Study) -> None:
+    """Fail before any training when the study's dataset is not there."""
+    name = canonical_dataset(study.data.get("dataset", "imagefolder"))
+    path = study.data.get("data_path", "")
+    if name == "imagefolder":
+        if not path or not (Path(path) / "train").is_dir() or not (Path(path) / "val").is_dir():
+            raise SpachError(f"data.data_path: {path or '(not set)'} is not a folder with train/ and val/ class folders; "
+                             "pass --data DIR")
+    elif name != "tiny":
+        load_dataset(name, path or None, train=False)
+
+
+def data_shape(study: Study) -> tuple[int, int, int]:
+    """(classes, channels, image size) the engine will build the models for, without loading the data."""
+    name = canonical_dataset(study.data.get("dataset", "imagefolder"))
+    classes, chans, native = DATASETS[name][:3]
+    path = Path(study.data.get("data_path", "") or ".") / "train"
+    if name == "imagefolder" and path.is_dir():
+        classes = sum(1 for p in path.iterdir() if p.is_dir()) or classes
+    return classes, chans, study.data.get("img_size", 0) or native

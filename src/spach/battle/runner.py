@@ -1,0 +1,197 @@
+"""The battle runner: every (contestant, seed) of a study trained by `spach.train.train`, each in its
+own run folder, one after another or N at a time in a local process pool.
+
+Resumable by construction: a run whose `summary.json` covers the study's epochs is skipped, any other
+is (re)started with `resume="auto"`, so an interrupted run continues from its last checkpoint. A run
+that raises is recorded (ledger line + `<run>.error.txt`) and the others go on.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import torch
+
+from spach.battle.costs import measure_costs
+from spach.battle.plan import Run, check_compatible, check_data, open_study, plan
+from spach.battle.report import write_report
+from spach.battle.results import LEDGER_FILE, STUDY_FILE, Ledger, read_jsonl
+from spach.battle.study import Study, import_plugins
+from spach.errors import SpachError, first_line
+from spach.files import atomic_write_text
+from spach.humanize import hms
+from spach.train.config import TrainConfig
+from spach.train.engine import train
+
+
+def ledger_record(run: Run, summary: dict | None, error: str | None, started: float) -> dict[str, Any]:
+    """The ledger line of one run attempt."""
+    rec = {"contestant": run.contestant.name, "seed": run.seed, "status": "done" if error is None else "failed",
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "attempt_s": round(time.time() - started, 1)}
+    if summary:
+        rec.update({k: summary.get(k) for k in ("final_top1", "best_top1", "final_train_loss", "epochs", "wall_time_s")})
+    if error is not None:
+        rec["error"] = error
+    return rec
+
+
+def execute(run: Run, on_epoch: Callable[[dict], None] | None = None, progress: str = "lines") -> dict[str, Any]:
+    """Train one run (resuming it if it was interrupted); never raises for a failing run, except
+    KeyboardInterrupt. The engine's own output goes to `<run>.log`."""
+    started = time.time()
+    run.error_file.unlink(missing_ok=True)
+    run.folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = TrainConfig(**run.kwargs, resume="auto", progress=progress)
+        with open(run.log_file, "a") as log, contextlib.redirect_stdout(log):
+            summary = train(cfg, on_epoch_end=on_epoch)
+        return ledger_record(run, summary, None, started)
+    except Exception as e:
+        error = first_line(e) if isinstance(e, SpachError) else f"{type(e).__name__}: {first_line(e)}"
+        atomic_write_text(run.error_file, traceback.format_exc())
+        return ledger_record(run, None, error, started)
+
+
+def _worker_init(threads: int, imports: list[str]) -> None:
+    torch.set_num_threads(threads)
+    import_plugins(imports)
+
+
+class Progress:
+    """Lines on `stream`: which run, its epoch, and ETAs for the run and the whole study. An epoch's time
+    is predicted from the contestant's own epochs, else from seconds per MAC seen so far."""
+
+    def __init__(self, runs: list[Run], costs: dict[str, dict], stream: TextIO, jobs: int = 1):
+        self.runs, self.costs, self.stream, self.jobs = runs, costs, stream, jobs
+        self.index = {id(r): i + 1 for i, r in enumerate(runs)}
+        self.epoch_times: dict[str, list[float]] = {}
+        self.epochs_done: dict[int, int] = {}
+        self.started = time.time()
+        for r in runs:
+            recs = read_jsonl(r.folder / "metrics.jsonl")
+            self.epochs_done[id(r)] = len(recs)
+            self.epoch_times.setdefault(r.contestant.name, []).extend(x.get("epoch_time", math.nan) for x in recs)
+
+    def say(self, run: Run | None, text: str) -> None:
+        head = f"[{self.index[id(run)]:>{len(str(len(self.runs)))}}/{len(self.runs)}] {run.name}: " if run else ""
+        print(head + text, file=self.stream, flush=True)
+
+    def _epoch_time(self, name: str) -> float:
+        own = [t for t in self.epoch_times.get(name, []) if math.isfinite(t)]
+        if own:
+            return sum(own) / len(own)
+        seen = [(sum(t for t in ts if math.isfinite(t)), len(ts) * self.costs.get(n, {}).get("macs", 0))
+                for n, ts in self.epoch_times.items() if ts]
+        secs, macs = sum(s for s, _ in seen), sum(m for _, m in seen)
+        return secs / macs * self.costs.get(name, {}).get("macs", 0) if macs else math.nan
+
+    def remaining(self, run: Run) -> float:
+        if run.is_done():
+            return 0.0
+        return (run.kwargs["epochs"] - self.epochs_done[id(run)]) * self._epoch_time(run.contestant.name)
+
+    def epoch(self, run: Run, rec: dict[str, Any]) -> None:
+        self.epochs_done[id(run)] = rec["epoch"]
+        self.epoch_times.setdefault(run.contestant.name, []).append(rec.get("epoch_time", math.nan))
+        left = [r for r in self.runs if not r.finished]
+        study_eta = sum(self.remaining(r) for r in left) / max(1, min(self.jobs, len(left)))
+        self.say(run, f"epoch {rec['epoch']}/{run.kwargs['epochs']}  train loss {rec['train_loss']:.3f}  "
+                      f"test top-1 {rec['top1']:.2f}%  {rec.get('images_per_s', 0):.0f} img/s  |  "
+                      f"run ETA {hms(self.remaining(run))}  study ETA {hms(study_eta)}")
+
+    def finish(self, run: Run, outcome: dict[str, Any]) -> None:
+        run.finished = True
+        if outcome["status"] == "done":
+            self.say(run, f"done: test top-1 {outcome.get('final_top1') or math.nan:.2f}% in {hms(outcome['attempt_s'])}")
+        else:
+            self.say(run, f"FAILED: {outcome['error']} (traceback: {run.error_file})")
+
+
+def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, report: bool = True,
+               device: str = "cpu", stream: TextIO | None = None) -> Path:
+    """Run (or resume) the study in folder `out`; returns the report path (or `out` when `report` is off)."""
+    out = Path(out)
+    stream = stream or sys.stdout
+    study = open_study(out, study)
+    runs = plan(study, out)
+    check_compatible(runs)
+    check_data(study)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / STUDY_FILE, json.dumps(study.to_dict(), indent=1) + "\n")
+    print(f"battle {study.name}: {len(study.contestants)} contestants x {len(study.seeds)} seeds -> {out}", file=stream, flush=True)
+    costs = measure_costs(study, out, device)
+    ledger = Ledger(out / LEDGER_FILE)
+    pending = [r for r in runs if not r.is_done()]
+    jobs = jobs or study.jobs
+    progress = Progress(runs, costs, stream, jobs)
+    for r in runs:
+        r.finished = r not in pending
+    print(f"{len(runs) - len(pending)} runs finished earlier, {len(pending)} to run", file=stream, flush=True)
+    broken = [r for r in pending if "error" in costs.get(r.contestant.name, {})]
+    for r in broken:
+        outcome = ledger_record(r, None, f"model does not run: {costs[r.contestant.name]['error']}", time.time())
+        atomic_write_text(r.error_file, outcome["error"] + "\n")
+        ledger.append(outcome)
+        progress.finish(r, outcome)
+    pending = [r for r in pending if r not in broken]
+    try:
+        if jobs <= 1:
+            _run_serial(pending, progress, ledger, stream)
+        else:
+            _run_parallel(pending, progress, ledger, jobs, study.imports)
+    except KeyboardInterrupt:
+        print(f"battle interrupted: finished runs are kept and the current one saved its checkpoint; "
+              f"resume with: spach battle --output {out}", file=stream, flush=True)
+        raise
+    print(f"battle {study.name}: finished in {hms(time.time() - progress.started)}", file=stream, flush=True)
+    if not report:
+        return out
+    return write_report(out)
+
+
+def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, stream: TextIO) -> None:
+    bar = "bar" if sys.stderr.isatty() else "lines"  # the engine's within-epoch bar on a terminal, else its log lines
+    for run in runs:
+        progress.say(run, f"training ({'resuming' if progress.epochs_done[id(run)] else 'starting'}, "
+                          f"{run.kwargs['epochs']} epochs)")
+        outcome = execute(run, lambda rec, run=run: progress.epoch(run, rec), progress=bar)
+        ledger.append(outcome)
+        progress.finish(run, outcome)
+
+
+def _run_parallel(runs: list[Run], progress: Progress, ledger: Ledger, jobs: int, imports: list[str]) -> None:
+    """`jobs` runs at a time in spawned processes sharing the cores; progress is read from their metrics files."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads, imports)) as pool:
+        futures: dict[Future, Run] = {pool.submit(execute, r): r for r in runs}
+        announced: set[int] = set()
+        try:
+            while futures:
+                for fut, run in list(futures.items()):
+                    # running() is also true for the few calls queued ahead for the workers: announce
+                    # (in submission order, as they start) no more runs than there are workers
+                    if fut.running() and id(run) not in announced and len(announced & set(map(id, futures.values()))) < jobs:
+                        announced.add(id(run))
+                        progress.say(run, "training")
+                    recs = read_jsonl(run.folder / "metrics.jsonl")
+                    for rec in recs[progress.epochs_done[id(run)]:]:
+                        progress.epoch(run, rec)
+                    if fut.done():
+                        outcome = fut.result()
+                        ledger.append(outcome)
+                        progress.finish(run, outcome)
+                        del futures[fut]
+                time.sleep(0.5)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

@@ -1,0 +1,69 @@
+"""Devices and number formats, parsed once for every command: `parse_device`, `parse_dtype`, the
+training `--amp` choice (`amp_dtype`) and the matching `autocast` context."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from spach.errors import SpachError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """'fp32' / 'bf16' / 'fp16' (or the torch dtype itself; None is fp32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise SpachError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise SpachError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """A torch device that exists here ('auto' or None: CUDA if available, else the CPU)."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise SpachError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpachError(f"device {device} was asked for, but no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SpachError(f"device {device} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX on x86; oneDNN's own check)."""
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(mkldnn is not None and mkldnn.is_available() and check is not None and check())
+    except RuntimeError:
+        return False
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training `--amp` choice: 'auto' is bf16 (or fp16 where bf16 is
+    missing) on a GPU and off on a CPU."""
+    if amp not in AMP_CHOICES:
+        raise SpachError(f"unknown amp {amp!r}; choose one of {', '.join(AMP_CHOICES)}")
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in `dtype` (bf16/fp16) on `device`, or nothing for fp32/None."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,260 @@
+"""Files that survive crashes and share nicely: atomic writes, append-only logs, tolerant readers and
+folder locks. Every file spach writes goes through here.
+
+- `atomic_write_*`: a temp file in the same folder, fsync'ed, renamed over the target; a reader (or a
+  resumed run) sees the old file or the new one, never half. The file gets the usual permissions
+  (0666 minus the umask), not `mkstemp`'s private 0600.
+- `append_jsonl`: one `write()` of one complete line with `O_APPEND`: earlier lines are never
+  rewritten; a line torn by a crash is closed off before the next append.
+- `read_jsonl` / `read_json`: a torn, corrupt or non-UTF-8 line (or file) is skipped and named on
+  stderr, never a crash.
+- `FolderLock`: one process owns a run or study folder at a time (an exclusive `flock` on
+  `<folder>/.lock`, released by the kernel when the process dies, so a lock left by a killed process
+  is taken over safely); the loser gets a one-line error naming the holder.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spach.errors import SpachError
+
+LOCK_FILE = ".lock"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def os_error(e: OSError, path: str | os.PathLike, doing: str = "write") -> SpachError:
+    """A user-facing one-line error for a failed file operation (full disk, no permission, ...)."""
+    if e.errno == errno.ENOSPC:
+        return SpachError(f"no space left on the device to {doing} {path}; free some space and rerun "
+                          "(files written before are intact)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SpachError(f"cannot {doing} {path}: {e.strerror.lower()}; choose a folder you can write to")
+    return SpachError(f"cannot {doing} {path}: {e.strerror or e}")
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SpachError(f"{folder} is a file, not a folder; choose another output folder") from None
+    except OSError as e:
+        raise os_error(e, folder, "create the folder") from None
+    return folder
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file + fsync + rename + fsync of the folder)."""
+    path = Path(path)
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise os_error(e, path) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise os_error(e, path) from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)`, atomically: an interrupted save leaves the previous file intact."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON line; earlier lines are never rewritten. A torn last line left by a crash is
+    closed with a newline first, so it stays one (skipped) line instead of spoiling this one."""
+    path = Path(path)
+    make_dirs(path.parent)
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size:
+                with open(path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise os_error(e, path) from None
+
+
+_WARNED: set[tuple[str, int]] = set()
+
+
+def _warn(path: Path, where: str, reason: str) -> None:
+    key = (str(path), hash(where))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"spach: skipped {where} of {path}: {reason}", file=sys.stderr, flush=True)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete, valid JSON-object line of `path`. A last line without its newline is a write in
+    progress (or torn by a crash) and is left out silently; any other bad line is skipped and named."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+    lines = raw.split(b"\n")
+    records = []
+    for i, line in enumerate(lines[:-1], start=1):  # lines[-1] is b"" or an unfinished line
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as e:
+            _warn(path, f"line {i}", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            continue
+        records.append(rec)
+    return records
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The JSON value in `path`; None when the file is missing, or corrupt (then named on stderr)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        _warn(path, "the file", "it is a folder")
+        return None
+    except (UnicodeDecodeError, ValueError) as e:
+        _warn(path, "the file", f"not valid JSON ({type(e).__name__})")
+        return None
+
+
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file a user gave us, or a one-line error naming the problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpachError(f"{what} {path} is a folder; pass the path of a file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SpachError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise SpachError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+
+
+class FolderLock:
+    """`with FolderLock(folder, "study folder"):` - this process owns `folder` until the block ends.
+
+    The lock is an exclusive `flock` on `<folder>/.lock`: the kernel releases it when the process
+    exits or is killed, so a stale lock never blocks anybody. The file records the holder (PID, host,
+    start time) for the error message of whoever comes second."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
+        self.folder, self.what = Path(folder), what
+        self.fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> "FolderLock":
+        self.created = not self.folder.exists()
+        make_dirs(self.folder)
+        path = self.folder / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise os_error(e, path, "lock") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise SpachError(f"{self.what} {self.folder} is in use by {holder}; wait for it to finish "
+                                     "(or stop it), or choose another folder") from None
+                raise os_error(e, path, "lock") from None
+            try:  # the holder we waited for may have removed the file: then lock the new one
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"spach PID {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlock; a folder this lock created and nothing else wrote to is removed again."""
+        if self.fd is None:
+            return
+        path = self.folder / LOCK_FILE
+        if self.created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

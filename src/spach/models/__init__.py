@@ -1,0 +1,2 @@
+"""The models: spatial mixers and their registry, the SPACH backbone, the official zoo and checkpoint
+conversion."""

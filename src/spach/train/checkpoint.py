@@ -1,0 +1,69 @@
+"""Training checkpoints and run folders: reading a checkpoint back (tensors and plain data only), and
+deciding where a run starts: fresh, resumed from its folder's checkpoint, or refused because the
+folder holds another run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spach.errors import CheckpointError, SpachError, first_line
+from spach.files import LOCK_FILE, read_json
+from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by `spach.files.atomic_save` (`weights_only=True`)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the path of a .pth file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # torch raises many types for corrupt files
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a training checkpoint")
+    return ckpt
+
+
+def resume_point(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from, if any; refuses a folder that holds another run."""
+    ckpt = out / "checkpoint.pth"
+    explicit = cfg.resume not in ("", "auto")
+    if explicit and not Path(cfg.resume).is_file():
+        raise SpachError(f"--resume {cfg.resume}: no such checkpoint file; pass a checkpoint.pth or 'auto'")
+    if out.exists() and not out.is_dir():
+        raise SpachError(f"output {out} is a file, not a folder; choose another --output")
+    saved = out / "config.json"
+    if not saved.is_file():
+        if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
+            raise SpachError(f"output folder {out} already holds other files; choose an empty or new --output")
+        return Path(cfg.resume) if explicit else None
+    old = read_json(saved)
+    if not isinstance(old, dict):
+        raise SpachError(f"{saved} is unreadable; choose another --output (or delete that folder to start over)")
+    old.pop("resolved", None)
+    new = config_dict(cfg)
+    differ = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if differ:
+        raise SpachError(f"output folder {out} holds a different run (it differs in {', '.join(differ[:4])}); "
+                         f"choose another --output")
+    if explicit:
+        return Path(cfg.resume)
+    if not ckpt.is_file():
+        return None  # the earlier run stopped before its first checkpoint: start again
+    if cfg.resume != "auto":
+        raise SpachError(f"output folder {out} already holds this run; pass --resume auto to continue it, or choose another --output")
+    return ckpt
+
+
+def check_same_model(ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    args = ckpt.get("args") or {}
+    mine = config_dict(cfg)
+    for key in ("model", "model_kwargs"):
+        if key in args and args[key] != mine[key]:
+            raise CheckpointError(f"checkpoint {path} is of another model ({key} {args[key]!r}, not {mine[key]!r}); "
+                                  f"pass the matching --model, or another --output/--resume")

@@ -1,0 +1,117 @@
+"""Evaluation: loss, top-1 and top-5 of a model over a loader (`evaluate`, used by the training loop),
+and `spach eval`: a checkpoint scored on a validation set (`evaluate_checkpoint`)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spach.bench.optimize import optimize
+from spach.bench.profile import throughput as measure_throughput
+from spach.device import amp_dtype as parse_amp
+from spach.device import autocast
+from spach.errors import CheckpointError, SpachError, first_line
+from spach.models.convert import check_fits, checkpoint_filter_fn, read_checkpoint
+from spach.train import checkpoint
+from spach.train.config import TrainConfig
+from spach.train.data import canonical_dataset, eval_loader_for
+from spach.train.factory import build_model
+from spach.train.runtime import setup
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device | str, amp_dtype: torch.dtype | None = None,
+             distributed: bool = False) -> dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 (%) of `model` over `loader` (summed over ranks when
+    `distributed`, each rank holding its own shard). Also `n`, the number of images seen."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for batch in checked(loader):
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            out = model(x)
+        out = out.float()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        hit = top.eq(y[:, None])
+        sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), hit[:, :1].sum().double(),
+                             hit.sum().double(), torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+    if distributed and dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    n = max(sums[3].item(), 1.0)
+    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n, "n": int(sums[3].item())}
+
+
+def checked(loader: Any) -> Iterator[Any]:
+    """Iterate a loader, turning a worker's multi-line re-raised SpachError back into one line."""
+    try:
+        yield from loader
+    except SpachError as e:
+        raise type(e)(first_line(e)) from None
+
+
+def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | None, dataset: str = "imagefolder",
+                        batch_size: int = 128, workers: int = 4, device: str = "auto", img_size: int = 0,
+                        amp: str = "auto", model_kwargs: dict | None = None, use_ema: bool = False,
+                        skip_bad_images: bool = False, throughput: bool = False, compile: bool = False) -> dict[str, Any]:
+    """Top-1/top-5/loss of a checkpoint on the validation split. Image folders use the model's
+    pretrained config (resize, crop, mean/std); a spach training checkpoint also brings its own
+    model name, architecture overrides, resolution and normalisation. The model runs in
+    `spach.optimize`'s fastest inference setup for the device."""
+    if batch_size < 1:
+        raise SpachError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise SpachError(f"--workers must be >= 0, got {workers}")
+    if Path(pretrained).is_dir():
+        raise CheckpointError(f"checkpoint {pretrained} is a folder; pass the path of a .pth file")
+    if not Path(pretrained).is_file():
+        raise CheckpointError(f"checkpoint {pretrained} does not exist; pass the path of a .pth file")
+    args = checkpoint.load(pretrained).get("args")
+    args = args if isinstance(args, dict) else {}
+    if model and args.get("model") and model != args["model"]:
+        raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; drop --model or pass the right one")
+    model = model or args.get("model")
+    if not model:
+        raise SpachError(f"{pretrained} does not name its model; pass --model")
+    d = setup(device)
+    amp_dtype = parse_amp(amp, d.device)
+    dataset = canonical_dataset(dataset)
+    cfg = TrainConfig(model=model, model_kwargs=model_kwargs if model_kwargs is not None else args.get("model_kwargs", {}),
+                      pretrained="", drop_path=0.0)
+    size = img_size or args.get("img_size", 0)
+    mean, std = args.get("mean") or None, args.get("std") or None
+    with torch.device("meta"):  # a free probe, for the model's pretrained config (resize, crop, mean/std)
+        probe = build_model(cfg, 1000, 3)
+    loader, n = eval_loader_for(probe, dataset, data_path, batch_size, workers, d.device, size, mean, std, skip_bad_images)
+    first_x = next(iter(loader))[0]
+    num_classes = _dataset_classes(loader)
+    net = build_model(dataclasses.replace(cfg, pretrained=""), num_classes, first_x.shape[1], size or first_x.shape[-1])
+    _load_strict(net, pretrained, use_ema)
+    fast = optimize(net, device=d.device, dtype=amp_dtype or torch.float32, compile=compile)
+    result = evaluate(fast, loader, d.device)
+    result.update(model=model, checkpoint=str(pretrained), dataset=dataset, images=n, device=str(d.device))
+    if throughput:
+        result["throughput"] = measure_throughput(net, batch_size=batch_size, img_size=first_x.shape[-1], device=d.device,
+                                                  dtype=amp_dtype, warmup=50, repeats=30)
+    return result
+
+
+def _dataset_classes(loader: Any) -> int:
+    ds = loader.data if hasattr(loader, "data") else loader.dataset.ds
+    return len(ds.classes)
+
+
+def _load_strict(net: nn.Module, path: str, use_ema: bool) -> None:
+    """Load every weight, the head included (evaluating a freshly initialised head would be meaningless)."""
+    state = read_checkpoint(path, use_ema)
+    if hasattr(net, "config"):  # a spach model: official names are converted
+        state = checkpoint_filter_fn(state, net)
+    check_fits(state, net)
+    net.load_state_dict(state)
