@@ -34,9 +34,9 @@ recipe = { lr = 5e-4 }
 def test_good_study_parses():
     s = parse_study(GOOD)
     assert s.name == "t" and s.seeds == [0, 1] and [c.name for c in s.contestants] == ["conv", "attn-ms"]
-    kw = s.train_kwargs(s.contestants[1], 1, "out")
-    assert kw["lr"] == 5e-4 and kw["epochs"] == 1 and kw["dataset"] == "tiny" and kw["seed"] == 1
-    assert kw["model"] == "spach" and kw["model_kwargs"]["hidden_dim"] == 16
+    cfg = s.config(s.contestants[1], 1, "out")
+    assert cfg.lr == 5e-4 and cfg.epochs == 1 and cfg.dataset == "tiny" and cfg.seed == 1 and cfg.output == "out"
+    assert cfg.model == "spach" and cfg.model_kwargs["hidden_dim"] == 16
 
 
 @pytest.mark.parametrize("name", ["default", "medium", "medium-cifar10", "paper", "tiny"])

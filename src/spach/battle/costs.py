@@ -17,7 +17,6 @@ from spach.battle.study import Study
 from spach.bench.profile import count_macs, count_params, throughput
 from spach.errors import SpachError, first_line
 from spach.files import atomic_write_text
-from spach.train.config import TrainConfig
 from spach.train.datasets import DATASETS, canonical_dataset
 from spach.train.factory import build_model
 
@@ -42,7 +41,7 @@ def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bo
     for c in study.contestants:
         if c.name in costs and "error" not in costs[c.name]:
             continue
-        cfg = TrainConfig(**study.train_kwargs(c, study.seeds[0], ""))
+        cfg = study.config(c)
         try:
             model = build_model(cfg, classes, chans, size)
         except SpachError as e:
@@ -73,7 +72,7 @@ def print_plan(study: Study, stream: TextIO | None = None) -> float:
     n_train, n_val = DATASETS[canonical_dataset(name)][3:]
     n_train = study.data.get("train_subset") or n_train
     n_val = study.data.get("val_subset") or n_val
-    cfg = TrainConfig(**study.train_kwargs(study.contestants[0], 0, ""))
+    cfg = study.config()
     print(f"{study.name}: {len(study.contestants)} contestants x {len(study.seeds)} seeds = "
           f"{len(study.contestants) * len(study.seeds)} runs of {cfg.epochs} epochs on {name} "
           f"({n_train} training, {n_val} validation images)", file=stream)

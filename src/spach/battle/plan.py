@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from spach.battle.results import load_study_folder, run_dir
 from spach.battle.study import Contestant, Study, import_plugins
@@ -19,7 +18,7 @@ class Run:
     contestant: Contestant
     seed: int
     folder: Path
-    kwargs: dict[str, Any]  # TrainConfig keyword arguments
+    config: TrainConfig
     finished: bool = False  # done, or failed in this battle
 
     @property
@@ -36,13 +35,12 @@ class Run:
 
     def is_done(self) -> bool:
         summary = read_json(self.folder / "summary.json")
-        return summary is not None and summary.get("epochs", 0) >= self.kwargs.get("epochs", 0)
+        return summary is not None and summary.get("epochs", 0) >= self.config.epochs
 
 
 def plan(study: Study, out: Path) -> list[Run]:
     """All runs, seed-major (every contestant once before any second seed: early partial results are balanced)."""
-    epochs = TrainConfig(**study.train_kwargs(study.contestants[0], 0, "")).epochs
-    return [Run(c, s, run_dir(out, c.name, s), {"epochs": epochs, **study.train_kwargs(c, s, str(run_dir(out, c.name, s)))})
+    return [Run(c, s, run_dir(out, c.name, s), study.config(c, s, str(run_dir(out, c.name, s))))
             for s in study.seeds for c in study.contestants]
 
 
@@ -60,7 +58,7 @@ def check_compatible(runs: list[Run]) -> None:
         old = read_json(run.folder / "config.json")
         if old is None:
             continue
-        new = config_dict(TrainConfig(**run.kwargs))
+        new = config_dict(run.config)
         differ = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
         if differ:
             k = differ[0]

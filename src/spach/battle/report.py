@@ -24,7 +24,6 @@ from spach.battle.results import ContestantResult, load_results, load_study_fold
 from spach.battle.study import Study
 from spach.files import atomic_write_text
 from spach.humanize import count, hms
-from spach.train.config import TrainConfig
 from spach.train.datasets import DATASETS, canonical_dataset
 
 # What the paper trained: 300 epochs of ImageNet-1k (1.28M images) at 224x224, models of 4-63M params.
@@ -63,7 +62,7 @@ def evidence(c: Comparison) -> str:
 
 # -------------------------------------------------------------------------------------------- blocks
 def _study_facts(study: Study, entries: list[ContestantResult], elapsed: float) -> list[Block]:
-    cfg = TrainConfig(**study.train_kwargs(study.contestants[0], study.seeds[0], ""))
+    cfg = study.config()
     runs = [r for e in entries for r in e.runs]
     done = sum(r.status == "done" for r in runs)
     failed = sum(r.status == "failed" for r in runs)
@@ -78,7 +77,7 @@ def _study_facts(study: Study, entries: list[ContestantResult], elapsed: float) 
 
 
 def _scale_note(study: Study, entries: list[ContestantResult]) -> list[Block]:
-    cfg = TrainConfig(**study.train_kwargs(study.contestants[0], study.seeds[0], ""))
+    cfg = study.config()
     name = canonical_dataset(cfg.dataset)
     size = data_shape(study)[2] or 224
     n_train = cfg.train_subset or DATASETS[name][3]

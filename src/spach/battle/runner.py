@@ -8,6 +8,7 @@ that raises is recorded (ledger line + `<run>.error.txt`) and the others go on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -29,7 +30,6 @@ from spach.battle.study import Study, import_plugins
 from spach.errors import SpachError, first_line
 from spach.files import atomic_write_text
 from spach.humanize import hms
-from spach.train.config import TrainConfig
 from spach.train.engine import train
 
 
@@ -51,7 +51,7 @@ def execute(run: Run, on_epoch: Callable[[dict], None] | None = None, progress: 
     run.error_file.unlink(missing_ok=True)
     run.folder.parent.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = TrainConfig(**run.kwargs, resume="auto", progress=progress)
+        cfg = dataclasses.replace(run.config, resume="auto", progress=progress)
         with open(run.log_file, "a") as log, contextlib.redirect_stdout(log):
             summary = train(cfg, on_epoch_end=on_epoch)
         return ledger_record(run, summary, None, started)
@@ -97,14 +97,14 @@ class Progress:
     def remaining(self, run: Run) -> float:
         if run.is_done():
             return 0.0
-        return (run.kwargs["epochs"] - self.epochs_done[id(run)]) * self._epoch_time(run.contestant.name)
+        return (run.config.epochs - self.epochs_done[id(run)]) * self._epoch_time(run.contestant.name)
 
     def epoch(self, run: Run, rec: dict[str, Any]) -> None:
         self.epochs_done[id(run)] = rec["epoch"]
         self.epoch_times.setdefault(run.contestant.name, []).append(rec.get("epoch_time", math.nan))
         left = [r for r in self.runs if not r.finished]
         study_eta = sum(self.remaining(r) for r in left) / max(1, min(self.jobs, len(left)))
-        self.say(run, f"epoch {rec['epoch']}/{run.kwargs['epochs']}  train loss {rec['train_loss']:.3f}  "
+        self.say(run, f"epoch {rec['epoch']}/{run.config.epochs}  train loss {rec['train_loss']:.3f}  "
                       f"test top-1 {rec['top1']:.2f}%  {rec.get('images_per_s', 0):.0f} img/s  |  "
                       f"run ETA {hms(self.remaining(run))}  study ETA {hms(study_eta)}")
 
@@ -162,7 +162,7 @@ def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, stream: Tex
     bar = "bar" if sys.stderr.isatty() else "lines"  # the engine's within-epoch bar on a terminal, else its log lines
     for run in runs:
         progress.say(run, f"training ({'resuming' if progress.epochs_done[id(run)] else 'starting'}, "
-                          f"{run.kwargs['epochs']} epochs)")
+                          f"{run.config.epochs} epochs)")
         outcome = execute(run, lambda rec, run=run: progress.epoch(run, rec), progress=bar)
         ledger.append(outcome)
         progress.finish(run, outcome)

@@ -84,10 +84,14 @@ class Study:
     jobs: int = 1
     source: str = ""  # the file (or preset) it came from, for messages
 
-    def train_kwargs(self, contestant: Contestant, seed: int, output: str) -> dict[str, Any]:
-        """The full `TrainConfig` keyword arguments of one run."""
-        return {**self.data, **self.recipe, **contestant.recipe, "model": contestant.model,
-                "model_kwargs": contestant.arch, "seed": seed, "output": output}
+    def config(self, contestant: Contestant | None = None, seed: int | None = None, output: str = "",
+               **extra: Any) -> TrainConfig:
+        """The training config of one run (default: the first contestant's first seed, which carries
+        the settings every run shares)."""
+        contestant = contestant or self.contestants[0]
+        return TrainConfig(**{**self.data, **self.recipe, **contestant.recipe}, model=contestant.model,
+                           model_kwargs=contestant.arch, seed=self.seeds[0] if seed is None else seed, output=output,
+                           **extra)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

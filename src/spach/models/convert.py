@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from spach.errors import CheckpointError
+from spach.errors import CheckpointError, first_line
 
 # Official checkpoints may hold the training arguments as an argparse.Namespace: harmless data,
 # so allow it for weights_only loading (everything else that is not a tensor container stays refused).
@@ -92,21 +93,33 @@ def spach_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def load_file(path: str | os.PathLike) -> Any:
+    """`torch.load` of a checkpoint file, safely (`weights_only=True`: tensors and plain data only),
+    every failure a one-line CheckpointError that says what is wrong with the file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the path of a checkpoint file inside it")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text or isinstance(e, pickle.UnpicklingError):
+            reason = ("it holds Python objects other than tensors and plain data, which spach refuses to unpickle; "
+                      "re-save its state dict (torch.save(model.state_dict(), path)) from a trusted copy")
+        else:
+            reason = (f"the file is truncated or not a PyTorch checkpoint ({type(e).__name__}: "
+                      f"{first_line(e)[:80]}); re-save or re-download it")
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+
+
 def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely (`weights_only=True`) and return its model state dict.
 
     Accepts a bare state dict or a dict holding it under `model` (the official code's choice),
     `model_ema`/`state_dict_ema` (taken when `use_ema`, or when there is nothing else) or `state_dict`.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or unsafe files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it holds Python objects other than tensors and plain data, which spach refuses to unpickle"
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    ckpt = load_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     order = ("model_ema", "state_dict_ema", "model", "state_dict") if use_ema else ("model", "state_dict", "model_ema", "state_dict_ema")

@@ -7,23 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from spach.errors import CheckpointError, SpachError, first_line
+from spach.errors import CheckpointError, SpachError
 from spach.files import LOCK_FILE, read_json
+from spach.models.convert import load_file
 from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by `spach.files.atomic_save` (`weights_only=True`)."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a folder; pass the path of a .pth file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # torch raises many types for corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+    """Read a training checkpoint written by the engine (tensors and plain data only)."""
+    ckpt = load_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a training checkpoint")
     return ckpt
