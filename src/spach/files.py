@@ -122,11 +122,13 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 _WARNED: set[tuple[str, int]] = set()
 
 
-def _warn(path: Path, where: str, reason: str) -> None:
-    key = (str(path), hash(where))
+def _warn(path: Path, line: int, reason: str) -> None:
+    """Say once per process which line (0: the whole file) of `path` was skipped, and why."""
+    key = (str(path), line)
     if key not in _WARNED:
         _WARNED.add(key)
-        print(f"spach: skipped {where} of {path}: {reason}", file=sys.stderr, flush=True)
+        what = f"skipped line {line} of {path}" if line else f"ignored {path}"
+        print(f"spach: {what}: {reason}", file=sys.stderr, flush=True)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -149,24 +151,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
         except (UnicodeDecodeError, ValueError) as e:
-            _warn(path, f"line {i}", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            _warn(path, i, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
             continue
         records.append(rec)
     return records
 
 
-def read_json(path: str | os.PathLike) -> Any | None:
-    """The JSON value in `path`; None when the file is missing, or corrupt (then named on stderr)."""
+def read_json(path: str | os.PathLike, warn: bool = True) -> Any | None:
+    """The JSON value in `path`; None when the file is missing, or corrupt (then named on stderr,
+    unless `warn` is off because the caller says so itself)."""
     path = Path(path)
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        _warn(path, "the file", "it is a folder")
-        return None
-    except (UnicodeDecodeError, ValueError) as e:
-        _warn(path, "the file", f"not valid JSON ({type(e).__name__})")
+    except (IsADirectoryError, UnicodeDecodeError, ValueError) as e:
+        if warn:
+            _warn(path, 0, "it is a folder" if isinstance(e, IsADirectoryError) else f"not valid JSON ({type(e).__name__})")
         return None
 
 

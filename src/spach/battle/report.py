@@ -184,17 +184,24 @@ def build_blocks(study: Study, entries: list[ContestantResult], findings: list[F
 
 
 # ------------------------------------------------------------------------------------------- render
+def _md_text(text: str) -> str:
+    """Text for Markdown: HTML in it (a study's description or names) is shown, never rendered; `code`
+    spans are kept as they are."""
+    parts = str(text).split("`")
+    return "`".join(p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts))
+
+
 def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(blocks: list[Block], base: Path) -> str:
     out = []
     for kind, x in blocks:
         if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + x)
+            out.append("#" * int(kind[1]) + " " + _md_text(x))
         elif kind == "p":
-            out.append(x)
+            out.append(_md_text(x))
         elif kind == "table":
             headers, rows = x
             out.append("\n".join(["| " + " | ".join(map(_md_cell, headers)) + " |", "|" + "---|" * len(headers)]

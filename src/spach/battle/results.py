@@ -51,7 +51,7 @@ def load_study_folder(study_dir: Path) -> Study:
     if not path.is_file():
         raise SpachError(f"{study_dir} is not a battle folder: it holds no battle (no {STUDY_FILE}); run 'spach battle STUDY --output "
                          f"{study_dir}' first")
-    data = read_json(path)
+    data = read_json(path, warn=False)
     try:
         return Study.from_dict(data)
     except (TypeError, KeyError, AttributeError):

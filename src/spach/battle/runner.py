@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -26,9 +27,9 @@ from spach.battle.costs import measure_costs
 from spach.battle.plan import Run, check_compatible, check_data, open_study, plan
 from spach.battle.report import write_report
 from spach.battle.results import LEDGER_FILE, STUDY_FILE, Ledger, read_jsonl
-from spach.battle.study import Study, import_plugins
+from spach.battle.study import Study, check_runnable, import_plugins
 from spach.errors import SpachError, first_line
-from spach.files import atomic_write_text
+from spach.files import FolderLock, atomic_write_text, read_json
 from spach.humanize import hms
 from spach.train.engine import train
 
@@ -118,44 +119,70 @@ class Progress:
 
 def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, report: bool = True,
                device: str = "cpu", stream: TextIO | None = None) -> Path:
-    """Run (or resume) the study in folder `out`; returns the report path (or `out` when `report` is off)."""
+    """Run (or resume) the study in folder `out`; returns the report path (or `out` when `report` is off).
+
+    The process owns the folder until it returns (a second battle on it fails at once, naming this
+    one). Every start first reconciles the ledger with the run folders, so a run that finished just
+    before a crash is recorded exactly once. Raises a SpachError, after the report, when every run failed."""
     out = Path(out)
     stream = stream or sys.stdout
     study = open_study(out, study)
-    runs = plan(study, out)
-    check_compatible(runs)
-    check_data(study)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / STUDY_FILE, json.dumps(study.to_dict(), indent=1) + "\n")
-    print(f"battle {study.name}: {len(study.contestants)} contestants x {len(study.seeds)} seeds -> {out}", file=stream, flush=True)
-    costs = measure_costs(study, out, device)
-    ledger = Ledger(out / LEDGER_FILE)
-    pending = [r for r in runs if not r.is_done()]
-    jobs = jobs or study.jobs
-    progress = Progress(runs, costs, stream, jobs)
-    for r in runs:
-        r.finished = r not in pending
-    print(f"{len(runs) - len(pending)} runs finished earlier, {len(pending)} to run", file=stream, flush=True)
-    broken = [r for r in pending if "error" in costs.get(r.contestant.name, {})]
-    for r in broken:
-        outcome = ledger_record(r, None, f"model does not run: {costs[r.contestant.name]['error']}", time.time())
-        atomic_write_text(r.error_file, outcome["error"] + "\n")
-        ledger.append(outcome)
-        progress.finish(r, outcome)
-    pending = [r for r in pending if r not in broken]
-    try:
-        if jobs <= 1:
-            _run_serial(pending, progress, ledger, stream)
-        else:
-            _run_parallel(pending, progress, ledger, jobs, study.imports)
-    except KeyboardInterrupt:
-        print(f"battle interrupted: finished runs are kept and the current one saved its checkpoint; "
-              f"resume with: spach battle --output {out}", file=stream, flush=True)
-        raise
-    print(f"battle {study.name}: finished in {hms(time.time() - progress.started)}", file=stream, flush=True)
-    if not report:
-        return out
-    return write_report(out)
+    check_runnable(study)
+    with FolderLock(out, "study folder"):
+        runs = plan(study, out)
+        check_compatible(runs)
+        check_data(study)
+        atomic_write_text(out / STUDY_FILE, json.dumps(study.to_dict(), indent=1) + "\n")
+        say = functools.partial(print, file=stream, flush=True)
+        say(f"battle {study.name}: {len(study.contestants)} contestants x {len(study.seeds)} seeds -> {out}")
+        costs = measure_costs(study, out, device)
+        ledger = Ledger(out / LEDGER_FILE)
+        for record in reconcile(runs, ledger):
+            say(f"recorded {record['contestant']} seed {record['seed']}: it finished before the last battle stopped")
+        pending = [r for r in runs if not r.is_done()]
+        jobs = jobs or study.jobs
+        progress = Progress(runs, costs, stream, jobs)
+        for r in runs:
+            r.finished = r not in pending
+        say(f"{len(runs) - len(pending)} runs finished earlier, {len(pending)} to run")
+        broken = [r for r in pending if "error" in costs.get(r.contestant.name, {})]
+        for r in broken:
+            outcome = ledger_record(r, None, f"model does not run: {costs[r.contestant.name]['error']}", time.time())
+            atomic_write_text(r.error_file, outcome["error"] + "\n")
+            ledger.append(outcome)
+            progress.finish(r, outcome)
+        pending = [r for r in pending if r not in broken]
+        try:
+            if jobs <= 1:
+                _run_serial(pending, progress, ledger, stream)
+            else:
+                _run_parallel(pending, progress, ledger, jobs, study.imports)
+        except KeyboardInterrupt:
+            say(f"battle interrupted: finished runs are kept and the current one saved its checkpoint; "
+                f"resume with: spach battle --output {out}")
+            raise
+        say(f"battle {study.name}: finished in {hms(time.time() - progress.started)}")
+        result = write_report(out) if report else out
+    failed = [r for r in runs if not r.is_done()]
+    if failed and len(failed) == len(runs):
+        first = next((rec["error"] for rec in ledger.records() if rec.get("status") == "failed"), "unknown error")
+        raise SpachError(f"all {len(runs)} runs of {study.name} failed (first error: {first}); see "
+                         f"{result if report else out / LEDGER_FILE} and the runs' .error.txt files")
+    return result
+
+
+def reconcile(runs: list[Run], ledger: Ledger) -> list[dict[str, Any]]:
+    """Append a ledger line for every finished run the ledger does not record as done (the battle was
+    killed between the run's summary.json and its ledger line); returns the lines added."""
+    recorded = {(r.get("contestant"), r.get("seed")) for r in ledger.records() if r.get("status") == "done"}
+    added = []
+    for run in runs:
+        if run.is_done() and (run.contestant.name, run.seed) not in recorded:
+            summary = read_json(run.folder / "summary.json")
+            record = {**ledger_record(run, summary, None, time.time()), "attempt_s": None, "reconciled": True}
+            ledger.append(record)
+            added.append(record)
+    return added
 
 
 def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, stream: TextIO) -> None:

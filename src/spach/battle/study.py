@@ -38,11 +38,13 @@ import timm
 import tomllib
 
 from spach.battle.questions import QUESTION_KEYS
+from spach.device import parse_device
 from spach.errors import SpachError
 from spach.files import read_text
 from spach.models.backbone import SpachConfig, normalize_arch
 from spach.models.zoo import list_models
-from spach.train.config import TrainConfig
+from spach.train.config import ConfigError, TrainConfig
+from spach.train.datasets import DATASETS, canonical_dataset
 
 # TrainConfig fields a study may not set: the battle owns them.
 MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset"}
@@ -141,7 +143,7 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
     st = v.table(raw, "study")
     v.keys(st, _STUDY_KEYS, "study")
     study = Study(
-        name=v.get(st, "study.name", str, default=Path(source).stem if base else source.split()[-1]),
+        name=v.name(v.get(st, "study.name", str, default=Path(source).stem if base else source.split()[-1])),
         description=v.get(st, "study.description", str, default=""),
         notes=v.get(st, "study.notes", str, default=""),
         seeds=v.seeds(st.get("seeds", [0])),
@@ -166,7 +168,18 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         v.fail("contestant.name", f"{dup[0]!r} is used by more than one contestant; names must be unique")
+    for c in study.contestants:
+        v.recipe_values(study, c)
     return study
+
+
+def check_runnable(study: Study) -> None:
+    """What only matters when the study is about to train here: the device it asks for exists."""
+    device = study.config().device
+    try:
+        parse_device(device)
+    except SpachError as e:
+        raise SpachError(f"{study.source}: recipe.device: {e}") from None
 
 
 _IMPORTED: set[str] = set()  # a plugin file registers its mixers once per process
@@ -249,9 +262,15 @@ class _Validator:
             self.fail(where, f"expected {_kind_name(kind)}, got {value!r}")
         return value
 
+    def name(self, name: str) -> str:
+        if not _NAME.match(name):
+            self.fail("study.name", f"{name!r} is not a folder-safe name (letters, digits, - _ . + and no '/' or "
+                      "leading dot): it names the study's folder under battles/")
+        return name
+
     def seeds(self, seeds: Any) -> list[int]:
-        if not isinstance(seeds, list) or not seeds or not all(_is(s, int) for s in seeds):
-            self.fail("study.seeds", f"expected a non-empty list of integers, got {seeds!r}; e.g. seeds = [0, 1]")
+        if not isinstance(seeds, list) or not seeds or not all(_is(s, int) and s >= 0 for s in seeds):
+            self.fail("study.seeds", f"expected a non-empty list of integers >= 0, got {seeds!r}; e.g. seeds = [0, 1]")
         if len(set(seeds)) != len(seeds):
             self.fail("study.seeds", f"seeds repeat in {seeds!r}; each seed is one run per contestant")
         return list(seeds)
@@ -273,9 +292,22 @@ class _Validator:
                 if key in fields:
                     self.fail(f"{where}.{key}", f"belongs in [{other}], not [{where}]")
                 self.keys({key: value}, allowed, where,
-                          hint="not a spach.engine.TrainConfig field ('spach train --help' lists them)")
+                          hint="not a spach.train.TrainConfig field ('spach train --help' lists them)")
             self.value(f"{where}.{key}", value, fields[key])
         return dict(table)
+
+    def recipe_values(self, study: Study, c: Contestant) -> None:
+        """Every value of `c`'s training config, checked as `spach train` checks it, named where it was set."""
+        try:
+            cfg = study.config(c)
+            channels = DATASETS[canonical_dataset(cfg.dataset)][1]
+            if cfg.mean and len(cfg.mean) != channels:
+                raise ConfigError("mean", f"has {len(cfg.mean)} values but {cfg.dataset} images have {channels} "
+                                          "channel(s); give one value per channel (and as many for std)")
+        except ConfigError as e:
+            where = (f"contestant {c.name!r}.recipe" if e.field in c.recipe else "data" if e.field in DATA_FIELDS
+                     else "recipe")
+            self.fail(f"{where}.{e.field}", e.problem)
 
     def value(self, where: str, value: Any, f: dataclasses.Field) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -30,15 +30,19 @@ Arch = list[list[tuple[str, int]]]
 
 def normalize_arch(net_arch: Sequence) -> Arch:
     """Accept the official formats: `[("attn", 12)]` (single-stage) or one list per stage."""
-    if not net_arch:
-        raise SpachError("net_arch is empty; give e.g. [('attn', 12)] or [[('conv', 2)], [('attn', 2)], ...]")
+    if not isinstance(net_arch, (list, tuple)) or not net_arch:
+        raise SpachError(f"net_arch {'is empty' if not net_arch else f'must be a non-empty list, got {net_arch!r}'}; give e.g. [('attn', 12)] (single-stage) "
+                         "or [[('conv', 2)], [('attn', 2)], ...] (one list per stage)")
     if isinstance(net_arch[0], (tuple, list)) and len(net_arch[0]) == 2 and isinstance(net_arch[0][0], str):
         net_arch = [net_arch]
     arch: Arch = []
     for stage in net_arch:
+        if not isinstance(stage, (list, tuple)):
+            raise SpachError(f"net_arch stage {stage!r} is not a list of (mixer_name, depth) pairs")
         runs = []
         for run in stage:
-            if not (isinstance(run, (tuple, list)) and len(run) == 2 and isinstance(run[1], int) and run[1] > 0):
+            if not (isinstance(run, (tuple, list)) and len(run) == 2 and isinstance(run[0], str)
+                    and isinstance(run[1], int) and not isinstance(run[1], bool) and run[1] > 0):
                 raise SpachError(f"net_arch entry {run!r} is not a (mixer_name, depth) pair with depth >= 1")
             runs.append((canonical_mixer(run[0]), run[1]))
         if not runs:
@@ -76,9 +80,25 @@ class SpachConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("hidden_dim", "num_heads", "patch_size", "in_chans"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SpachError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise SpachError(f"num_classes must be an integer >= 0 (0: no head), got {self.num_classes!r}")
+        for name in ("token_ratio", "channel_ratio"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
+                raise SpachError(f"{name} must be a number > 0, got {getattr(self, name)!r}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not isinstance(getattr(self, name), (int, float)) or not 0 <= getattr(self, name) < 1:
+                raise SpachError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
         self.net_arch = normalize_arch(self.net_arch)
         size = self.img_size
+        if not isinstance(size, (int, list, tuple)):
+            raise SpachError(f"img_size must be an integer or (height, width), got {size!r}")
         self.img_size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(self.img_size) != 2 or not all(isinstance(v, int) and v >= 1 for v in self.img_size):
+            raise SpachError(f"img_size must be an integer or (height, width) >= 1, got {size!r}")
         if self.stem_type not in ("conv1", "conv4"):
             raise SpachError(f"stem_type must be 'conv1' or 'conv4', not {self.stem_type!r}")
         if self.stem_type == "conv4" and self.patch_size % 2:

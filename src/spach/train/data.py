@@ -159,6 +159,9 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
         train, val = load_dataset(name, cfg.data_path, True, cfg.seed), load_dataset(name, cfg.data_path, False, cfg.seed)
         classes, in_chans, mean, std, native = train.classes, train.images.shape[1], train.mean, train.std, train.images.shape[-1]
     mean, std = tuple(cfg.mean or mean), tuple(cfg.std or std)
+    if cfg.mean and len(cfg.mean) != in_chans:
+        raise SpachError(f"mean and std have {len(cfg.mean)} values but the {name} images have {in_chans} channel(s); "
+                         "give one value per channel")
     size = cfg.img_size or native
     if len(train) == 0 or len(val) == 0:
         raise SpachError(f"dataset {name} at {cfg.data_path} holds no {'training' if len(train) == 0 else 'validation'} images")
