@@ -91,7 +91,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         elif isinstance(default, list):
             kw.update(nargs="*", type=float)
         elif not isinstance(default, dict):
-            kw["type"] = type(default)
+            kw["type"] = {"int": int, "float": float, "str": str}[str(f.type)]  # the annotation: 20 may mean 20.0
         group.add_argument(flag, **kw)
 
     def run(args: argparse.Namespace) -> None:

@@ -37,12 +37,17 @@ from spach.train.datasets import (
 class TensorTransform:
     """uint8 (B, C, H, W) batch on the device -> normalised float batch of `size`; when training,
     a per-image random-resized crop (`scale`, `ratio`) and horizontal flip as one affine resample,
-    then timm's RandomErasing."""
+    then timm's RandomErasing.
+
+    The crops and flips draw from their own `generator`, which the engine seeds per (seed, epoch,
+    rank): every model trained with one seed sees the same augmented images in the same order, however
+    much randomness its own layers consume (common random numbers for the battle's paired comparisons)."""
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
                  train: bool = False, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, re_prob: float = 0.0, re_mode: str = "pixel", re_count: int = 1):
         self.size, self.train, self.scale, self.ratio, self.hflip = size, train, scale, ratio, hflip
+        self.generator = torch.Generator(device=device)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
         self.erase = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=device) if train and re_prob > 0 else None
@@ -56,14 +61,14 @@ class TensorTransform:
         return self.erase(x) if self.erase is not None else x
 
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
-        b, dev = x.shape[0], x.device
-        area = torch.empty(b, device=dev).uniform_(*self.scale)
-        log_r = torch.empty(b, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        b, dev, g = x.shape[0], x.device, self.generator
+        area = torch.empty(b, device=dev).uniform_(*self.scale, generator=g)
+        log_r = torch.empty(b, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=g)
         w = (area * log_r.exp()).sqrt().clamp(max=1.0)  # crop width / height as fractions of the image
         h = (area / log_r.exp()).sqrt().clamp(max=1.0)
-        cx = (torch.rand(b, device=dev) * 2 - 1) * (1 - w)
-        cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - h)
-        flip = torch.where(torch.rand(b, device=dev) < self.hflip, -1.0, 1.0)
+        cx = (torch.rand(b, device=dev, generator=g) * 2 - 1) * (1 - w)
+        cy = (torch.rand(b, device=dev, generator=g) * 2 - 1) * (1 - h)
+        flip = torch.where(torch.rand(b, device=dev, generator=g) < self.hflip, -1.0, 1.0)
         zero = torch.zeros(b, device=dev)
         theta = torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
         grid = F.affine_grid(theta, [b, x.shape[1], self.size, self.size], align_corners=False)
@@ -134,6 +139,7 @@ class Data:
     train_loader: Callable[[Sampler], Any]
     val_loader: Any
     train_eval_loader: Any | None
+    generator: torch.Generator | None = None  # the training augmentation's own random stream (in-memory sets)
 
 
 def _fixed_subset(n: int, k: int, seed: int) -> torch.Tensor:
@@ -173,7 +179,8 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
         return ds.subset(idx) if isinstance(ds, TensorImages) else Subset(ds, idx.tolist())
 
     train_full = train
-    train, val = pick(train, cfg.train_subset, cfg.seed), pick(val, cfg.val_subset, cfg.seed + 1)
+    # the training subset follows the seed; the validation subset does not: every run scores the same images
+    train, val = pick(train, cfg.train_subset, cfg.seed), pick(val, cfg.val_subset, 1)
     train_eval = pick(train, cfg.eval_train_subset, cfg.seed + 2) if cfg.eval_train_subset else None
     tensor_path = isinstance(train_full, TensorImages) and not _needs_pil(cfg)
 
@@ -190,9 +197,11 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
         te_loader = _image_loader(_with_transform(train_eval, eval_tf), shard(len(train_eval), rank, world), cfg,
                                   ebs, False) if train_eval is not None else None
 
+    generator = None
     if tensor_path:
         train_tf = TensorTransform(size, mean, std, device, train=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip,
                                    re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
+        generator = train_tf.generator
 
         def make(sampler: Sampler) -> Any:
             return TensorLoader(train, sampler, cfg.batch_size, train_tf, device, drop_last=True)
@@ -207,7 +216,8 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
         def make(sampler: Sampler) -> Any:
             return _image_loader(train_t, sampler, cfg, cfg.batch_size, True)
 
-    return Data(len(classes), in_chans, size, list(classes), len(train), len(val), tensor_path, make, val_loader, te_loader)
+    return Data(len(classes), in_chans, size, list(classes), len(train), len(val), tensor_path, make, val_loader, te_loader,
+                generator)
 
 
 class _Transformed(Dataset):

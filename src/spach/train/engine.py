@@ -50,7 +50,7 @@ from spach.train.data import (
     canonical_dataset,
     train_sampler,
 )
-from spach.train.evaluate import checked, evaluate
+from spach.train.evaluate import PREDICTIONS_FILE, checked, evaluate, save_predictions
 from spach.train.factory import build_model
 from spach.train.progress import Progress
 from spach.train.runtime import (
@@ -217,9 +217,9 @@ def _epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: int, s
     sums [loss x images, images, seconds of training, skipped bad images]."""
     start = state.step
     if start and state.rng is not None:
-        set_rng_state(state.rng)
+        set_rng_state(state.rng, p.data.generator)
     else:
-        seed_all(cfg.seed, epoch, d.rank)
+        seed_all(cfg.seed, epoch, d.rank, p.data.generator)
     sampler = train_sampler(p.data.train_size, cfg, d.rank, d.world)
     sampler.set_epoch(epoch)
     loader = p.data.train_loader(SkipSampler(sampler, start * cfg.batch_size) if start else sampler)
@@ -277,7 +277,10 @@ def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
     train_sums = d.all_sum(torch.tensor(sums[:2], dtype=torch.float64, device=d.device))
     train_time = d.all_max(torch.tensor([sums[2]], dtype=torch.float64, device=d.device)).item()
     distributed = d.world > 1
-    val = evaluate(p.model, p.data.val_loader, d.device, p.amp, distributed=distributed)
+    last = epoch + 1 == cfg.epochs
+    val = evaluate(p.model, p.data.val_loader, d.device, p.amp, distributed=distributed, predictions=last)
+    if last:  # every test image's prediction, for paired per-image statistics across runs (the battle's)
+        save_predictions(d, val, out / PREDICTIONS_FILE)
     record: dict[str, Any] = {
         "epoch": epoch + 1, "train_loss": train_sums[0].item() / max(train_sums[1].item(), 1.0),
         "val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"],
@@ -327,7 +330,7 @@ def _interrupt(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
                progress: Progress, out: Path) -> None:
     """Save the run mid-epoch (position, running sums, every rank's generators) and stop."""
     progress.close()
-    rng = rng_state()
+    rng = rng_state(p.data.generator)
     if d.world > 1:
         gathered: list[Any] = [None] * d.world
         dist.all_gather_object(gathered, rng)

@@ -3,9 +3,11 @@ and `spach eval`: a checkpoint scored on a validation set (`evaluate_checkpoint`
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -16,23 +18,29 @@ from spach.bench.profile import throughput as measure_throughput
 from spach.device import amp_dtype as parse_amp
 from spach.device import autocast
 from spach.errors import CheckpointError, SpachError, first_line
+from spach.files import atomic_write_bytes
 from spach.models.convert import check_fits, checkpoint_filter_fn, read_checkpoint
 from spach.train import checkpoint
 from spach.train.config import TrainConfig
 from spach.train.data import canonical_dataset, eval_loader_for
 from spach.train.factory import build_model
-from spach.train.runtime import setup
+from spach.train.runtime import Dist, setup
+
+PREDICTIONS_FILE = "predictions.npz"  # a run's final predicted class and label of every validation image
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, device: torch.device | str, amp_dtype: torch.dtype | None = None,
-             distributed: bool = False) -> dict[str, float]:
+             distributed: bool = False, predictions: bool = False) -> dict[str, Any]:
     """Cross-entropy loss, top-1 and top-5 (%) of `model` over `loader` (summed over ranks when
-    `distributed`, each rank holding its own shard). Also `n`, the number of images seen."""
+    `distributed`, each rank holding its own shard). Also `n`, the number of images seen, and with
+    `predictions` the predicted class and the label of every image (`pred`, `label`: int64 CPU
+    tensors in the loader's order; a rank's own shard when distributed)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
+    preds, labels = [], []
     for batch in checked(loader):
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -42,11 +50,36 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device | str, amp_dtyp
         hit = top.eq(y[:, None])
         sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(), hit[:, :1].sum().double(),
                              hit.sum().double(), torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+        if predictions:
+            preds.append(top[:, 0].cpu())
+            labels.append(y.cpu())
     if distributed and dist.is_initialized():
         dist.all_reduce(sums)
     model.train(was_training)
     n = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n, "n": int(sums[3].item())}
+    result: dict[str, Any] = {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n,
+                              "top5": 100 * sums[2].item() / n, "n": int(sums[3].item())}
+    if predictions:
+        result.update(pred=torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long),
+                      label=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+    return result
+
+
+def save_predictions(d: Dist, val: dict[str, Any], path: Path) -> None:
+    """`pred` and `label` of every validation image in dataset order (ranks hold interleaved shards)."""
+    pairs = [(val["pred"], val["label"])]
+    if d.world > 1:
+        pairs = [None] * d.world
+        dist.all_gather_object(pairs, (val["pred"], val["label"]))
+    if not d.main:
+        return
+    n = sum(len(pred) for pred, _ in pairs)
+    pred, label = np.zeros(n, np.int16), np.zeros(n, np.int16)
+    for rank, (pr, lb) in enumerate(pairs):
+        pred[rank::d.world], label[rank::d.world] = pr.numpy(), lb.numpy()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, pred=pred, label=label)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def checked(loader: Any) -> Iterator[Any]:

@@ -66,29 +66,37 @@ def setup(device: str) -> Dist:
 
 
 # ------------------------------------------------------------------------------------ randomness
-def seed_all(seed: int, epoch: int, rank: int) -> None:
-    s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
+def seed_all(seed: int, epoch: int, rank: int, data: torch.Generator | None = None) -> None:
+    """Seed every generator for one epoch of one rank. `data` (the augmentation's own stream) gets a
+    seed of its own that depends on nothing else, so it draws the same for every model."""
+    s, d = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
+    torch.manual_seed(int(s))
+    np.random.seed(int(s))
+    random.seed(int(s))
+    if data is not None:
+        data.manual_seed(int(d))
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(data: torch.Generator | None = None) -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if data is not None:
+        state["data"] = data.get_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], data: torch.Generator | None = None) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if data is not None and "data" in state:
+        data.set_state(state["data"])
 
 
 # ------------------------------------------------------------------------------------ signals
