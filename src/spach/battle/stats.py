@@ -29,7 +29,7 @@ most of the per-image spread, so we subtract the two-way ANOVA's interaction mea
 (the standard unbiased estimator of the crossed model; with a single seed it cannot be separated and
 the plain, conservative var(d) is used). In simulated studies the plain term is 2-3x the true one.
 Degrees of freedom: Welch-Satterthwaite over the two terms (with estimated variances it runs a little
-liberal when the seed term has few df: ~5.5% instead of 5% at 2 seeds). It is a moment approximation
+liberal when the seed term has few df: 5.5-6% instead of 5% at 2 seeds). It is a moment approximation
 (normal errors, additive effects); the calibration tests (tests/test_stats.py) measure the
 false-decision rates it gives on simulated studies with 0/1 correctness.
 """
