@@ -1,0 +1,304 @@
+"""Paired statistics for the battle: seed noise pooled over a study, test-set noise from per-image
+predictions, difference and equivalence tests, Holm's correction and the verdicts they lead to.
+
+The data of one study is a table `acc[contestant, seed]` (one metric, e.g. test top-1 in points; NaN
+for a missing run) where every contestant of a given seed saw the same training subset, sample order
+and augmentation draws (common random numbers: the seed is a block), and optionally, per run, the 0/1
+correctness of each image of the shared test set (same images, same order in every run).
+
+Model. A run's score is  mu + contestant + seed + e  with e independent, variance sigma^2 (the
+two-way layout without interaction). The seed effect is shared by all contestants of the seed, so it
+cancels in a pair's per-seed differences (paired design); sigma^2 is estimated once for the study,
+pooled over every contestant, which gives a pair (C-1)(S-1) degrees of freedom instead of the S-1 of
+its own paired t-test. The price is an assumption: runs of every contestant are about equally noisy.
+Where it fails, so does the calibration: at 3 seeds a pair whose runs are 1.5x (2x) noisier in sd than
+the study's others is wrongly decided ~10% (~20%) of the time instead of 5%
+(benchmarks/stats_calibration.py). `seed_noise(acc[[a, b]])` gives a pair its own noise instead (the
+paired t-test, S-1 df): free of the assumption, but with little power below 5 seeds.
+
+The test set is a sample of images shared by every run, so the seed-to-seed spread cannot see its
+noise: two contestants equally good on the image population still differ on these 10k images. With
+per-image correctness the test is a crossed random-effects (seeds x images) model of the pair's
+per-image differences x[s, i] = 100 (correct_a - correct_b): the variance of the mean difference is
+    sigma_seed^2 / S  +  sigma_image^2 / N  +  sigma_interaction^2 / (S N).
+The pooled seed term 2 sigma^2 / S estimates the first and the third (each run's accuracy includes its
+own image-level churn); `image_variance` adds the second. Adding the plain var_i(mean_s x[s, i]) / N
+would count the interaction twice; with 0/1 correctness at ~90% accuracy the churn between seeds is
+most of the per-image spread, so we subtract the two-way ANOVA's interaction mean square:
+    sigma_image^2 = var_i(d_i) - MS_interaction / S,    d_i = mean_s x[s, i]
+(the standard unbiased estimator of the crossed model; with a single seed it cannot be separated and
+the plain, conservative var(d) is used). In simulated studies the plain term is 2-3x the true one.
+Degrees of freedom: Welch-Satterthwaite over the two terms (with estimated variances it runs a little
+liberal when the seed term has few df: 5.5-6% instead of 5% at 2 seeds). It is a moment approximation
+(normal errors, additive effects); the calibration tests (tests/test_stats.py) measure the
+false-decision rates it gives on simulated studies with 0/1 correctness.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import special
+
+from spach.errors import SpachError
+
+ALPHA = 0.05
+MARGIN = 0.5  # equivalence margin, in the metric's unit (points of top-1)
+POWER = 0.8
+MAX_SEEDS = 100  # planning looks no further
+VERDICTS = ("supported", "contradicted", "equivalent", "inconclusive")
+
+
+def _tq(df: float, q: float) -> float:
+    return float(special.stdtrit(df, q))  # quantile of Student's t (a ufunc: no scipy.stats overhead)
+
+
+@dataclass(frozen=True)
+class SeedNoise:
+    """The study's pooled seed noise: variance of one run around the additive fit, and its df."""
+
+    var: float  # sigma^2, metric units squared
+    df: int
+    contestants: int  # contestants with at least one finished run
+
+
+def seed_noise(acc: ArrayLike) -> SeedNoise:
+    """Residual variance of the two-way layout acc[contestant, seed] = mu + c + s + e (no interaction).
+
+    Missing runs (NaN) are handled by fitting the additive model by least squares on the observed
+    cells (the proper unbalanced fit, not complete blocks only): df = observed runs - rank of the
+    design, (C-1)(S-1) when the table is complete. A contestant with a single run adds nothing (its own
+    effect absorbs it); a pair's contrast is then estimated on the seeds both have (see `compare`).
+    With two contestants this is exactly the paired t-test's variance (var of differences / 2).
+    """
+    x = np.asarray(acc, dtype=float)
+    rows, cols = np.nonzero(np.isfinite(x))
+    design = np.zeros((len(rows), x.shape[0] + x.shape[1]))
+    design[np.arange(len(rows)), rows] = 1.0
+    design[np.arange(len(rows)), x.shape[0] + cols] = 1.0
+    y = x[rows, cols]
+    df = len(y) - (np.linalg.matrix_rank(design) if len(y) else 0)
+    if df <= 0:
+        return SeedNoise(math.nan, 0, len(set(rows)))
+    resid = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    return SeedNoise(float(resid @ resid / df), int(df), len(set(rows)))
+
+
+def image_variance(correct_a: ArrayLike, correct_b: ArrayLike) -> float:
+    """sigma_image^2 / N: the test-set term of the variance of a pair's mean difference (points^2).
+
+    `correct_a`, `correct_b`: (seeds, images) 0/1 arrays, rows paired by seed. x = 100 (a - b) per
+    image and seed; d_i its mean over seeds; the term is (var(d) - MS_interaction / S) / N, clipped at
+    0 (module docstring: the plain var(d) / N would count the seed x image churn a second time).
+    """
+    a, b = np.atleast_2d(np.asarray(correct_a, dtype=float)), np.atleast_2d(np.asarray(correct_b, dtype=float))
+    if a.shape != b.shape:
+        raise SpachError(f"per-image predictions of different shapes ({a.shape} vs {b.shape}): the runs did not score "
+                         "the same test set")
+    x = 100.0 * (a - b)
+    s, n = x.shape
+    d = x.mean(axis=0)
+    var = d.var(ddof=1)
+    if s > 1:  # two-way ANOVA without replication: SS_interaction = SS_total - SS_seeds - SS_images
+        ss = ((x - x.mean()) ** 2).sum() - n * x.mean(axis=1).var() * s - s * (n - 1) * var
+        var -= ss / ((s - 1) * (n - 1)) / s
+    return max(float(var), 0.0) / n
+
+
+@dataclass(frozen=True)
+class PairTest:
+    """One comparison a - b on the seeds both have: the estimate, its noise and both tests."""
+
+    diff: float  # mean over common seeds of a - b
+    se: float
+    df: float
+    p_diff: float  # two-sided, H0: diff = 0
+    p_tost: float  # TOST, H0: |diff| >= margin
+    ci_tost: tuple[float, float]  # the (1 - 2 alpha) interval: equivalent iff inside +-margin
+    ci95: tuple[float, float]
+    seeds: int  # common seeds
+    noise: SeedNoise
+    image_term: float  # sigma_image^2 / N (0 without per-image predictions)
+    images: int  # N, 0 when the test-set term is not included
+    margin: float
+    alpha: float
+
+    def se_at(self, seeds: int) -> tuple[float, float]:
+        """(se, df) this comparison would have with `seeds` seeds in common, the study's
+        contestants and noise as estimated; the test-set term does not shrink with seeds."""
+        df_seed = max(self.noise.contestants - 1, 1) * (seeds - 1)
+        return _satterthwaite(2 * self.noise.var / seeds, df_seed, self.image_term, self.images)
+
+
+def _satterthwaite(seed_term: float, df_seed: float, image_term: float, images: int) -> tuple[float, float]:
+    """se and Welch-Satterthwaite df of seed term + test-set term (the latter with N - 1 df)."""
+    total = seed_term + image_term
+    return math.sqrt(total), total * total / (seed_term * seed_term / df_seed + image_term**2 / max(images - 1, 1))
+
+
+def compare(a: ArrayLike, b: ArrayLike, noise: SeedNoise, correct_a: Sequence[ArrayLike | None] | None = None,
+            correct_b: Sequence[ArrayLike | None] | None = None, margin: float = MARGIN,
+            alpha: float = ALPHA) -> PairTest:
+    """Test a - b (per-seed scores, aligned by seed, NaN where a run is missing) with the study's noise.
+
+    Difference of means over the common seeds; variance 2 sigma^2 / S (seed effects cancel) plus the
+    test-set term when per-run correctness vectors are given (lists aligned by seed, None for a run
+    without stored predictions; the term is estimated on the common seeds that have both). Student t
+    with Welch-Satterthwaite df gives the two-sided p for a difference and TOST's p for equivalence
+    within +-margin (the larger of the two one-sided p's), with the (1 - 2 alpha) and 95% intervals.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    both = np.isfinite(a) & np.isfinite(b)
+    s = int(both.sum())
+    diff = float(np.mean(a[both] - b[both])) if s else math.nan
+    term, images = 0.0, 0
+    if correct_a is not None and correct_b is not None:
+        keep = [i for i in np.flatnonzero(both) if correct_a[i] is not None and correct_b[i] is not None]
+        if keep:
+            term = image_variance([correct_a[i] for i in keep], [correct_b[i] for i in keep])
+            images = len(np.asarray(correct_a[keep[0]]))
+    nan2 = (math.nan, math.nan)
+    if not s or not noise.df or not (noise.var > 0 or term > 0):
+        return PairTest(diff, math.nan, math.nan, math.nan, math.nan, nan2, nan2, s, noise, term, images, margin, alpha)
+    se, df = _satterthwaite(2 * noise.var / s, noise.df, term, images)
+    p_diff = 2 * float(special.stdtr(df, -abs(diff) / se))
+    p_tost = max(float(special.stdtr(df, -(diff + margin) / se)), float(special.stdtr(df, (diff - margin) / se)))
+    h_tost, h95 = _tq(df, 1 - alpha) * se, _tq(df, 0.975) * se
+    return PairTest(diff, se, df, p_diff, p_tost, (diff - h_tost, diff + h_tost), (diff - h95, diff + h95), s, noise,
+                    term, images, margin, alpha)
+
+
+def holm(p: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error <= alpha under any dependence).
+
+    Sorted ascending, the k-th smallest (k = 0..m-1) is multiplied by m - k, then made non-decreasing
+    and capped at 1. An untestable comparison (NaN) counts as p = 1: it stays in the family.
+    """
+    p = np.nan_to_num(np.asarray(p, dtype=float), nan=1.0)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p)))))
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out
+
+
+def detectable(test: PairTest, n_tests: int = 1, power: float = POWER) -> float:
+    """Minimal detectable difference: the true |a - b| the difference test finds with `power` at this
+    design, (t_{1 - a'/2} + t_power) se, at a' = alpha / n_tests (Holm's strictest step: a difference
+    this large is found whatever the family's other comparisons do)."""
+    level = test.alpha / n_tests
+    return (_tq(test.df, 1 - level / 2) + _tq(test.df, power)) * test.se
+
+
+def _power(test: PairTest, se: float, df: float, level: float, equivalence: bool) -> float:
+    """Approximate power (shifted central t) at standard error `se` and `df` of the difference test
+    (two-sided, `level`) or of TOST (`level`), taking the observed |diff| as the true difference."""
+    effect, m = abs(test.diff), test.margin
+    if se == 0:  # only the test-set term, and it is 0
+        return float(effect < m if equivalence else effect > 0)
+    if equivalence:
+        t = _tq(df, 1 - level)
+        return max(float(special.stdtr(df, (m - effect) / se - t) + special.stdtr(df, (m + effect) / se - t)) - 1, 0.0)
+    return float(special.stdtr(df, effect / se - _tq(df, 1 - level / 2)))
+
+
+def seeds_needed(test: PairTest, n_tests: int = 1, power: float = POWER) -> tuple[int | None, str]:
+    """How many seeds (in common) would decide this comparison with `power`, taking the observed
+    difference as the truth (a planning guess, not a promise) and the noise as estimated.
+
+    Two routes decide: the difference test (level alpha / n_tests, Holm's strictest step) and, when
+    |diff| < margin, TOST showing equivalence; the answer is the fewer seeds of the two (a true 0.45
+    with margin 0.5 is usually found as a difference long before it is shown equivalent). The
+    test-set term does not shrink with seeds, so there may be no such number: then (None, why)."""
+    if math.isnan(test.se):
+        return None, "no noise estimate: needs two seeds of the pair and one more run to pool"
+    level = test.alpha / n_tests
+    routes = [(False, "detect the difference")] + ([(True, "show equivalence")] if abs(test.diff) < test.margin else [])
+    found = []
+    for eq, goal in routes:
+        n = _fewest(lambda k, eq=eq: _power(test, *test.se_at(k), level, eq) >= power)
+        found += [(n, goal)] if n is not None else []
+    if found:
+        n, goal = min(found)
+        return n, f"{n} seeds would {goal} with {power:.0%} power"
+    floor = math.sqrt(test.image_term)  # the se with infinitely many seeds
+    if not any(_power(test, floor, math.inf, level, eq) >= power for eq, _ in routes):
+        return None, f"no number of seeds: the test-set noise alone (se {floor:.2f}) is too large for this difference"
+    return None, f"more than {MAX_SEEDS} seeds"
+
+
+def _fewest(enough: Callable[[int], bool]) -> int | None:
+    """The smallest number of seeds in 2..MAX_SEEDS that is `enough` (monotone: power grows with
+    seeds), by bisection; None when even MAX_SEEDS is not."""
+    if not enough(MAX_SEEDS):
+        return None
+    lo, hi = 2, MAX_SEEDS
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return lo
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A comparison's verdict within its finding (Holm-adjusted p's) and, when inconclusive, its plan."""
+
+    test: PairTest
+    higher_is_claimed: bool
+    p_diff_holm: float
+    p_tost_holm: float
+    verdict: str  # one of VERDICTS
+    mdd: float  # minimal detectable difference at 80% power, level alpha / (comparisons in the finding)
+    seeds_needed: int | None = None  # inconclusive only
+    plan: str = ""
+
+
+@dataclass(frozen=True)
+class FindingDecision:
+    """The finding's verdict: decided when every comparison is; then the common verdict, or `mixed`."""
+
+    verdict: str  # supported / contradicted / equivalent / mixed / inconclusive / untested
+    decided: bool
+    comparisons: list[Decision] = field(default_factory=list)
+
+    @property
+    def by_verdict(self) -> dict[str, list[int]]:
+        """Indices of the comparisons per verdict (which go which way when mixed)."""
+        return {v: [i for i, d in enumerate(self.comparisons) if d.verdict == v] for v in VERDICTS
+                if any(d.verdict == v for d in self.comparisons)}
+
+
+def decide(tests: Sequence[PairTest], higher_is_claimed: Sequence[bool]) -> FindingDecision:
+    """Verdicts of one finding's comparisons, Holm-corrected together (difference and equivalence
+    tests each as one family), at the tests' alpha; each test keeps its own margin (a finding may
+    mix metrics: points of top-1, training loss).
+
+    `equivalent` when the adjusted TOST p < alpha (the interval lies inside +-margin: a significant
+    difference smaller than the margin is still equivalent); else `supported` / `contradicted` when
+    the adjusted difference p < alpha with the claimed / opposite sign; else `inconclusive`. The
+    finding is decided when every comparison is; its verdict is then theirs if all agree, else mixed.
+    """
+    if not tests:
+        return FindingDecision("untested", False)
+    if len({t.alpha for t in tests}) > 1:
+        raise ValueError("the comparisons of one finding must share alpha")
+    alpha, m = tests[0].alpha, len(tests)
+    p_diff, p_tost = holm([t.p_diff for t in tests]), holm([t.p_tost for t in tests])
+    out = []
+    for t, claim, pd, pt in zip(tests, higher_is_claimed, p_diff, p_tost):
+        if pt < alpha:
+            verdict = "equivalent"
+        elif pd < alpha:
+            verdict = "supported" if (t.diff > 0) == claim else "contradicted"
+        else:
+            verdict = "inconclusive"
+        seeds, plan = seeds_needed(t, m) if verdict == "inconclusive" else (None, "")
+        mdd = math.nan if math.isnan(t.se) else detectable(t, m)
+        out.append(Decision(t, claim, float(pd), float(pt), verdict, mdd, seeds, plan))
+    verdicts = {d.verdict for d in out}
+    if "inconclusive" in verdicts:
+        return FindingDecision("inconclusive", False, out)
+    return FindingDecision(verdicts.pop() if len(verdicts) == 1 else "mixed", True, out)
