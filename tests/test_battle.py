@@ -79,7 +79,7 @@ def test_tiny_study_end_to_end_then_skips_finished_runs(tmp_path):
     assert {p.stem for p in (out / "plots").glob("*.png")} == PLOTS
     md = (out / "report.md").read_text()
     html = (out / "report.html").read_text()
-    assert "| conv | conv | single |" in md and "## Findings" in md and "How far this is from the paper" in md
+    assert "| conv | main | conv | single |" in md and "## Findings" in md and "How far this is from the paper" in md
     assert all(f"(plots/{p}.png)" in md for p in PLOTS)
     assert html.count("data:image/png;base64,") == len(PLOTS) and "src=\"http" not in html
     costs = json.loads((out / "costs.json").read_text())
@@ -193,7 +193,7 @@ def test_a_timm_model_as_outside_baseline(tmp_path):
     run_battle(study, out, stream=io.StringIO())
     costs = json.loads((out / "costs.json").read_text())
     assert costs["resnet"]["family"] == "outside" and costs["resnet"]["macs"] > 0
-    assert len(summaries(out)) == 2 and "| resnet | outside | - |" in (out / "report.md").read_text()
+    assert len(summaries(out)) == 2 and "| resnet | main | outside | - |" in (out / "report.md").read_text()
 
 
 def test_dry_run_prints_the_runs_and_hours():

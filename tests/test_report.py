@@ -77,12 +77,14 @@ def test_report_tables_findings_and_figures(tmp_path):
     out = make_folder(tmp_path)
     html_path = write_report(out)
     md = (out / "report.md").read_text()
-    assert "| conv-ms | conv | multi | 2.00k | 0.2 | 450 | 90.13 ± 0.15 (n=3) |" in md
-    assert "| attn-ms-nocpe | attn | multi, no CPE |" in md
-    assert "| 1 | Multi-stage layouts beat single-stage ones at equal cost | supported | conv-ms 90.13 vs conv-ss 80.20: +9.93" in md
-    assert "| 2 | Local modeling (the CPE depthwise-conv bypass) lifts attention and MLP models | inconclusive |" in md
-    assert "| 5 | Hybrids (conv early, attention late) beat each pure family | not testable here | Not testable" in md
+    assert "| conv-ms | main | conv | multi | 2.00k | 0.2 | 450 | 90.13 ± 0.15 (n=3) |" in md
+    assert "| attn-ms-nocpe | main | attn | multi, no CPE |" in md
+    assert "| 1 | Multi-stage layouts beat single-stage ones at equal cost | main | supported | conv-ms 90.13 vs conv-ss 80.20: +9.93" in md
+    assert "| 2 | Local modeling (the CPE depthwise-conv bypass) lifts attention and MLP models | main | inconclusive |" in md
+    assert "| 5 | Hybrids (conv early, attention late) beat each pure family | main | not testable here | Not testable" in md
     assert "Made by hand." in md and "How far this is from the paper" in md
+    assert "1 of the 3 findings this study tests are decided" in md and "Holm's correction within each finding" in md
+    assert "MDD" in md  # the inconclusive comparisons say what they could have detected
     assert "## Failed runs" not in md
     html = html_path.read_text()
     assert html.startswith("<!doctype html>") and html.count("<img") == 5 and 'class="supported"' in html
@@ -96,7 +98,7 @@ def test_report_lists_failed_and_unfinished_runs(tmp_path):
     md = (out / "report.md").read_text()
     assert "| attn-ms seed 2 | RuntimeError: out of memory |" in md
     assert "conv-ss seed 1 (1 epochs)" in md
-    assert "| conv-ss | conv | single | 1.00k | 0.1 | 500 | 80.10 ± 0.14 (n=2) |" in md
+    assert "| conv-ss | main | conv | single | 1.00k | 0.1 | 500 | 80.10 ± 0.14 (n=2) |" in md
 
 
 def test_report_needs_a_battle_folder(tmp_path):

@@ -1,4 +1,4 @@
-"""The paper's five findings (DESIGN.md section 1) as questions a study can ask, by number and key."""
+"""The questions a study can ask: the paper's five findings (DESIGN.md section 1) and its size ordering."""
 
 FINDINGS = {
     1: ("multi-stage", "Multi-stage layouts beat single-stage ones at equal cost"),
@@ -6,14 +6,17 @@ FINDINGS = {
     3: ("mlp-overfit", "MLP over-fits as it grows; multi-stage layouts and weight sharing relieve it"),
     4: ("conv-vs-attn", "Convolution generalises better, attention has more capacity: they are complementary"),
     5: ("hybrid", "Hybrids (conv early, attention late) beat each pure family"),
+    6: ("size-crossover", "As models grow, the best family goes MLP -> conv -> attention"),
 }
 QUESTION_KEYS = {key: n for n, (key, _) in FINDINGS.items()}
+PAPER_FINDINGS = (1, 2, 3, 4, 5)  # the five findings; question 6 is asked only when a study names it
 
 NEEDS = {
     1: "a single-stage and a multi-stage contestant of the same family (e.g. conv-ss and conv-ms)",
     2: "an attn or mlp contestant and the same architecture with cpe = false",
-    3: "an mlp contestant and a conv or attn contestant of the same layout, with eval_train_subset > 0 in "
-       "the recipe so the generalisation gap is measured",
-    4: "a conv and an attn contestant of the same layout",
+    3: "mlp contestants at two sizes, single- and multi-stage, and with shared_spatial_func = true, with "
+       "eval_train_subset > 0 in the recipe so the generalisation gap is measured",
+    4: "a conv and an attn contestant of the same layout, with eval_train_subset > 0 (their training curves)",
     5: "a hybrid contestant and pure conv, attn and mlp contestants of the same layout",
+    6: "conv, attn and mlp multi-stage contestants at the same number (>= 2) of sizes",
 }

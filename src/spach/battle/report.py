@@ -5,8 +5,6 @@ Both formats render one list of blocks (headings, paragraphs, tables, figures), 
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import os
@@ -17,9 +15,10 @@ from typing import Any
 
 import torch
 
-from spach.battle.findings import Comparison, Finding, judge
+from spach.battle.findings import METHOD, Comparison, Finding, judge
 from spach.battle.plan import data_shape
 from spach.battle.plots import make_all
+from spach.battle.render import Block, render_html, render_markdown
 from spach.battle.results import ContestantResult, load_results, load_study_folder
 from spach.battle.study import Study
 from spach.files import atomic_write_text
@@ -34,10 +33,9 @@ REFERENCE_TOP1 = {  # typical test top-1 (%) on these sets, to judge whether a r
                      "the best published models ~96%",
     "cifar10": "a small CNN ~80%, ResNet-18 trained to convergence ~95%",
 }
-VERDICT_MARK = {"supported": "supported", "contradicted": "CONTRADICTED", "inconclusive": "inconclusive",
-                "untested": "not testable here"}
+VERDICT_MARK = {"supported": "supported", "contradicted": "CONTRADICTED", "equivalent": "equivalent", "mixed": "mixed",
+                "inconclusive": "inconclusive", "untested": "not testable here", "elsewhere": "tested in another preset"}
 
-Block = tuple[str, Any]  # (kind, payload): h1/h2/h3/p: text; table: (headers, rows); img: (name, path)
 
 
 # ------------------------------------------------------------------------------------------- numbers
@@ -101,29 +99,57 @@ def _scale_note(study: Study, entries: list[ContestantResult]) -> list[Block]:
     return blocks
 
 
-def _findings_blocks(findings: list[Finding]) -> list[Block]:
-    rows = [[str(f.number), f.title, VERDICT_MARK[f.verdict],
+def _findings_blocks(study: Study, findings: list[Finding]) -> list[Block]:
+    asked = [f for f in findings if f.verdict not in ("elsewhere", "untested")]
+    decided = sum(f.decided for f in asked if f.number <= 5)
+    rows = [[str(f.number), f.title, f.arm if f.verdict != "elsewhere" else "-", VERDICT_MARK[f.verdict],
              "; ".join(evidence(c) for c in f.comparisons) if f.comparisons else f.summary] for f in findings]
     blocks: list[Block] = [
         ("h2", "Findings"),
-        ("p", "Each finding of the paper the study can test, judged on the final test top-1 (or the stated metric) "
-              "over seeds: difference of means with its 95% Welch interval and the two-sided p-value of Welch's "
-              "t-test. A comparison counts when p < 0.05; with 2-3 seeds per contestant only large, consistent "
-              "differences can reach that, so 'inconclusive' often means 'too few seeds', not 'no effect'."),
-        ("table", (["#", "finding (paper)", "verdict", "evidence: a vs b, difference [95% CI], p"], rows)),
+        ("p", f"{decided} of the {sum(f.number <= 5 for f in asked)} findings this study tests are decided (every "
+              "comparison supported, contradicted or equivalent). Method: " + METHOD + f". Margin {study.margin:g} "
+              f"points, alpha {study.alpha:g}, both fixed in the study file before it ran (sha256 "
+              f"{study.sha256[:16] or '-'}). Why: three seeds alone (2 df) cannot tell a point from noise; pooling the "
+              "seed noise over the study's contestants gives the tests real degrees of freedom, the shared test set's "
+              "own noise is added so that a difference that holds only on these 10k images is not called real, and "
+              "equivalence makes 'no difference that matters' a decision rather than a shrug."),
+        ("table", (["#", "finding (paper)", "arm", "verdict", "evidence: a vs b, difference [95% CI], Holm p"], rows)),
     ]
     for f in findings:
         blocks.append(("h3", f"{f.number}. {f.title}: {VERDICT_MARK[f.verdict]}"))
         blocks.append(("p", f.summary))
         if f.comparisons:
-            blocks.append(("table", (["claim", "metric", "a (seeds)", "b (seeds)", "a - b", "95% CI", "p", "verdict", "note"],
-                                     [[c.claim, c.metric, ", ".join(_f(v) for v in c.a_values),
-                                       ", ".join(_f(v) for v in c.b_values), _f(c.diff, signed=True),
+            blocks.append(("table", (["claim", "metric", "a (seeds)", "b (seeds)", "a - b", "95% CI", "Holm p", "verdict",
+                                      "could detect / would decide", "note"],
+                                     [[c.claim, c.metric, _seeds(c.a_values), _seeds(c.b_values), _f(c.diff, signed=True),
                                        f"[{_f(c.ci[0], signed=True)}, {_f(c.ci[1], signed=True)}]", _p(c.p), c.verdict,
-                                       c.note] for c in f.comparisons])))
+                                       _plan(c), c.note] for c in f.comparisons])))
         if f.not_tested:
             blocks.append(("p", "Not tested by this study: " + "; ".join(f.not_tested) + "."))
     return blocks
+
+
+def _seeds(values: list[float]) -> str:
+    return ", ".join(_f(v) for v in values)
+
+
+def _plan(c: Comparison) -> str:
+    """For an inconclusive comparison: the difference it could have detected, and the seeds to decide it."""
+    d = c.decision
+    if d is None or d.verdict != "inconclusive":
+        return ""
+    seeds = f"{d.seeds_needed} seeds" if d.seeds_needed else d.plan or "-"
+    return f"MDD {_f(d.mdd)}; {seeds}"
+
+
+def _arms(study: Study) -> list[Block]:
+    if not study.arms:
+        return []
+    rows = [["main", "the study's [data] and [recipe]", ", ".join(study.questions_of("main")) or "-"]]
+    rows += [[a.name, a.description or ", ".join(f"{k} = {v}" for k, v in {**a.data, **a.recipe}.items()),
+              ", ".join(a.questions) or "-"] for a in study.arms.values()]
+    return [("p", "Contestants are compared only within their arm (same data, same recipe)."),
+            ("table", (["arm", "regime", "findings judged on it"], rows))]
 
 
 def _contestant_table(entries: list[ContestantResult]) -> Block:
@@ -131,11 +157,11 @@ def _contestant_table(entries: list[ContestantResult]) -> Block:
     for e in entries:
         n = len(e.done)
         top1 = f"{_f(e.mean('final_top1'))} ± {_f(e.std('final_top1'))} (n={n})" if n else "-"
-        rows.append([e.name, e.family, e.layout + ("" if e.cpe else ", no CPE") + (", shared" if e.shared else ""),
+        rows.append([e.name, e.arm, e.family, e.layout + ("" if e.cpe else ", no CPE") + (", shared" if e.shared else ""),
                      count(e.params) if e.params else "-", _f(e.macs / 1e6, 1) if e.macs else "-", _f(e.throughput, 0),
                      top1, _f(e.mean("best_top1")), _f(e.mean("final_train_loss"), 3), _f(e.mean("gap"), 2, signed=True),
                      hms(e.mean("wall_time_s"))])
-    return ("table", (["contestant", "family", "layout", "params", "MMACs", "img/s", "top-1 % (mean ± std)",
+    return ("table", (["contestant", "arm", "family", "layout", "params", "MMACs", "img/s", "top-1 % (mean ± std)",
                        "best top-1", "final train loss", "gap (pts)", "time/run"], rows))
 
 
@@ -168,7 +194,8 @@ def build_blocks(study: Study, entries: list[ContestantResult], findings: list[F
     elapsed = sum(r.wall_time_s for e in entries for r in e.runs if r.epochs)
     blocks: list[Block] = [("h1", f"Battle report: {study.name}")]
     blocks += _study_facts(study, entries, elapsed)
-    blocks += _findings_blocks(findings)
+    blocks += _arms(study)
+    blocks += _findings_blocks(study, findings)
     blocks += [("h2", "Contestants"), _contestant_table(entries),
                ("p", "top-1: final-epoch test accuracy; best top-1: the best epoch (optimistic: chosen on the test set); "
                      "gap: top-1 on a training subset minus test top-1 at the end (un-augmented; larger = more over-fitting); "
@@ -179,71 +206,8 @@ def build_blocks(study: Study, entries: list[ContestantResult], findings: list[F
     for name, path in figures.items():
         blocks += [("img", (name, path)), ("p", FIGURE_CAPTIONS[name])]
     blocks.append(("p", "Regenerate this report with `spach report DIR`; resume or extend the battle with "
-                        "`spach battle --output DIR`. Per-run files: runs/<contestant>/seed<k>/."))
+                        "`spach battle --output DIR`. Per-run files: `runs/<contestant>/seed<k>/`."))
     return blocks
-
-
-# ------------------------------------------------------------------------------------------- render
-def _md_text(text: str) -> str:
-    """Text for Markdown: HTML in it (a study's description or names) is shown, never rendered; `code`
-    spans are kept as they are."""
-    parts = str(text).split("`")
-    return "`".join(p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts))
-
-
-def _md_cell(text: str) -> str:
-    return _md_text(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(blocks: list[Block], base: Path) -> str:
-    out = []
-    for kind, x in blocks:
-        if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + _md_text(x))
-        elif kind == "p":
-            out.append(_md_text(x))
-        elif kind == "table":
-            headers, rows = x
-            out.append("\n".join(["| " + " | ".join(map(_md_cell, headers)) + " |", "|" + "---|" * len(headers)]
-                                 + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]))
-        elif kind == "img":
-            name, path = x
-            out.append(f"![{name}]({Path(path).relative_to(base).as_posix()})")
-    return "\n\n".join(out) + "\n"
-
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f3f3f3;padding:0 3px}
-.supported{color:#1a7f37;font-weight:600}.CONTRADICTED{color:#cf222e;font-weight:600}.inconclusive{color:#9a6700}"""
-
-
-def _html_text(text: str) -> str:
-    parts = html.escape(str(text)).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _html_cell(text: str) -> str:
-    cls = str(text).split(" ")[0] if str(text).split(" ")[0] in ("supported", "CONTRADICTED", "inconclusive") else ""
-    return f'<td class="{cls}">{_html_text(text)}</td>' if cls else f"<td>{_html_text(text)}</td>"
-
-
-def render_html(blocks: list[Block], title: str) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
-    for kind, x in blocks:
-        if kind in ("h1", "h2", "h3"):
-            out.append(f"<{kind}>{_html_text(x)}</{kind}>")
-        elif kind == "p":
-            out.append(f"<p>{_html_text(x)}</p>")
-        elif kind == "table":
-            headers, rows = x
-            out.append("<table><tr>" + "".join(f"<th>{_html_text(h)}</th>" for h in headers) + "</tr>"
-                       + "".join("<tr>" + "".join(_html_cell(c) for c in r) + "</tr>" for r in rows) + "</table>")
-        elif kind == "img":
-            name, path = x
-            data = base64.b64encode(Path(path).read_bytes()).decode()
-            out.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
-    return "\n".join(out + ["</body></html>"]) + "\n"
 
 
 # -------------------------------------------------------------------------------------------- entry
@@ -251,8 +215,8 @@ def write_report(study_dir: str | Path) -> Path:
     """Build the figures, `report.md` and `report.html` in `study_dir`; returns the HTML path."""
     study_dir = Path(study_dir)
     study = load_study_folder(study_dir)
-    entries = load_results(study_dir, [c.name for c in study.contestants], study.seeds)
-    findings = judge(entries, study.questions or None)
+    entries = load_results(study_dir, study)
+    findings = judge(entries, study)
     figures = make_all(entries, findings, study_dir / "plots")
     blocks = build_blocks(study, entries, findings, figures)
     atomic_write_text(study_dir / "report.md", render_markdown(blocks, study_dir))

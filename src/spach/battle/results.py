@@ -11,6 +11,7 @@ Study folder layout (written by `spach.battle`):
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 from spach.battle.study import Study
 from spach.errors import SpachError
 from spach.files import append_jsonl, read_json, read_jsonl
+from spach.train.evaluate import PREDICTIONS_FILE
 
 STUDY_FILE = "study.json"
 COSTS_FILE = "costs.json"
@@ -69,6 +71,17 @@ class RunResult:
     epochs: list[dict] = field(default_factory=list)
     summary: dict | None = None
     error: str | None = None
+    folder: Path | None = None
+
+    def correct(self) -> np.ndarray | None:
+        """0/1 per validation image (the final epoch's predictions), or None when the run stored none."""
+        if self.status != "done" or self.folder is None:
+            return None
+        try:
+            with np.load(self.folder / PREDICTIONS_FILE) as f:
+                return (f["pred"] == f["label"]).astype(np.float64)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
 
     def _last(self, key: str) -> float:
         for rec in reversed(self.epochs):
@@ -125,6 +138,7 @@ class ContestantResult:
     name: str
     family: str  # conv / attn / mlp / hybrid / a custom mixer / "outside" (timm models)
     layout: str  # "single" or "multi"
+    arm: str = "main"
     cpe: bool = True
     shared: bool = False
     params: int = 0
@@ -164,22 +178,23 @@ def load_run(study_dir: Path, contestant: str, seed: int) -> RunResult:
     summary = read_json(folder / "summary.json")
     error_file = folder.with_name(folder.name + ".error.txt")
     if isinstance(summary, dict):
-        return RunResult(contestant, seed, "done", epochs, summary)
+        return RunResult(contestant, seed, "done", epochs, summary, folder=folder)
     if error_file.exists():
         lines = error_file.read_bytes().decode("utf-8", "replace").strip().splitlines()
-        return RunResult(contestant, seed, "failed", epochs, None, lines[-1] if lines else "unknown error")
-    return RunResult(contestant, seed, "partial" if epochs else "pending", epochs)
+        return RunResult(contestant, seed, "failed", epochs, None, lines[-1] if lines else "unknown error", folder)
+    return RunResult(contestant, seed, "partial" if epochs else "pending", epochs, folder=folder)
 
 
-def load_results(study_dir: Path, contestants: list[str], seeds: list[int]) -> list[ContestantResult]:
-    """Everything the report needs, in the study's contestant order."""
+def load_results(study_dir: Path, study: Study) -> list[ContestantResult]:
+    """Everything the findings and the report need, in the study's contestant order; each contestant's
+    runs in the study's seed order (a missing run is there too, as pending)."""
     costs = load_costs(study_dir)
     out = []
-    for name in contestants:
-        facts = costs.get(name, {})
-        known = {k: facts[k] for k in ContestantResult.__dataclass_fields__ if k in facts and k != "runs"}
+    for c in study.contestants:
+        facts = costs.get(c.name, {})
+        known = {k: facts[k] for k in ContestantResult.__dataclass_fields__ if k in facts and k not in ("runs", "name", "arm")}
         known.setdefault("family", "?")
         known.setdefault("layout", "?")
-        out.append(ContestantResult(name=name, **{k: v for k, v in known.items() if k != "name"},
-                                    runs=[load_run(study_dir, name, s) for s in seeds]))
+        out.append(ContestantResult(name=c.name, arm=c.arm, **known,
+                                    runs=[load_run(study_dir, c.name, s) for s in study.seeds]))
     return out

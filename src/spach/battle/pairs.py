@@ -1,0 +1,189 @@
+"""Which contestants each finding compares: pairs of one arm that differ in the one thing the finding is
+about, chosen from the contestants' facts (family, layout, CPE, weight sharing, architecture, cost).
+
+Every function takes the contestants of one arm and returns `Pair`s (a claim "a beats b" on one metric)
+and the parts of the finding the contestants cannot test. Where several candidates fit, the one of the
+closest cost (MACs) is taken; a pair whose MACs differ by more than 2x carries a caveat.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from spach.battle.results import ContestantResult
+
+PURE = ("conv", "attn", "mlp")
+COST_MISMATCH = 2.0
+GROWTH = 1.5  # a "larger" model has at least this many times the parameters
+TOP1 = "test top-1 (%)"
+GAP = "generalisation gap (train-subset top-1 minus test top-1, points)"
+AT_LOSS = "test top-1 (%) at equal training loss"
+FIT = "final training loss (clean, on a training subset)"
+
+
+@dataclass
+class Pair:
+    """A claim `a` beats `b` on `metric` (a `RunResult` attribute, or "top1_at_loss")."""
+
+    claim: str
+    a: ContestantResult
+    b: ContestantResult
+    metric: str
+    label: str
+    higher_is_claimed: bool = True
+    equivalence: bool = True  # whether the study's margin applies (a loss has no margin in points)
+    note: str = ""
+
+
+def cost_ratio(a: ContestantResult, b: ContestantResult) -> float:
+    if not a.macs or not b.macs:
+        return 1.0
+    return max(a.macs, b.macs) / min(a.macs, b.macs)
+
+
+def _closest(ref: ContestantResult, candidates: Iterable[ContestantResult]) -> ContestantResult | None:
+    return min(candidates, key=lambda c: (cost_ratio(ref, c), c.name), default=None)
+
+
+def _pair(claim: str, a: ContestantResult, b: ContestantResult, metric: str, label: str, **kw: object) -> Pair:
+    r = cost_ratio(a, b)
+    note = f"MACs differ x{r:.1f}" if r > COST_MISMATCH else ""
+    return Pair(claim, a, b, metric, label, note=note, **kw)  # type: ignore[arg-type]
+
+
+def _same_kind(a: ContestantResult, b: ContestantResult) -> bool:
+    return a.cpe == b.cpe and a.shared == b.shared
+
+
+def _plain(e: ContestantResult) -> bool:
+    return e.cpe and not e.shared
+
+
+def multi_stage(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """Finding 1: each single-stage contestant against the closest-cost multi-stage one of its family."""
+    pairs = []
+    for s in (e for e in entries if e.layout == "single" and e.family in PURE):
+        m = _closest(s, (e for e in entries if e.layout == "multi" and e.family == s.family and _same_kind(s, e)))
+        if m is not None:
+            pairs.append(_pair(f"{m.name} > {s.name}", m, s, "final_top1", TOP1))
+    fams = {p.a.family for p in pairs}
+    missing = [f"a single- and a multi-stage {f} contestant" for f in PURE if f not in fams] if pairs else []
+    return pairs, missing
+
+
+def local_modeling(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """Finding 2: each contestant without the CPE against its twin with it."""
+    pairs = []
+    for b in (e for e in entries if not e.cpe and e.family in ("attn", "mlp", "hybrid")):
+        a = _closest(b, (e for e in entries if e.cpe and e.arch_key == b.arch_key and e.family == b.family))
+        if a is not None:
+            pairs.append(_pair(f"{a.name} (CPE) > {b.name} (no CPE)", a, b, "final_top1", TOP1))
+    fams = {p.a.family for p in pairs}
+    missing = [f"the {f} CPE ablation (the paper tests attention and MLP)" for f in ("attn", "mlp") if f not in fams]
+    return pairs, (missing if pairs else [])
+
+
+def mlp_overfit(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """Finding 3, on the generalisation gap: a larger MLP over-fits more; multi-stage and weight sharing
+    over-fit less."""
+    mlp = [e for e in entries if e.family == "mlp" and e.values("gap")]
+    pairs, missing = [], []
+    groups: dict[tuple, list[ContestantResult]] = {}
+    for e in mlp:
+        groups.setdefault((e.layout, e.cpe, e.shared), []).append(e)
+    for group in groups.values():
+        group.sort(key=lambda e: e.params)
+        pairs += [_pair(f"gap {big.name} > gap {small.name} (the larger MLP over-fits more)", big, small, "gap", GAP)
+                  for small, big in zip(group, group[1:]) if big.params > GROWTH * small.params]
+    if not pairs:
+        missing.append("over-fitting as the MLP grows: two mlp contestants of one layout, one >1.5x the params")
+    n = len(pairs)
+    for m in (e for e in mlp if e.layout == "multi" and _plain(e)):
+        s = _closest(m, (e for e in mlp if e.layout == "single" and _plain(e)))
+        if s is not None:
+            pairs.append(_pair(f"gap {s.name} > gap {m.name} (multi-stage relieves)", s, m, "gap", GAP))
+    if len(pairs) == n:
+        missing.append("relief by multi-stage: a single- and a multi-stage mlp contestant")
+    n = len(pairs)
+    for b in (e for e in mlp if e.shared):
+        a = _closest(b, (e for e in mlp if not e.shared and e.arch_key == b.arch_key and e.cpe == b.cpe))
+        if a is not None:
+            pairs.append(_pair(f"gap {a.name} > gap {b.name} (sharing relieves)", a, b, "gap", GAP))
+    if len(pairs) == n:
+        missing.append("relief by weight sharing: an mlp contestant and its twin with shared_spatial_func = true")
+    return pairs, missing
+
+
+def conv_vs_attn(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """Finding 4: conv generalises better (higher test top-1 at equal training loss), attention has more
+    capacity (it fits the training data further)."""
+    pairs = []
+    for conv in (e for e in entries if e.family == "conv"):
+        attn = _closest(conv, (e for e in entries if e.family == "attn" and e.layout == conv.layout and _same_kind(conv, e)))
+        if attn is not None:
+            pairs.append(_pair(f"{conv.name} > {attn.name} at equal training loss", conv, attn, "top1_at_loss", AT_LOSS))
+            pairs.append(_pair(f"{attn.name} fits lower than {conv.name}", attn, conv, "fit_loss", FIT,
+                               higher_is_claimed=False, equivalence=False))
+    return pairs, []
+
+
+def hybrid(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """Finding 5: each hybrid against the closest-cost contestant of every pure family in its layout."""
+    pairs, missing = [], []
+    for h in (e for e in entries if e.family == "hybrid"):
+        for fam in PURE:
+            rival = _closest(h, (e for e in entries if e.family == fam and e.layout == h.layout and _same_kind(h, e)))
+            if rival is None:
+                missing.append(f"a {fam} contestant with the layout of {h.name}")
+            else:
+                pairs.append(_pair(f"{h.name} > {rival.name}", h, rival, "final_top1", TOP1))
+    return pairs, missing
+
+
+def size_crossover(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """The paper's ordering as models grow: MLP best when small, conv in the middle, attention when large.
+    Each pure family's plain multi-stage contestants, sorted by size; at each size the expected leader
+    against the two other families."""
+    sizes = {f: sorted((e for e in entries if e.family == f and e.layout == "multi" and _plain(e)), key=lambda e: e.params)
+             for f in PURE}
+    k = min(len(v) for v in sizes.values())
+    if k < 2 or len({len(v) for v in sizes.values()}) > 1:
+        return [], []
+    pairs = []
+    for i in range(k):
+        leader = "mlp" if i == 0 else "attn" if i == k - 1 else "conv"
+        for other in (f for f in PURE if f != leader):
+            a, b = sizes[leader][i], sizes[other][i]
+            pairs.append(_pair(f"size {i + 1}/{k}: {a.name} > {b.name}", a, b, "final_top1", TOP1))
+    return pairs, []
+
+
+TESTS: dict[int, Callable[[list[ContestantResult]], tuple[list[Pair], list[str]]]] = {
+    1: multi_stage, 2: local_modeling, 3: mlp_overfit, 4: conv_vs_attn, 5: hybrid, 6: size_crossover,
+}
+
+
+def accuracy_at_loss(curve: list[tuple[float, float]], level: float) -> float:
+    """Test top-1 where the training loss first falls to `level`, linearly interpolated between epochs."""
+    for (l0, a0), (l1, a1) in zip(curve, curve[1:]):
+        if l0 >= level >= l1:
+            return a0 if l0 == l1 else a0 + (a1 - a0) * (l0 - level) / (l0 - l1)
+    return next((a for l, a in curve if l == level), math.nan)
+
+
+def values_at_equal_loss(a: ContestantResult, b: ContestantResult) -> tuple[list[float], list[float], str]:
+    """Per seed, each contestant's test top-1 at the lowest training loss every run of both reaches
+    (NaN for a run not finished), and a note for the report."""
+    runs = [r for r in a.runs + b.runs if r.status == "done"]
+    curves = {id(r): r.curve() for r in runs}
+    if not runs or not all(curves.values()):
+        return [math.nan] * len(a.runs), [math.nan] * len(b.runs), "no training curves"
+    level = max(min(loss for loss, _ in c) for c in curves.values())
+    if level > min(max(loss for loss, _ in c) for c in curves.values()):
+        return [math.nan] * len(a.runs), [math.nan] * len(b.runs), "their training-loss ranges do not overlap"
+
+    def at(e: ContestantResult) -> list[float]:
+        return [accuracy_at_loss(curves[id(r)], level) if r.status == "done" else math.nan for r in e.runs]
+
+    return at(a), at(b), f"at training loss {level:.3f}"

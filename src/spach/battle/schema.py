@@ -1,0 +1,193 @@
+"""The study file's schema: which keys each table takes, and the checks that name the field of every
+mistake (`<file>: <table>.<key>: <problem>; <fix>`)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any
+
+import timm
+
+from spach.battle.questions import QUESTION_KEYS
+from spach.errors import SpachError
+from spach.models.backbone import SpachConfig, normalize_arch
+from spach.models.zoo import list_models
+from spach.train.config import ConfigError, TrainConfig
+from spach.train.datasets import DATASETS, canonical_dataset
+
+# TrainConfig fields a study may not set: the battle owns them.
+MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset"}
+# Recipe knobs one contestant may change on its own (everything else is shared, for a fair fight).
+CONTESTANT_KNOBS = {"lr", "weight_decay", "drop_path", "drop", "batch_size", "warmup_epochs", "clip_grad", "opt",
+                    "pretrained"}
+DATA_FIELDS = {"dataset", "data_path", "img_size", "mean", "std", "train_subset", "val_subset", "eval_train_subset",
+               "workers", "skip_bad_images"}
+# Model arguments the engine derives from the data and the recipe, so an arch may not set them.
+ENGINE_SET = {"num_classes": "it comes from the dataset", "in_chans": "it comes from the dataset",
+              "img_size": "set [data].img_size instead", "drop_path_rate": "set recipe.drop_path instead",
+              "drop_rate": "set recipe.drop instead"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+TABLES = {"study", "data", "recipe", "arm", "contestant"}
+STUDY_KEYS = {"name", "description", "seeds", "questions", "imports", "jobs", "notes", "base", "margin", "alpha",
+              "tested_elsewhere"}
+ARM_KEYS = {"description", "questions", "data", "recipe"}
+CONTESTANT_KEYS = {"name", "model", "arch", "recipe", "label", "arm"}
+
+
+def train_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+class Validator:
+    """Checks with messages of the form '<source>: <field>: <problem>; <fix>'."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> None:
+        raise SpachError(f"{self.source}: {where}: {problem}")
+
+    def keys(self, table: dict, allowed: set[str], where: str, hint: str = "") -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                fix = f"did you mean {close[0]!r}?" if close else hint or f"known: {', '.join(sorted(allowed))}"
+                self.fail(f"{where}.{key}" if where != "the top level" else key,
+                          f"unknown {'table' if where == 'the top level' else 'key'}; {fix}")
+
+    def table(self, raw: dict, name: str) -> dict:
+        t = raw.get(name, {})
+        if not isinstance(t, dict):
+            self.fail(name, f"must be a table ([{name}]), not a {type(t).__name__}")
+        return t
+
+    def get(self, table: dict, where: str, kind: type, default: Any) -> Any:
+        value = table.get(where.rsplit(".", 1)[-1], default)
+        if not _is(value, kind):
+            self.fail(where, f"expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def name(self, name: str, where: str = "study.name") -> str:
+        if not NAME.match(name):
+            self.fail(where, f"{name!r} is not a folder-safe name (letters, digits, - _ . + and no '/' or "
+                      "leading dot): it names a folder")
+        return name
+
+    def seeds(self, seeds: Any) -> list[int]:
+        if not isinstance(seeds, list) or not seeds or not all(_is(s, int) and s >= 0 for s in seeds):
+            self.fail("study.seeds", f"expected a non-empty list of integers >= 0, got {seeds!r}; e.g. seeds = [0, 1]")
+        if len(set(seeds)) != len(seeds):
+            self.fail("study.seeds", f"seeds repeat in {seeds!r}; each seed is one run per contestant")
+        return list(seeds)
+
+    def questions(self, qs: Any, where: str) -> list[str]:
+        if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
+            self.fail(where, f"expected a list of names, got {qs!r}")
+        for q in qs:
+            if q not in QUESTION_KEYS:
+                self.fail(where, f"unknown question {q!r}; choose from {', '.join(QUESTION_KEYS)}")
+        return list(qs)
+
+    def train_fields(self, table: dict, where: str, fields: dict[str, dataclasses.Field], allowed: set[str]) -> dict:
+        for key, value in table.items():
+            if key not in allowed:
+                if key in MANAGED:
+                    self.fail(f"{where}.{key}", "is set by the battle itself (per contestant and seed); remove it")
+                other = "recipe" if where == "data" else "data"
+                if key in fields:
+                    self.fail(f"{where}.{key}", f"belongs in [{other}], not [{where}]")
+                self.keys({key: value}, allowed, where,
+                          hint="not a spach.train.TrainConfig field ('spach train --help' lists them)")
+            self.value(f"{where}.{key}", value, fields[key])
+        return dict(table)
+
+    def config_error(self, e: ConfigError, contestant: str, contestant_recipe: dict, arm: str) -> None:
+        """Name where a value a TrainConfig refused was set: the contestant, its arm, [data] or [recipe]."""
+        if e.field in contestant_recipe:
+            where = f"contestant {contestant!r}.recipe"
+        elif arm != "main":
+            where = f"arm.{arm}.{'data' if e.field in DATA_FIELDS else 'recipe'}"
+        else:
+            where = "data" if e.field in DATA_FIELDS else "recipe"
+        self.fail(f"{where}.{e.field}", e.problem)
+
+    def channels(self, cfg: TrainConfig) -> None:
+        """mean/std need one value per image channel of a known dataset."""
+        channels = DATASETS[canonical_dataset(cfg.dataset)][1]
+        if cfg.mean and len(cfg.mean) != channels:
+            raise ConfigError("mean", f"has {len(cfg.mean)} values but {cfg.dataset} images have {channels} "
+                                      "channel(s); give one value per channel (and as many for std)")
+
+    def value(self, where: str, value: Any, f: dataclasses.Field) -> None:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kind = _TYPES.get(str(f.type), type(default))
+        if not _is(value, kind):
+            self.fail(where, f"expected {_kind_name(kind)} (like the default {default!r}), got {value!r}")
+
+    def contestant(self, entry: Any, i: int, fields: dict[str, dataclasses.Field], arms: set[str]) -> dict[str, Any]:
+        """A [[contestant]] table checked, as the keyword arguments of a `Contestant`."""
+        where = f"contestant[{i}]"
+        if not isinstance(entry, dict):
+            self.fail(where, "must be a [[contestant]] table")
+        name = entry.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            self.fail(f"{where}.name", f"expected a folder-safe name (letters, digits, - _ . +), got {name!r}")
+        where = f"contestant {name!r}"
+        self.keys(entry, CONTESTANT_KEYS, where)
+        model = self.get(entry, f"{where}.model", str, default="spach")
+        arch = self.get(entry, f"{where}.arch", dict, default={})
+        recipe = self.get(entry, f"{where}.recipe", dict, default={})
+        for key, value in recipe.items():
+            if key not in CONTESTANT_KNOBS:
+                self.fail(f"{where}.recipe.{key}", f"a contestant may only override {', '.join(sorted(CONTESTANT_KNOBS))}; "
+                          "shared knobs go in [recipe] so the comparison stays fair")
+            self.value(f"{where}.recipe.{key}", value, fields[key])
+        self.model(where, model, arch)
+        arm = self.get(entry, f"{where}.arm", str, default="main")
+        if arm not in arms:
+            self.fail(f"{where}.arm", f"no arm named {arm!r}; define it as [arm.{arm}] or use one of {', '.join(sorted(arms))}")
+        return dict(name=name, model=model, arch=arch, recipe=recipe, arm=arm,
+                    label=self.get(entry, f"{where}.label", str, default=""))
+
+    def model(self, where: str, model: str, arch: dict) -> None:
+        if model == "spach" and "net_arch" not in arch:
+            self.fail(f"{where}.arch.net_arch", "model 'spach' is built from arch alone; give net_arch, "
+                      "e.g. [[\"attn\", 6]] (single-stage) or [[[\"conv\", 2]], [[\"attn\", 2]]] (multi-stage)")
+        for key, fix in ENGINE_SET.items():
+            if key in arch:
+                self.fail(f"{where}.arch.{key}", f"is set by the training engine; {fix}")
+        if model == "spach" or model in list_models():
+            known = set(SpachConfig.__dataclass_fields__) - set(ENGINE_SET)
+            for key in arch:
+                if key not in known:
+                    self.keys({key: None}, known, f"{where}.arch", hint=f"not a SpachConfig field; known: {', '.join(sorted(known))}")
+            if "net_arch" in arch:
+                self.net_arch(f"{where}.arch.net_arch", arch["net_arch"])
+            return
+        if model not in timm.list_models():
+            close = difflib.get_close_matches(model, list_models() + ["spach"], n=1)
+            self.fail(f"{where}.model", f"{model!r} is neither 'spach', a spach zoo name nor a timm model"
+                      + (f"; did you mean {close[0]!r}?" if close else "; see 'spach models' or timm.list_models()"))
+
+    def net_arch(self, where: str, arch: Any) -> None:
+        try:
+            normalize_arch(arch)
+        except SpachError as e:
+            self.fail(where, str(e))
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _kind_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+            dict: "a table"}.get(kind, kind.__name__)
