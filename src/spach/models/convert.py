@@ -27,7 +27,8 @@ from spach.models.registry import family_of_checkpoint, family_of_model
 
 # Official checkpoints may hold the training arguments as an argparse.Namespace: harmless data,
 # so allow it for weights_only loading (everything else that is not a tensor container stays refused).
-torch.serialization.add_safe_globals([argparse.Namespace])
+# Allowed per load, not globally: timm's loader removes it from torch's global list when it is done.
+_SAFE_GLOBALS = [argparse.Namespace]
 
 _BLOCK_TO_SPACH = [
     (re.compile(r"^gamma_1$"), "gamma"),
@@ -103,7 +104,8 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
