@@ -125,5 +125,6 @@ def test_smlp_mixer_is_tied_to_its_grid_and_shift_needs_channels():
 def test_new_mixers_in_the_benchmark(name):
     arch = [[("conv", 1)], [(name, 1)], [(name, 1)], [(name, 1)]]
     settings = BenchSettings(batch_size=2, img_size=64, quick=True, latency=False, mode="both")
-    rec = bench_model(lambda: spach.create_model("spach", net_arch=arch, hidden_dim=16, num_heads=2, patch_size=4, img_size=64), settings)
+    build = lambda: spach.create_model("spach", net_arch=arch, hidden_dim=16, num_heads=2, patch_size=4, img_size=64)  # noqa: E731
+    rec = bench_model(build, settings)
     assert rec.infer_img_s > 0 and rec.train_img_s > 0 and rec.macs > 0

@@ -125,7 +125,8 @@ def test_checkpoint_of_another_family_fails_with_one_clear_line(name, other, fam
 
 def test_smlpnet_checkpoint_at_another_resolution_names_the_shapes(tmp_path):
     _, path = _save_official("smlpnet_tiny", tmp_path)
-    with pytest.raises(spach.CheckpointError, match=r"shape mismatches: .*proj_h\.weight \(8, 8, 1, 1\) vs model \(16, 16, 1, 1\)"):
+    shapes = r"shape mismatches: .*proj_h\.weight \(8, 8, 1, 1\) vs model \(16, 16, 1, 1\)"
+    with pytest.raises(spach.CheckpointError, match=shapes):
         spach.create_model("smlpnet_tiny", pretrained=path, **{**TINY["smlpnet_tiny"], "img_size": 64})
 
 

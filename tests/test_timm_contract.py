@@ -20,7 +20,9 @@ SMALL = {
     "spach_xxs_patch16_224_mlp": dict(img_size=64, net_arch=[("mlp", 3)]),
     "spach_ms_xxs_patch4_224_conv": dict(img_size=64),
     "spach_ms_xxs_patch4_224_mlp": dict(img_size=64),
-    "spach_ms_xs_patch4_224_hybrid": dict(img_size=64, net_arch=[[("conv", 1)], [("conv", 1)], [("conv", 1), ("attn", 1)], [("attn", 1)]]),
+    "spach_ms_xs_patch4_224_hybrid": dict(
+        img_size=64, net_arch=[[("conv", 1)], [("conv", 1)], [("conv", 1), ("attn", 1)], [("attn", 1)]],
+    ),
     "smlpnet_tiny": dict(img_size=64, depths=(1, 1, 2, 1)),
     "shiftvit_r2_tiny": dict(img_size=64, depths=(1, 1, 2, 1)),
 }
@@ -150,7 +152,9 @@ def test_model_forward_torchscript(name):
 
 def _fx_model(model: torch.nn.Module) -> torch.nn.Module:
     """As timm's tests build it: torchvision's FX feature extractor returning the last node."""
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True,
+    )
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
     return create_feature_extractor(
         model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs,

@@ -101,7 +101,8 @@ def test_pretrained_cfg_follows_img_size():
     with torch.device("meta"):
         cfg = spach.create_model("smlpnet_tiny", img_size=96).pretrained_cfg
     assert cfg["input_size"] == (3, 96, 96) and cfg["pool_size"] == (3, 3) and cfg["top1"] is None
-    assert timm.data.resolve_data_config({}, model=spach.create_model("spach_xxs_patch16_224_mlp", img_size=64))["input_size"] == (3, 64, 64)
+    mlp = spach.create_model("spach_xxs_patch16_224_mlp", img_size=64)
+    assert timm.data.resolve_data_config({}, model=mlp)["input_size"] == (3, 64, 64)
 
 
 def test_official_top1_is_listed():

@@ -170,7 +170,9 @@ class Shift(nn.Module):
     def __init__(self, dim: int, n_div: int = 12):
         super().__init__()
         if dim < n_div:
-            raise SpachError(f"the shift mixer moves dim // {n_div} channels per direction; width {dim} moves none: use a width >= {n_div}")
+            raise SpachError(
+                f"the shift mixer moves dim // {n_div} channels per direction; width {dim} moves none: use a width >= {n_div}"
+            )
         self.g = dim // n_div
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

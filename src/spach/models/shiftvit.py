@@ -276,44 +276,62 @@ def _create(variant: str, pretrained: bool, kwargs: dict, **cfg: Any) -> ShiftVi
 
 @register_model
 def shiftvit_light_tiny(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_light_tiny", pretrained, kwargs, embed_dim=96, depths=(2, 2, 6, 2), mlp_ratio=4, drop_path_rate=0.2)
+    return _create(
+        "shiftvit_light_tiny", pretrained, kwargs, embed_dim=96, depths=(2, 2, 6, 2), mlp_ratio=4, drop_path_rate=0.2,
+    )
 
 
 @register_model
 def shiftvit_r4_tiny(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_r4_tiny", pretrained, kwargs, embed_dim=96, depths=(2, 2, 12, 3), mlp_ratio=4, drop_path_rate=0.2)
+    return _create(
+        "shiftvit_r4_tiny", pretrained, kwargs, embed_dim=96, depths=(2, 2, 12, 3), mlp_ratio=4, drop_path_rate=0.2,
+    )
 
 
 @register_model
 def shiftvit_r2_tiny(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_r2_tiny", pretrained, kwargs, embed_dim=96, depths=(6, 8, 18, 6), mlp_ratio=2, drop_path_rate=0.2)
+    return _create(
+        "shiftvit_r2_tiny", pretrained, kwargs, embed_dim=96, depths=(6, 8, 18, 6), mlp_ratio=2, drop_path_rate=0.2,
+    )
 
 
 @register_model
 def shiftvit_light_small(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_light_small", pretrained, kwargs, embed_dim=96, depths=(2, 2, 18, 2), mlp_ratio=4, drop_path_rate=0.4)
+    return _create(
+        "shiftvit_light_small", pretrained, kwargs, embed_dim=96, depths=(2, 2, 18, 2), mlp_ratio=4, drop_path_rate=0.4,
+    )
 
 
 @register_model
 def shiftvit_r4_small(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_r4_small", pretrained, kwargs, embed_dim=96, depths=(2, 6, 24, 4), mlp_ratio=4, drop_path_rate=0.4)
+    return _create(
+        "shiftvit_r4_small", pretrained, kwargs, embed_dim=96, depths=(2, 6, 24, 4), mlp_ratio=4, drop_path_rate=0.4,
+    )
 
 
 @register_model
 def shiftvit_r2_small(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_r2_small", pretrained, kwargs, embed_dim=96, depths=(10, 18, 36, 10), mlp_ratio=2, drop_path_rate=0.4)
+    return _create(
+        "shiftvit_r2_small", pretrained, kwargs, embed_dim=96, depths=(10, 18, 36, 10), mlp_ratio=2, drop_path_rate=0.4,
+    )
 
 
 @register_model
 def shiftvit_light_base(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_light_base", pretrained, kwargs, embed_dim=128, depths=(2, 2, 18, 2), mlp_ratio=4, drop_path_rate=0.5)
+    return _create(
+        "shiftvit_light_base", pretrained, kwargs, embed_dim=128, depths=(2, 2, 18, 2), mlp_ratio=4, drop_path_rate=0.5,
+    )
 
 
 @register_model
 def shiftvit_r4_base(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_r4_base", pretrained, kwargs, embed_dim=128, depths=(4, 6, 22, 4), mlp_ratio=4, drop_path_rate=0.5)
+    return _create(
+        "shiftvit_r4_base", pretrained, kwargs, embed_dim=128, depths=(4, 6, 22, 4), mlp_ratio=4, drop_path_rate=0.5,
+    )
 
 
 @register_model
 def shiftvit_r2_base(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
-    return _create("shiftvit_r2_base", pretrained, kwargs, embed_dim=128, depths=(10, 18, 36, 10), mlp_ratio=2, drop_path_rate=0.5)
+    return _create(
+        "shiftvit_r2_base", pretrained, kwargs, embed_dim=128, depths=(10, 18, 36, 10), mlp_ratio=2, drop_path_rate=0.5,
+    )

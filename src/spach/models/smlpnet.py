@@ -131,7 +131,9 @@ class SMLPBlock(nn.Module):
     def __init__(self, dim: int, grid_size: tuple[int, int], alpha: int, drop: float, drop_path: float):
         super().__init__()
         self.token_mix = nn.Sequential(DWConv(dim), SparseMLP(dim, grid_size))
-        self.channel_mix = nn.Sequential(ToChannelsLast(), nn.LayerNorm(dim), FeedForward(dim, dim * alpha, drop), ToChannelsFirst())
+        self.channel_mix = nn.Sequential(
+            ToChannelsLast(), nn.LayerNorm(dim), FeedForward(dim, dim * alpha, drop), ToChannelsFirst(),
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,7 +281,8 @@ class SMLPNet(nn.Module):
 # --- checkpoints ---------------------------------------------------------------------------------
 def _official_depths(state_dict: dict[str, torch.Tensor]) -> list[int]:
     """Blocks per stage of an official state dict: runs of equal width in `token_mix`."""
-    widths = {int(m[1]): v.shape[0] for k, v in state_dict.items() if (m := re.match(r"^token_mix\.(\d+)\.0\.conv_merge\.Conv\.weight$", k))}
+    conv = re.compile(r"^token_mix\.(\d+)\.0\.conv_merge\.Conv\.weight$")
+    widths = {int(m[1]): v.shape[0] for k, v in state_dict.items() if (m := conv.match(k))}
     depths: list[int] = []
     for k in range(len(widths)):
         if k and widths[k] == widths[k - 1]:
