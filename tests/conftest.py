@@ -5,16 +5,29 @@ import pathlib
 import pytest
 import torch
 
-LAYOUT_FILE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_checkpoint_layout.json"
+REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+LAYOUT_FILE = REFERENCE / "official_checkpoint_layout.json"
+LAYOUT_FILE_2B = REFERENCE / "official_checkpoint_layout_smlp_shiftvit.json"
+
+
+def _read_layout(path: pathlib.Path) -> dict:
+    if not path.exists():
+        if os.environ.get("CI"):  # CI always has shared/ beside the clone: a missing file is a failure there
+            pytest.fail(f"official layout reference not found at {path}")
+        pytest.skip(f"official layout reference not found at {path}")
+    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="session")
 def layout() -> dict:
-    if not LAYOUT_FILE.exists():
-        if os.environ.get("CI"):  # CI always has shared/ beside the clone: a missing file is a failure there
-            pytest.fail(f"official layout reference not found at {LAYOUT_FILE}")
-        pytest.skip(f"official layout reference not found at {LAYOUT_FILE}")
-    return json.loads(LAYOUT_FILE.read_text())
+    """The 21 SPACH entries (DESIGN.md 2)."""
+    return _read_layout(LAYOUT_FILE)
+
+
+@pytest.fixture(scope="session")
+def layout_2b() -> dict:
+    """The 12 sMLPNet and ShiftViT entries (DESIGN.md 2b)."""
+    return _read_layout(LAYOUT_FILE_2B)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -90,7 +90,7 @@ def test_conv_and_attn_models_run_at_other_resolutions_mlp_refuses():
     m = spach.create_model("spach", **{**MS, "net_arch": [[("conv", 1)], [("attn", 1)]]}).eval()
     assert m(torch.randn(1, 3, 96, 96)).shape == (1, 4)
     mlp = spach.create_model("spach", **{**MS, "net_arch": [[("conv", 1)], [("mlp", 1)]]})
-    with pytest.raises(spach.SpachError, match="tied to their img_size"):
+    with pytest.raises(spach.SpachError, match="tie the model to its input size"):
         mlp(torch.randn(1, 3, 96, 96))
 
 

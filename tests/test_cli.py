@@ -30,3 +30,14 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "models" in capsys.readouterr().out
+
+
+def test_models_table_lists_smlpnet_and_shiftvit_with_their_family(capsys):
+    main(["models", "s[mh]*", "--json"])
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert len(rows) == 12
+    assert {r["family"] for n, r in rows.items() if n.startswith("smlpnet")} == {"smlp"}
+    assert {r["family"] for n, r in rows.items() if n.startswith("shiftvit")} == {"shift"}
+    assert rows["smlpnet_tiny"]["params"] == 24123584 and rows["smlpnet_tiny"]["top1"] == 81.9
+    assert rows["shiftvit_r2_small"]["macs"] == 8743434240 and rows["shiftvit_r4_base"]["top1"] is None
+    assert all(r["layout"] == "multi-stage" for r in rows.values())

@@ -134,3 +134,16 @@ def test_pos_embed_model_cannot_be_exported_to_official_layout():
     m = spach.create_model("spach", **TINY, **TINY_ARCHS["single_attn"], cpe=False, pos_embed=True)
     with pytest.raises(spach.CheckpointError, match="position embedding"):
         spach.spach_to_official(m.state_dict())
+
+
+def test_namespace_args_still_load_after_timm_loaded_a_checkpoint(tmp_path):
+    """timm's loader allows argparse.Namespace only inside its own load (and then removes it from
+    torch's global list): ours must not depend on that list."""
+    bare, with_args = tmp_path / "bare.pth", tmp_path / "args.pth"
+    src = _tiny("single_conv")
+    torch.save(src.state_dict(), bare)
+    torch.save({"model": src.state_dict(), "args": argparse.Namespace(lr=1.0)}, with_args)
+    timm.create_model("spach_ms_xxs_patch4_224_conv", pretrained=True, pretrained_cfg_overlay=dict(file=str(with_args)),
+                      **TINY, **TINY_ARCHS["single_conv"])
+    m = spach.create_model("spach", pretrained=str(with_args), **TINY, **TINY_ARCHS["single_conv"])
+    assert torch.equal(m.stem.proj.weight, src.stem.proj.weight)

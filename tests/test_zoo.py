@@ -1,4 +1,5 @@
-"""The official model zoo: every model builds, counts and layouts match the official reference."""
+"""The official model zoo (SPACH, sMLPNet, ShiftViT): every model builds, counts and layouts match the
+official references."""
 import pytest
 import timm
 import torch
@@ -6,26 +7,45 @@ import torch
 import spach
 from spach.models.flops import count_macs, count_params
 
+# Each family's own layout -> the official one (ShiftViT keeps the official names).
+TO_OFFICIAL = {"spach": spach.spach_to_official, "smlp": spach.smlpnet_to_official, "shift": lambda sd: sd}
+
 
 def _meta_model(entry: dict) -> torch.nn.Module:
     with torch.device("meta"):
         return spach.create_model(entry["factory"], **entry["factory_kwargs"])
 
 
-def test_zoo_has_every_official_name(layout):
+def _family(model: torch.nn.Module) -> str:
+    return model.family if model.family in ("smlp", "shift") else "spach"
+
+
+def test_zoo_has_every_official_name(layout, layout_2b):
     names = set(spach.list_models())
-    assert {e["factory"] for e in layout.values()} <= names
-    assert len(names) == 21 and "spach_ms_s_plus_patch4_224_hybrid" in names
+    assert {e["factory"] for e in [*layout.values(), *layout_2b.values()]} <= names
+    assert len(names) == 33 and "spach_ms_s_plus_patch4_224_hybrid" in names
+    assert spach.list_models("smlpnet_*") == ["smlpnet_base", "smlpnet_small", "smlpnet_tiny"]
+    assert len(spach.list_models("shiftvit_*")) == 9
+
+
+def _check_entry(key: str, entry: dict) -> None:
+    model = _meta_model(entry)
+    assert count_params(model) == entry["params"], key
+    macs = count_macs(model)
+    assert abs(macs - entry["macs"]) / entry["macs"] < 0.005, (key, macs, entry["macs"])
+    exported = {k: list(v.shape) for k, v in TO_OFFICIAL[_family(model)](model.state_dict()).items()}
+    assert exported == {k: list(v) for k, v in entry["state_dict"].items()}, key
 
 
 def test_params_macs_and_layout_match_reference(layout):
     for key, entry in layout.items():
-        model = _meta_model(entry)
-        assert count_params(model) == entry["params"], key
-        macs = count_macs(model)
-        assert abs(macs - entry["macs"]) / entry["macs"] < 0.005, (key, macs, entry["macs"])
-        exported = {k: list(v.shape) for k, v in spach.spach_to_official(model.state_dict()).items()}
-        assert exported == {k: list(v) for k, v in entry["state_dict"].items()}, key
+        _check_entry(key, entry)
+
+
+def test_smlpnet_and_shiftvit_params_macs_and_layout_match_reference(layout_2b):
+    assert len(layout_2b) == 12
+    for key, entry in layout_2b.items():
+        _check_entry(key, entry)
 
 
 def test_plus_model_is_hybrid_s_with_conv4_stem(layout):
@@ -38,11 +58,14 @@ def test_plus_model_is_hybrid_s_with_conv4_stem(layout):
 def test_every_model_runs_forward(name):
     with torch.device("meta"):
         probe = spach.create_model(name)
-    # conv/attn models accept any size the strides divide; MLP models are built for the size they run at
+    # others accept any size the strides divide; MLP and sMLPNet models are built for the size they run at
     size = 64 if probe.family != "mlp" else 224
     if probe.family == "mlp" and probe.num_features > 512:
         size = 128 if len(probe.stages) > 1 else 112
-    model = spach.create_model(name, img_size=size, num_classes=7).eval()
+    # sMLPNet / ShiftViT: the variant's widths and ratios, one block per stage (their params and MACs
+    # are checked in full above; building 90M random weights here would only cost time)
+    short = dict(depths=(1, 1, 1, 1)) if probe.family in ("smlp", "shift") else {}
+    model = spach.create_model(name, img_size=size, num_classes=7, **short).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, size, size))
     assert out.shape == (2, 7) and torch.isfinite(out).all()
@@ -57,11 +80,52 @@ def test_pretrained_cfg_is_timm_style():
     assert resolved["input_size"] == (3, 224, 224)
 
 
+@pytest.mark.parametrize("name, top1, pool, fixed", [
+    ("spach_ms_s_plus_patch4_224_hybrid", 83.9, (7, 7), False),
+    ("spach_xxs_patch16_224_mlp", None, (14, 14), True),
+    ("smlpnet_tiny", 81.9, (7, 7), True),
+    ("smlpnet_base", 83.4, (7, 7), True),
+    ("shiftvit_r2_small", 82.8, (7, 7), False),
+    ("shiftvit_light_tiny", 79.4, (7, 7), False),
+    ("shiftvit_r4_base", None, (7, 7), False),
+])
+def test_pretrained_cfg_carries_top1_final_grid_and_fixed_size(name, top1, pool, fixed):
+    with torch.device("meta"):
+        cfg = spach.create_model(name).pretrained_cfg
+    assert (cfg["top1"], cfg["pool_size"], cfg["fixed_input_size"]) == (top1, pool, fixed)
+    static = timm.models.get_pretrained_cfg(name)
+    assert (static.pool_size, static.fixed_input_size) == (pool, fixed)
+
+
+def test_pretrained_cfg_follows_img_size():
+    with torch.device("meta"):
+        cfg = spach.create_model("smlpnet_tiny", img_size=96).pretrained_cfg
+    assert cfg["input_size"] == (3, 96, 96) and cfg["pool_size"] == (3, 3) and cfg["top1"] is None
+    mlp = spach.create_model("spach_xxs_patch16_224_mlp", img_size=64)
+    assert timm.data.resolve_data_config({}, model=mlp)["input_size"] == (3, 64, 64)
+
+
 def test_official_top1_is_listed():
     assert spach.OFFICIAL_TOP1["spach_ms_s_plus_patch4_224_hybrid"] == 83.9
-    assert set(spach.OFFICIAL_TOP1) <= set(spach.list_models())
+    assert spach.OFFICIAL_TOP1["smlpnet_small"] == 83.1 and spach.OFFICIAL_TOP1["shiftvit_r2_tiny"] == 81.7
+    assert len(spach.OFFICIAL_TOP1) == 16 and set(spach.OFFICIAL_TOP1) <= set(spach.list_models())
 
 
 def test_timm_create_model_builds_registered_names():
     m = timm.create_model("spach_ms_xxs_patch4_224_attn", num_classes=3, img_size=64)
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    for name in ("smlpnet_tiny", "shiftvit_light_tiny"):
+        m = timm.create_model(name, num_classes=3, img_size=64, in_chans=1, drop_path_rate=0.05, depths=(1, 2, 1, 1)).eval()
+        assert m(torch.randn(1, 1, 64, 64)).shape == (1, 3)
+
+
+def test_official_defaults_and_overrides():
+    with torch.device("meta"):
+        assert spach.create_model("smlpnet_small").config.drop_path_rate == 0.2
+        assert spach.create_model("shiftvit_r2_base").config.drop_path_rate == 0.5
+        tiny = spach.create_model("shiftvit_light_tiny", drop_path_rate=0.0, num_classes=10)
+    assert tiny.config.drop_path_rate == 0.0 and tiny.head.out_features == 10
+    with pytest.raises(spach.SpachError, match="unknown model option.*hidden_dim.*ShiftViT"):
+        spach.create_model("shiftvit_light_tiny", hidden_dim=3)
+    with pytest.raises(spach.SpachError, match="not divisible by its total stride 32"):
+        spach.create_model("smlpnet_tiny", img_size=100)

@@ -1,2 +1,2 @@
-"""The models: spatial mixers and their registry, the SPACH backbone, the official zoo and checkpoint
-conversion."""
+"""The models: spatial mixers and their registry, the SPACH backbone, sMLPNet and ShiftViT, the shared
+family registry (pretrained configs, timm builder), the official zoo and checkpoint conversion."""

@@ -3,9 +3,10 @@
 A layout is a list of stages; each stage is a list of `(mixer, depth)` runs at one width. Stage `i`
 has width `hidden_dim * 2**i`; stages after the first open with a 2x downsample. One stage is the
 single-stage (ViT-like) layout, four the multi-stage (pyramid) layout; other counts work too.
-"""
-from __future__ import annotations
 
+No `from __future__ import annotations` here: torch.fx copies `forward`'s annotations into the code it
+generates, and TorchScript cannot resolve them as strings.
+"""
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
 
 from spach.errors import SpachError
 from spach.models.blocks import (
@@ -23,7 +25,10 @@ from spach.models.blocks import (
     Stem,
     to_nchw,
 )
+from spach.models.checks import check_global_pool, check_grid
 from spach.models.mixers import MixerContext, build_mixer, canonical_mixer
+
+torch.fx.wrap("check_grid")
 
 Arch = list[list[tuple[str, int]]]
 
@@ -78,6 +83,7 @@ class SpachConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    global_pool: str = "avg"
 
     def __post_init__(self) -> None:
         for name in ("hidden_dim", "num_heads", "patch_size", "in_chans"):
@@ -93,6 +99,7 @@ class SpachConfig:
             if not isinstance(getattr(self, name), (int, float)) or not 0 <= getattr(self, name) < 1:
                 raise SpachError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
         self.net_arch = normalize_arch(self.net_arch)
+        check_global_pool(self.global_pool)
         size = self.img_size
         if not isinstance(size, (int, list, tuple)):
             raise SpachError(f"img_size must be an integer or (height, width), got {size!r}")
@@ -132,16 +139,26 @@ class Stage(nn.Module):
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = checkpoint(block, x)
+            return x
         return self.blocks(x)
 
 
 class SpachNet(nn.Module):
     """SPACH backbone. Input `(B, in_chans, H, W)`; `forward_features` returns normalised
-    `(B, H', W', C)` tokens, `forward_head` pools them (mean) and classifies."""
+    `(B, H', W', C)` tokens, `forward_head` pools them (mean) and classifies.
+
+    timm's feature points (`feature_info`, `forward_intermediates`): one per stage in multi-stage
+    layouts, one per block in the single-stage layout (as timm's ViTs)."""
+
+    output_fmt = "NHWC"
 
     def __init__(self, cfg: SpachConfig | None = None, **kwargs: Any):
         super().__init__()
@@ -151,7 +168,9 @@ class SpachNet(nn.Module):
         self.num_classes = cfg.num_classes
         self.in_chans = cfg.in_chans
         self.img_size = cfg.img_size
-        self.num_features = cfg.width(cfg.num_stages - 1)
+        self.num_features = self.head_hidden_size = cfg.width(cfg.num_stages - 1)
+        self.global_pool = cfg.global_pool
+        self.grad_checkpointing = False
 
         self.stem = Stem(cfg.stem_type, cfg.in_chans, cfg.hidden_dim, cfg.patch_size)
         self.norm_pre = nn.LayerNorm(cfg.hidden_dim, eps=LN_EPS)
@@ -184,12 +203,17 @@ class SpachNet(nn.Module):
                     k += 1
             stages.append(Stage(blocks, Downsample(cfg.width(i - 1), dim) if i > 0 else None))
             stride = cfg.patch_size * 2**i
-            self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
+            if cfg.num_stages == 1:
+                self.feature_info += [dict(num_chs=dim, reduction=stride, module=f"stages.0.blocks.{j}") for j in range(k)]
+            else:
+                self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
         self.stages = nn.ModuleList(stages)
+        self.default_out_indices = min(3, k) if cfg.num_stages == 1 else cfg.num_stages
 
         self.norm = nn.LayerNorm(self.num_features, eps=LN_EPS)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.fixed_input_size = cfg.pos_embed or any(getattr(m, "fixed_input_size", False) for m in self.modules())
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -223,19 +247,22 @@ class SpachNet(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise SpachError(f"SPACH models pool by mean over tokens ('avg'); got global_pool={global_pool!r}")
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm_pre(self.stem(x))
         if self.pos_embed is not None:
-            if x.shape[1:3] != self.pos_embed.shape[1:3]:
-                raise SpachError(
-                    f"the position embedding was built for a {tuple(self.pos_embed.shape[1:3])} token grid, "
-                    f"got {tuple(x.shape[1:3])}; build the model with this img_size"
-                )
+            x = check_grid(x, self.pos_embed.shape[1], self.pos_embed.shape[2], 1, "the position embedding's token grid")
             x = x + self.pos_embed
         return x
 
@@ -246,12 +273,16 @@ class SpachNet(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def _feature_modules(self) -> list[nn.Module]:
+        return list(self.stages[0].blocks) if len(self.stages) == 1 else list(self.stages)
 
     def forward_intermediates(
         self,
@@ -262,18 +293,19 @@ class SpachNet(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (timm's feature API): `(B, C, H, W)` with `output_fmt='NCHW'`, else `(B, H, W, C)`."""
+        """Feature-point outputs (timm's feature API): `(B, C, H, W)` with `output_fmt='NCHW'`, else
+        `(B, H, W, C)`; `norm` applies the final norm to those of the final width."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise SpachError(f"output_fmt must be 'NCHW' or 'NHWC', not {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.stages), indices)
+        modules = self._feature_modules()
+        take, max_index = feature_take_indices(len(modules), indices)
+        per_block = len(self.stages) == 1 and self.grad_checkpointing
         intermediates = []
         x = self._embed(x)
-        stages = self.stages if not (stop_early or torch.jit.is_scripting()) else self.stages[: max_index + 1]
-        last = len(self.stages) - 1
-        for i, stage in enumerate(stages):
-            x = stage(x)
+        for i, module in enumerate(modules[: max_index + 1] if stop_early else modules):
+            x = checkpoint(module, x) if per_block else module(x)
             if i in take:
-                y = self.norm(x) if norm and i == last else x
+                y = self.norm(x) if norm and self.feature_info[i]["num_chs"] == self.num_features else x
                 intermediates.append(to_nchw(y) if output_fmt == "NCHW" else y)
         if intermediates_only:
             return intermediates
@@ -282,10 +314,13 @@ class SpachNet(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        if len(self.stages) == 1:
+            self.stages[0].blocks = self.stages[0].blocks[: max_index + 1]
+        else:
+            self.stages = self.stages[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
-            self.reset_classifier(0)
+            self.reset_classifier(0, "")
         return take

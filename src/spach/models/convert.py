@@ -1,4 +1,5 @@
-"""Checkpoints: safe reading, the official <-> spach parameter-name converter, and strict loading.
+"""Checkpoints: safe reading, strict loading for every family (through its own filter), and the SPACH
+family's official <-> spach parameter-name converter.
 
 Official names (microsoft/SPACH) -> ours:
     norm1 / norm2 (model level)           -> norm_pre / norm
@@ -23,10 +24,12 @@ import torch
 import torch.nn as nn
 
 from spach.errors import CheckpointError, first_line
+from spach.models.registry import family_of_checkpoint, family_of_model
 
 # Official checkpoints may hold the training arguments as an argparse.Namespace: harmless data,
 # so allow it for weights_only loading (everything else that is not a tensor container stays refused).
-torch.serialization.add_safe_globals([argparse.Namespace])
+# Allowed per load, not globally: timm's loader removes it from torch's global list when it is done.
+_SAFE_GLOBALS = [argparse.Namespace]
 
 _BLOCK_TO_SPACH = [
     (re.compile(r"^gamma_1$"), "gamma"),
@@ -101,7 +104,8 @@ def load_file(path: str | os.PathLike) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
         text = str(e)
         if "weights_only" in text or "Unsupported global" in text or isinstance(e, pickle.UnpicklingError):
@@ -154,14 +158,17 @@ def check_fits(state_dict: dict[str, torch.Tensor], model: nn.Module, skip_prefi
         parts.append(f"unexpected keys: {few(unexpected)}")
     if shapes:
         parts.append(f"shape mismatches: {few(shapes)}")
-    raise CheckpointError(
-        f"checkpoint does not fit model {name} ({'; '.join(parts)}); is it a checkpoint of another model or img_size?"
-    )
+    theirs_family, own_family = family_of_checkpoint(state_dict), family_of_model(model)
+    if theirs_family is not None and theirs_family is not own_family:
+        hint = f"it is a {theirs_family.title} checkpoint"
+    else:
+        hint = "is it a checkpoint of another model or img_size?"
+    raise CheckpointError(f"checkpoint does not fit model {name} ({'; '.join(parts)}); {hint}")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm's pretrained filter: convert official names and check the fit (the head is left to timm,
-    which drops it when num_classes differs)."""
+    """The SPACH family's filter (timm's `pretrained_filter_fn`): convert official names and check the
+    fit (the head is left to timm, which drops it when num_classes differs)."""
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if is_official(state_dict):
         state_dict = official_to_spach(state_dict)
@@ -170,12 +177,17 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = False) -> nn.Module:
-    """Load an official or spach checkpoint into `model` strictly. A head of another class count is
-    left at its fresh init (fine-tuning); everything else must match exactly."""
-    state = checkpoint_filter_fn(read_checkpoint(path, use_ema), model)
-    head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
-    if any(k not in state or state[k].shape != v.shape for k, v in head.items()):
-        state = {k: v for k, v in state.items() if not k.startswith("head.")} | head
+    """Load an official or spach checkpoint into a model of any spach family, strictly, through the
+    family's filter. A head of another class count is left at its fresh init (fine-tuning);
+    everything else must match exactly."""
+    family = family_of_model(model)
+    if family is None:
+        raise CheckpointError(f"{type(model).__name__} is not a model of a spach family; load its weights with its own code")
+    state = family.filter_fn(read_checkpoint(path, use_ema), model)
+    prefix = family.classifier + "."
+    head = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    if not head or any(k not in state or state[k].shape != v.shape for k, v in head.items()):
+        state = {k: v for k, v in state.items() if not k.startswith(prefix)} | head
     check_fits(state, model)
     model.load_state_dict(state, strict=True)
     return model

@@ -4,15 +4,18 @@ Every mixer maps channels-last image tokens `(B, H, W, C)` to the same shape. It
 the facts it needs from `MixerContext` (e.g. `dim`, `num_heads`, `num_tokens`); the builder passes
 exactly those, so a new mixer is a small class plus one `@register_mixer("name")` line:
 
-    @register_mixer("pool")
-    class Pool(nn.Module):
+    @register_mixer("maxpool")
+    class MaxPool(nn.Module):
         def __init__(self, pool_size: int = 3):
             super().__init__()
-            self.pool = nn.AvgPool2d(pool_size, 1, pool_size // 2, count_include_pad=False)
+            self.pool = nn.MaxPool2d(pool_size, 1, pool_size // 2)
 
         def forward(self, x):                       # (B, H, W, C)
             y = x.permute(0, 3, 1, 2)               # channels-last view, no copy
             return (self.pool(y) - y).permute(0, 2, 3, 1)
+
+Ops that torch's FLOP counter does not see (pooling, say) are counted by an `uncounted_macs(x)`
+method on the mixer (see `spach.models.flops`).
 
 The "conv" family has no spatial-mixing module at all (its block is only the 3x3 depthwise conv bypass
 and the channel MLP): its name is listed in `MIXERS_WITHOUT_MODULE` and `build_mixer` returns None.
@@ -28,6 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spach.errors import SpachError
+from spach.models.checks import check_grid
+
+torch.fx.wrap("check_grid")
 
 
 @dataclass(frozen=True)
@@ -124,23 +130,99 @@ class TokenMLP(nn.Module):
     (`W @ x`) so the `(B, N, C)` tokens are never transposed.
     """
 
-    def __init__(self, num_tokens: int, token_ratio: float = 0.5, drop: float = 0.0):
+    fixed_input_size = True
+
+    def __init__(self, grid_size: tuple[int, int], token_ratio: float = 0.5, drop: float = 0.0):
         super().__init__()
+        self.grid_size = tuple(grid_size)
+        num_tokens = self.num_tokens = grid_size[0] * grid_size[1]
         hidden = int(num_tokens * token_ratio)
-        self.num_tokens = num_tokens
         self.fc1 = nn.Linear(num_tokens, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, num_tokens)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = check_grid(x, self.grid_size[0], self.grid_size[1], 1, "the token-mixing MLP's token grid")
         B, H, W, C = x.shape
-        if H * W != self.num_tokens:
-            raise SpachError(
-                f"token-mixing MLP was built for {self.num_tokens} tokens but got {H}x{W}={H * W}; "
-                "MLP models are tied to their img_size: build the model with the input resolution"
-            )
         t = x.reshape(B, H * W, C)
         t = self.drop(self.act(torch.baddbmm(self.fc1.bias[:, None], self.fc1.weight.expand(B, -1, -1), t)))
         t = self.drop(torch.baddbmm(self.fc2.bias[:, None], self.fc2.weight.expand(B, -1, -1), t))
         return t.reshape(B, H, W, C)
+
+
+# --- mixers beyond the paper (DESIGN.md 2b): the shift, the sparse MLP, and two lower bounds ------
+def shift_channels(x: torch.Tensor, g: int) -> torch.Tensor:
+    """ShiftViT's zero-parameter shift of `(B, C, H, W)` features (`g = C // n_div`): channels
+    `[0, g)` move one pixel left along the width, `[g, 2g)` right, `[2g, 3g)` up along the height,
+    `[3g, 4g)` down (vacated pixels are 0); the rest stay."""
+    left = F.pad(x[:, :g, :, 1:], (0, 1))
+    right = F.pad(x[:, g:2 * g, :, :-1], (1, 0))
+    up = F.pad(x[:, 2 * g:3 * g, 1:, :], (0, 0, 0, 1))
+    down = F.pad(x[:, 3 * g:4 * g, :-1, :], (0, 0, 1, 0))
+    return torch.cat([left, right, up, down, x[:, 4 * g:]], dim=1)
+
+
+@register_mixer("shift")
+class Shift(nn.Module):
+    """ShiftViT's shift as a spatial mixer: no parameters, no multiply-accumulates."""
+
+    def __init__(self, dim: int, n_div: int = 12):
+        super().__init__()
+        if dim < n_div:
+            raise SpachError(
+                f"the shift mixer moves dim // {n_div} channels per direction; width {dim} moves none: use a width >= {n_div}"
+            )
+        self.g = dim // n_div
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shift_channels(x.permute(0, 3, 1, 2), self.g).permute(0, 2, 3, 1)
+
+
+@register_mixer("smlp")
+class SparseMLP(nn.Module):
+    """sMLPNet's sparse MLP as a spatial mixer: `z = GELU(x)` (the block's LN1 stands in for sMLPNet's
+    BatchNorm), `a` = `z` mixed along the width (`W x W` matrix + bias), `b` = `z` mixed along the
+    height (`H x H`), output `Linear(3C, C, no bias)` of `[z, a, b]`. Tied to its grid like `mlp`.
+    MACs per image: `H*W*C*(W + H) + 3*H*W*C*C`."""
+
+    fixed_input_size = True
+
+    def __init__(self, dim: int, grid_size: tuple[int, int]):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.proj_w = nn.Linear(grid_size[1], grid_size[1])
+        self.proj_h = nn.Linear(grid_size[0], grid_size[0])
+        self.fuse = nn.Linear(3 * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.gelu(check_grid(x, self.grid_size[0], self.grid_size[1], 1, "the sparse-MLP mixer's token grid"))
+        a = self.proj_w(z.transpose(2, 3)).transpose(2, 3)         # (B, H, C, W): mixes the width
+        b = self.proj_h(z.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)  # (B, C, W, H): mixes the height
+        return self.fuse(torch.cat([z, a, b], dim=-1))
+
+
+@register_mixer("pool")
+class Pool(nn.Module):
+    """PoolFormer's pooling: `avgpool3x3(x) - x` (padding not counted in the average). torch's
+    counter skips pooling; it is counted like a 3x3 depthwise conv: `9*H*W*C` MACs per image."""
+
+    def __init__(self, pool_size: int = 3):
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool_size, 1, pool_size // 2, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, 3, 1, 2)
+        return (self.pool(y) - y).permute(0, 2, 3, 1)
+
+    def uncounted_macs(self, x: torch.Tensor) -> int:
+        return x.numel() * self.pool.kernel_size**2
+
+
+@register_mixer("identity")
+class Identity(nn.Module):
+    """MetaFormer's identity mixer: the block reduces to `x + gamma * LN1(x)`, the CPE and the
+    channel MLP; the lower bound of what spatial mixing adds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x

@@ -7,7 +7,8 @@ import torch
 
 from spach.errors import SpachError
 from spach.models.flops import count_macs, count_params
-from spach.models.zoo import OFFICIAL_TOP1, create_model, list_models
+from spach.models.registry import OFFICIAL_TOP1
+from spach.models.zoo import create_model, list_models
 
 
 def model_rows(pattern: str = "*") -> list[dict]:
@@ -22,7 +23,7 @@ def model_rows(pattern: str = "*") -> list[dict]:
         rows.append(dict(
             name=name,
             family=model.family,
-            layout="multi-stage" if len(model.stages) > 1 else "single-stage",
+            layout="multi-stage" if len({f["reduction"] for f in model.feature_info}) > 1 else "single-stage",
             params=count_params(model),
             macs=count_macs(model),
             top1=OFFICIAL_TOP1.get(name),
