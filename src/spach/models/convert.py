@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from spach.errors import CheckpointError
+from spach.errors import CheckpointError, SpachError
+from spach.files import is_safetensors, read_safetensors
 
 # Official checkpoints may hold the training arguments as an argparse.Namespace: harmless data,
 # so allow it for weights_only loading (everything else that is not a tensor container stays refused).
@@ -93,20 +94,30 @@ def spach_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file safely (`weights_only=True`) and return its model state dict.
+    """Read a checkpoint file safely and return its model state dict.
 
-    Accepts a bare state dict or a dict holding it under `model` (the official code's choice),
-    `model_ema`/`state_dict_ema` (taken when `use_ema`, or when there is nothing else) or `state_dict`.
+    A safetensors file (told by its content, whatever its name) holds the weights themselves. Any other
+    file is read with `torch.load(weights_only=True)`: a bare state dict or a dict holding it under
+    `model` (the official code's choice), `model_ema`/`state_dict_ema` (taken when `use_ema`, or when
+    there is nothing else) or `state_dict`.
     """
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt or unsafe files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it holds Python objects other than tensors and plain data, which spach refuses to unpickle"
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
+    if is_safetensors(path):  # tensors and a JSON header only: nothing to unpickle
+        try:
+            ckpt = read_safetensors(path)[0]
+        except SpachError as e:
+            raise CheckpointError(str(e)) from None
+    elif str(path).endswith(".safetensors"):
+        raise CheckpointError(f"cannot read checkpoint {path}: its safetensors header is missing or corrupt (a truncated file?)")
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for corrupt or unsafe files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                reason = "it holds Python objects other than tensors and plain data, which spach refuses to unpickle"
+            raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     order = ("model_ema", "state_dict_ema", "model", "state_dict") if use_ema else ("model", "state_dict", "model_ema", "state_dict_ema")

@@ -96,6 +96,8 @@ class TrainConfig:
     log_interval: int = _knob(50, "steps between progress lines", group="run")
     log: str = _knob("auto", "experiment logs beside metrics.jsonl: tensorboard, wandb (offline), both comma-separated, "
                              "none, or auto (tensorboard when it is installed; the choice is recorded in config.json)", group="run")
+    save_format: str = _knob("torch", "format of the model weights kept (best, and final): torch (.pth) or safetensors "
+                                      "(the resume checkpoint stays torch)", group="run")
     preset: str = _knob("", "named small-data preset, recorded here (see 'spach train --preset')", group="run")
 
     def __post_init__(self) -> None:
@@ -104,7 +106,7 @@ class TrainConfig:
 
 # Settings that may change when a run is resumed; any other difference means another run.
 # ("tensorboard" is the knob `log` replaced: run folders of earlier versions still hold it.)
-RESUMABLE_CHANGES = {"resume", "workers", "progress", "log_interval", "log", "tensorboard", "epochs", "device",
+RESUMABLE_CHANGES = {"resume", "workers", "progress", "log_interval", "log", "tensorboard", "save_format", "epochs", "device",
                      "eval_batch_size", "output"}
 
 
@@ -115,7 +117,7 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 DATASET_NAMES = ("imagefolder", "fashion-mnist", "fmnist", "cifar10", "cifar100", "tiny", "imagenet", "folder")
 _CHOICES = {"amp": AMP_CHOICES, "mixup_mode": ("batch", "pair", "elem"), "remode": ("const", "rand", "pixel"),
-            "progress": ("auto", "bar", "lines", "none"),
+            "progress": ("auto", "bar", "lines", "none"), "save_format": ("torch", "safetensors"),
             "train_interpolation": ("bilinear", "bicubic", "nearest", "random", "lanczos", "box", "hamming")}
 _AT_LEAST = {"epochs": 1, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log_interval": 1, "workers": 0, "seed": 0,
              "train_subset": 0, "val_subset": 0, "eval_train_subset": 0, "img_size": 0, "eval_batch_size": 0,

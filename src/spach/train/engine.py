@@ -171,6 +171,9 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
                 on_epoch_end(record)
     finally:
         run_logs.close()
+    if d.main and cfg.save_format == "safetensors":  # the final weights (checkpoint.pth, for --resume, stays torch)
+        checkpoint.save_weights(p.model.state_dict(), {"args": config_dict(cfg), "epoch": state.epoch,
+                                "top1": state.history[-1]["top1"] if state.history else None}, out / "final", cfg.save_format)
     return _summary(cfg, d, state, params, out)
 
 
@@ -300,8 +303,8 @@ def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
         _save(cfg, p, state, out)
         append_jsonl(out / "metrics.jsonl", record)
         if improved:
-            atomic_save({"model": p.model.state_dict(), "args": config_dict(cfg), "epoch": epoch + 1,
-                         "top1": record["top1"]}, out / "best.pth")
+            checkpoint.save_weights(p.model.state_dict(), {"args": config_dict(cfg), "epoch": epoch + 1, "top1": record["top1"]},
+                                    out / "best", cfg.save_format)
         extra = f" train_eval_loss {record['train_eval_loss']:.4f}" if "train_eval_loss" in record else ""
         progress.line(f"epoch {epoch + 1}/{cfg.epochs} train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
                       f"top1 {record['top1']:.2f} top5 {record['top5']:.2f}{extra} lr {record['lr']:.2e} "
