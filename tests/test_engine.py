@@ -175,14 +175,14 @@ def test_bad_inputs(tmp_path):
 
     run = tmp_path / "run"
     engine.train(tiny_cfg(run, epochs=1))
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"}  # the lock names its last holder
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != files.LOCK_FILE}
     with pytest.raises(SpachError, match="holds a different run .*model_kwargs"):
         engine.train(tiny_cfg(run, epochs=1, resume="auto", model_kwargs={**TINY, "hidden_dim": 32}))
     with pytest.raises(SpachError, match="already holds this run; pass --resume auto"):
         engine.train(tiny_cfg(run, epochs=1))
     with pytest.raises(SpachError, match="holds a different run .*lr"):
         engine.train(tiny_cfg(run, epochs=1, lr=0.5, resume="auto"))
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == before  # nothing lost
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != files.LOCK_FILE} == before  # nothing lost
 
     other = tmp_path / "other"
     with pytest.raises(CheckpointError, match="another model"):

@@ -45,8 +45,8 @@ FACTS = {"conv-ss": ("conv", "single", True, "A"), "conv-ms": ("conv", "multi", 
          "attn-ms": ("attn", "multi", True, "C"), "attn-ms-nocpe": ("attn", "multi", False, "C")}
 
 
-def make_folder(tmp_path, failed=(), pending=()):
-    study = parse_study(STUDY)
+def make_folder(tmp_path, failed=(), pending=(), study_text=STUDY):
+    study = parse_study(study_text)
     out = tmp_path / "study"
     out.mkdir()
     (out / "study.json").write_text(json.dumps(study.to_dict()))

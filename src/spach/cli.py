@@ -15,6 +15,7 @@ from spach.battle.report import write_report
 from spach.bench.command import command as bench_command
 from spach.bench.measure import BenchSettings
 from spach.errors import SpachError
+from spach.export import FORMATS, export
 from spach.files import atomic_write_text
 from spach.models.table import print_models
 from spach.train.config import ConfigError, TrainConfig
@@ -131,12 +132,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': stdout only as JSON)")
 
     def run(args: argparse.Namespace) -> None:
-        try:
-            kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
-        except json.JSONDecodeError as e:
-            raise SpachError(f"--model-kwargs is not valid JSON ({e})") from None
         r = evaluate_checkpoint(args.model, args.pretrained, args.data_path, args.dataset, args.batch_size, args.workers,
-                                args.device, args.img_size, args.amp, kwargs, args.use_ema, args.skip_bad_images, args.throughput, args.compile)
+                                args.device, args.img_size, args.amp, _json_arg(args.model_kwargs), args.use_ema, args.skip_bad_images, args.throughput, args.compile)
         if args.json == "-":
             print(json.dumps(r, indent=2))
             return
@@ -146,6 +143,37 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
             atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
 
     p.set_defaults(func=run)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX or TorchScript, checked by running the exported file",
+                       description="Export a model for deployment: one input (batch, C, H, W) with a dynamic batch axis at a "
+                                   "fixed resolution. The exported file is run (onnxruntime / torch.jit.load) against the "
+                                   "PyTorch model and written only when they agree (max abs error <= 1e-4).")
+    p.add_argument("model", nargs="?", help="model name (default: the one a spach training checkpoint names)")
+    p.add_argument("--pretrained", metavar="CKPT", help="weights to export (.pth or .safetensors; official or spach)")
+    p.add_argument("--model-kwargs", help="architecture overrides as JSON (default: the checkpoint's own)")
+    p.add_argument("--img-size", type=int, default=0, help="input resolution (default: the model's; MLP models: only their own)")
+    p.add_argument("--format", required=True, help=f"{' or '.join(FORMATS)}")
+    p.add_argument("--output", required=True, metavar="FILE", help="the file to write")
+
+    def run(args: argparse.Namespace) -> None:
+        if not args.model and not args.pretrained:
+            raise SpachError("name the model to export (spach export MODEL; see 'spach models') or pass --pretrained CKPT")
+        r = export(args.model, args.output, args.format, args.pretrained, _json_arg(args.model_kwargs), args.img_size)
+        print(f"exported {r['model']} to {r['output']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, input batch x "
+              f"{'x'.join(map(str, r['input_shape'][1:]))}, dynamic batch); {r['runtime']} at batch sizes "
+              f"{' and '.join(map(str, r['checked_batches']))}: max abs error {r['max_abs_error']:.1e} vs PyTorch")
+
+    p.set_defaults(func=run)
+
+
+def _json_arg(text: str | None) -> dict | None:
+    """--model-kwargs: JSON text, or None when not given."""
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as e:
+        raise SpachError(f"--model-kwargs is not valid JSON ({e})") from None
 
 
 def _add_battle(sub: argparse._SubParsersAction) -> None:
@@ -181,7 +209,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spach", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_bench, _add_train, _add_eval, _add_battle, _add_report):
+    for add in (_add_models, _add_bench, _add_train, _add_eval, _add_export, _add_battle, _add_report):
         add(sub)
     return parser
 

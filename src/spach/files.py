@@ -8,6 +8,8 @@ folder locks. Every file spach writes goes through here.
   rewritten; a line torn by a crash is closed off before the next append.
 - `read_jsonl` / `read_json`: a torn, corrupt or non-UTF-8 line (or file) is skipped and named on
   stderr, never a crash.
+- `atomic_save_safetensors` / `read_safetensors`: weights as safetensors (tensors and a JSON
+  metadata header only: reading one never runs code); `is_safetensors` tells the format by content.
 - `FolderLock`: one process owns a run or study folder at a time (an exclusive `flock` on
   `<folder>/.lock`, released by the kernel when the process dies, so a lock left by a killed process
   is taken over safely); the loser gets a one-line error naming the holder.
@@ -94,6 +96,62 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write `tensors` as a safetensors file, atomically; `metadata` values are stored as JSON text
+    (safetensors metadata is str -> str) beside `format: pt`, the key other tools look for."""
+    try:  # optional dependency (spach[safetensors]; timm installs it too): imported only when used
+        from safetensors.torch import save
+    except ImportError:
+        raise SpachError("saving safetensors needs the safetensors package: pip install 'spach[safetensors]'") from None
+    # own contiguous copies: safetensors refuses tensors sharing memory (a shared spatial mixer's weights)
+    own = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    header = {"format": "pt", **{k: json.dumps(v) for k, v in metadata.items()}}
+    atomic_write_bytes(path, save(own, header))
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata of a safetensors file (JSON values decoded, others kept as text), or None when
+    `path` is not one. Tells the format by content (an 8-byte little-endian length, then a JSON
+    header), whatever the file is called, and reads only the header."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(os.fstat(f.fileno()).st_size - 8, 100_000_000):
+                return None
+            header = json.loads(f.read(size).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    metadata: dict[str, Any] = {}
+    for key, value in (header.get("__metadata__") or {}).items():
+        try:
+            metadata[key] = json.loads(value)
+        except (TypeError, ValueError):
+            metadata[key] = value
+    return metadata
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return safetensors_metadata(path) is not None
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the metadata (as `safetensors_metadata`) of a safetensors file."""
+    metadata = safetensors_metadata(path)
+    if metadata is None:
+        raise SpachError(f"{path} is not a safetensors file (its header is missing or corrupt)")
+    try:  # optional dependency (spach[safetensors]; timm installs it too): imported only when used
+        from safetensors.torch import load_file
+    except ImportError:
+        raise SpachError("reading safetensors needs the safetensors package: pip install 'spach[safetensors]'") from None
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise SpachError(f"cannot read {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return tensors, metadata
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

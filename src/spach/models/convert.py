@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from spach.errors import CheckpointError, first_line
+from spach.errors import CheckpointError, SpachError, first_line
+from spach.files import is_safetensors, read_safetensors
 from spach.models.registry import family_of_checkpoint, family_of_model
 
 # Official checkpoints may hold the training arguments as an argparse.Namespace: harmless data,
@@ -102,7 +103,7 @@ def load_file(path: str | os.PathLike) -> Any:
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} is a folder; pass the path of a checkpoint file inside it")
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth file")
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -118,12 +119,22 @@ def load_file(path: str | os.PathLike) -> Any:
 
 
 def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file safely (`weights_only=True`) and return its model state dict.
+    """Read a checkpoint file safely and return its model state dict.
 
-    Accepts a bare state dict or a dict holding it under `model` (the official code's choice),
-    `model_ema`/`state_dict_ema` (taken when `use_ema`, or when there is nothing else) or `state_dict`.
+    A safetensors file (told by its content, whatever its name) holds the weights themselves. Any other
+    file is read with `torch.load(weights_only=True)`: a bare state dict or a dict holding it under
+    `model` (the official code's choice), `model_ema`/`state_dict_ema` (taken when `use_ema`, or when
+    there is nothing else) or `state_dict`.
     """
-    ckpt = load_file(path)
+    if os.path.isfile(path) and is_safetensors(path):  # tensors and a JSON header only: nothing to unpickle
+        try:
+            ckpt = read_safetensors(path)[0]
+        except SpachError as e:
+            raise CheckpointError(str(e)) from None
+    elif str(path).endswith(".safetensors") and os.path.isfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: its safetensors header is missing or corrupt (a truncated file?)")
+    else:
+        ckpt = load_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
     order = ("model_ema", "state_dict_ema", "model", "state_dict") if use_ema else ("model", "state_dict", "model_ema", "state_dict_ema")

@@ -1,14 +1,16 @@
-"""Training checkpoints and run folders: reading a checkpoint back (tensors and plain data only), and
-deciding where a run starts: fresh, resumed from its folder's checkpoint, or refused because the
-folder holds another run."""
+"""Training checkpoints and run folders: reading a checkpoint back (tensors and plain data only), the
+model weights a run keeps (`best`, and `final` with safetensors) in either format, and deciding where a
+run starts: fresh, resumed from its folder's checkpoint, or refused because the folder holds another run."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from spach.errors import CheckpointError, SpachError
-from spach.files import LOCK_FILE, read_json
+from spach.files import LOCK_FILE, atomic_save, atomic_save_safetensors, read_json, safetensors_metadata
 from spach.models.convert import load_file
 from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
 
@@ -19,6 +21,29 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a training checkpoint")
     return ckpt
+
+
+WEIGHT_SUFFIX = {"torch": ".pth", "safetensors": ".safetensors"}
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], info: dict[str, Any], path: Path, save_format: str) -> Path:
+    """Model weights plus plain `info` (the run's `args`, its epoch, top-1) as `path` + the format's
+    suffix: a torch file `{"model": weights, **info}`, or safetensors with `info` in its metadata.
+    `read_checkpoint` and `read_args` read both."""
+    path = path.with_suffix(WEIGHT_SUFFIX[save_format])
+    if save_format == "safetensors":
+        atomic_save_safetensors(state_dict, info, path)
+    else:
+        atomic_save({"model": state_dict, **info}, path)
+    return path
+
+
+def read_args(path: str | os.PathLike) -> dict[str, Any]:
+    """The training config a spach checkpoint carries (`args`; {} for official or bare weights), from a
+    torch checkpoint or a safetensors file's metadata."""
+    metadata = safetensors_metadata(path)
+    args = (metadata if metadata is not None else load(path)).get("args")
+    return args if isinstance(args, dict) else {}
 
 
 def resume_point(cfg: TrainConfig, out: Path) -> Path | None:

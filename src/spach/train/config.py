@@ -15,6 +15,7 @@ from timm.optim import list_optimizers
 
 from spach.device import AMP_CHOICES
 from spach.errors import SpachError
+from spach.train.logs import parse_log
 
 
 class ConfigError(SpachError):
@@ -93,7 +94,10 @@ class TrainConfig:
     device: str = _knob("auto", "auto, cpu, cuda or cuda:N", group="run")
     progress: str = _knob("auto", "auto (a bar on a terminal, periodic lines otherwise), bar, lines or none", group="run")
     log_interval: int = _knob(50, "steps between progress lines", group="run")
-    tensorboard: bool = _knob(False, "also log to TensorBoard in the run folder (needs the tensorboard package)", group="run")
+    log: str = _knob("auto", "experiment logs beside metrics.jsonl: tensorboard, wandb (offline), both comma-separated, "
+                             "none, or auto (tensorboard when it is installed; the choice is recorded in config.json)", group="run")
+    save_format: str = _knob("torch", "format of the model weights kept (best, and final): torch (.pth) or safetensors "
+                                      "(the resume checkpoint stays torch)", group="run")
     preset: str = _knob("", "named small-data preset, recorded here (see 'spach train --preset')", group="run")
 
     def __post_init__(self) -> None:
@@ -101,7 +105,9 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed; any other difference means another run.
-RESUMABLE_CHANGES = {"resume", "workers", "progress", "log_interval", "tensorboard", "epochs", "device", "eval_batch_size", "output"}
+# ("tensorboard" is the knob `log` replaced: run folders of earlier versions still hold it.)
+RESUMABLE_CHANGES = {"resume", "workers", "progress", "log_interval", "log", "tensorboard", "save_format", "epochs", "device",
+                     "eval_batch_size", "output"}
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -111,7 +117,7 @@ def config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 DATASET_NAMES = ("imagefolder", "fashion-mnist", "fmnist", "cifar10", "cifar100", "tiny", "imagenet", "folder")
 _CHOICES = {"amp": AMP_CHOICES, "mixup_mode": ("batch", "pair", "elem"), "remode": ("const", "rand", "pixel"),
-            "progress": ("auto", "bar", "lines", "none"),
+            "progress": ("auto", "bar", "lines", "none"), "save_format": ("torch", "safetensors"),
             "train_interpolation": ("bilinear", "bicubic", "nearest", "random", "lanczos", "box", "hamming")}
 _AT_LEAST = {"epochs": 1, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log_interval": 1, "workers": 0, "seed": 0,
              "train_subset": 0, "val_subset": 0, "eval_train_subset": 0, "img_size": 0, "eval_batch_size": 0,
@@ -175,6 +181,10 @@ def check(cfg: TrainConfig) -> None:
     if bool(cfg.std) != bool(cfg.mean):
         raise ConfigError("std" if cfg.mean else "mean", "must be given together with "
                           + ("mean" if cfg.mean else "std") + " (one value per image channel each)")
+    try:
+        parse_log(cfg.log)
+    except ValueError as e:
+        raise ConfigError("log", str(e)) from None
     _check_opt(cfg.opt)
     _check_aa(cfg.aa)
     _check_device(cfg.device)

@@ -52,6 +52,7 @@ from spach.train.data import (
 )
 from spach.train.evaluate import PREDICTIONS_FILE, checked, evaluate, save_predictions
 from spach.train.factory import build_model
+from spach.train.logs import open_logs, resolve_log
 from spach.train.progress import Progress
 from spach.train.runtime import (
     Dist,
@@ -149,7 +150,8 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
     params = sum(t.numel() for t in model.parameters())
     resolved = dict(lr=lr, total_batch=total_batch, world_size=d.world, num_classes=data.num_classes, in_chans=data.in_chans,
                     img_size=data.img_size, device=str(d.device), amp=str(p.amp).replace("torch.", "") if p.amp else "off",
-                    params=params, steps_per_epoch=steps, tensor_data_path=data.tensor_path, spach_version=spach.__version__)
+                    params=params, steps_per_epoch=steps, tensor_data_path=data.tensor_path, spach_version=spach.__version__,
+                    log=resolve_log(cfg.log))
     if d.main:
         atomic_write_text(out / "config.json", json.dumps({**config_dict(cfg), "resolved": resolved}, indent=2) + "\n")
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
@@ -159,20 +161,19 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
                       f"{f', {d.world} processes' if d.world > 1 else ''}) -> {out}")
 
     # --- the epochs
-    tb = _tensorboard(cfg, d, out, progress)
+    run_logs = open_logs(resolved["log"] if d.main else "none", out, config_dict(cfg), first_epoch=state.epoch + 1)
     try:
         for epoch in range(state.epoch, cfg.epochs):
             sums = _epoch(cfg, d, p, state, epoch, stop, progress, out)
             record = _end_epoch(cfg, d, p, state, epoch, sums, out, progress)
-            if tb is not None:
-                for k, v in record.items():
-                    if k != "epoch" and isinstance(v, (int, float)):
-                        tb.add_scalar(k, v, epoch + 1)
+            run_logs.epoch(record)
             if d.main and on_epoch_end is not None:
                 on_epoch_end(record)
     finally:
-        if tb is not None:
-            tb.close()
+        run_logs.close()
+    if d.main and cfg.save_format == "safetensors":  # the final weights (checkpoint.pth, for --resume, stays torch)
+        checkpoint.save_weights(p.model.state_dict(), {"args": config_dict(cfg), "epoch": state.epoch,
+                                "top1": state.history[-1]["top1"] if state.history else None}, out / "final", cfg.save_format)
     return _summary(cfg, d, state, params, out)
 
 
@@ -305,8 +306,8 @@ def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
         _save(cfg, p, state, out)
         append_jsonl(out / "metrics.jsonl", record)
         if improved:
-            atomic_save({"model": p.model.state_dict(), "args": config_dict(cfg), "epoch": epoch + 1,
-                         "top1": record["top1"]}, out / "best.pth")
+            checkpoint.save_weights(p.model.state_dict(), {"args": config_dict(cfg), "epoch": epoch + 1, "top1": record["top1"]},
+                                    out / "best", cfg.save_format)
         extra = f" train_eval_loss {record['train_eval_loss']:.4f}" if "train_eval_loss" in record else ""
         progress.line(f"epoch {epoch + 1}/{cfg.epochs} train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
                       f"top1 {record['top1']:.2f} top5 {record['top5']:.2f}{extra} lr {record['lr']:.2e} "
@@ -371,13 +372,3 @@ def _pretrained_cfg(cfg: TrainConfig) -> dict[str, Any]:
     except Exception:  # an unknown or broken model fails with its own message when it is built for real
         return {}
 
-
-def _tensorboard(cfg: TrainConfig, d: Dist, out: Path, progress: Progress) -> Any:
-    if not (cfg.tensorboard and d.main):
-        return None
-    try:  # optional dependency: imported only when asked for
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        progress.line("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))

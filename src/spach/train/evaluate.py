@@ -103,11 +103,10 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     if workers < 0:
         raise SpachError(f"--workers must be >= 0, got {workers}")
     if Path(pretrained).is_dir():
-        raise CheckpointError(f"checkpoint {pretrained} is a folder; pass the path of a .pth file")
+        raise CheckpointError(f"checkpoint {pretrained} is a folder; pass the path of a .pth or .safetensors file")
     if not Path(pretrained).is_file():
-        raise CheckpointError(f"checkpoint {pretrained} does not exist; pass the path of a .pth file")
-    args = checkpoint.load(pretrained).get("args")
-    args = args if isinstance(args, dict) else {}
+        raise CheckpointError(f"checkpoint {pretrained} does not exist; pass the path of a .pth or .safetensors file")
+    args = checkpoint.read_args(pretrained)
     if model and args.get("model") and model != args["model"]:
         raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; drop --model or pass the right one")
     model = model or args.get("model")
@@ -126,7 +125,7 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     first_x = next(iter(loader))[0]
     num_classes = _dataset_classes(loader)
     net = build_model(dataclasses.replace(cfg, pretrained=""), num_classes, first_x.shape[1], size or first_x.shape[-1])
-    _load_strict(net, pretrained, use_ema)
+    load_strict(net, pretrained, use_ema)
     fast = optimize(net, device=d.device, dtype=amp_dtype or torch.float32, compile=compile)
     result = evaluate(fast, loader, d.device)
     result.update(model=model, checkpoint=str(pretrained), dataset=dataset, images=n, device=str(d.device))
@@ -141,7 +140,7 @@ def _dataset_classes(loader: Any) -> int:
     return len(ds.classes)
 
 
-def _load_strict(net: nn.Module, path: str, use_ema: bool) -> None:
+def load_strict(net: nn.Module, path: str | Path, use_ema: bool = False) -> None:
     """Load every weight, the head included (evaluating a freshly initialised head would be meaningless)."""
     state = read_checkpoint(path, use_ema)
     if hasattr(net, "config"):  # a spach model: official names are converted

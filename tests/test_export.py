@@ -1,0 +1,103 @@
+"""`spach export`: one model of each family at a tiny config, both formats, each exported file run on
+its own runtime against the PyTorch model; and the one-line errors."""
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import randomize_
+
+import spach
+from spach.cli import main
+from spach.errors import SpachError
+from spach.export import TOLERANCE, export
+from spach.train.checkpoint import save_weights
+
+TINY = dict(hidden_dim=16, num_heads=2, img_size=64, num_classes=7)
+FAMILIES = {
+    "conv": "spach_ms_xxs_patch4_224_conv",
+    "attn": "spach_xxs_patch16_224_attn",  # single-stage: the other layout
+    "mlp": "spach_ms_xxs_patch4_224_mlp",
+    "hybrid": "spach_ms_xs_patch4_224_hybrid",
+}
+
+
+def random_weights(tmp_path, name, **kw):
+    """A checkpoint of random weights everywhere (the default init's zero head would make any export 'exact')."""
+    model = randomize_(spach.create_model(name, **{**TINY, **kw})).eval()
+    path = save_weights(model.state_dict(), {}, tmp_path / "weights", "safetensors")
+    return model, path
+
+
+def run_exported(path, fmt, x):
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    return torch.jit.load(str(path))(x)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_each_family(tmp_path, family, fmt):
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("ONNX export needs pip install 'spach[onnx]'")
+    name = FAMILIES[family]
+    model, weights = random_weights(tmp_path, name)
+    assert model.family == family
+    out = tmp_path / f"model.{fmt}"
+    r = export(name, out, fmt, pretrained=str(weights), model_kwargs=TINY)
+    print(f"{family} {fmt}: max abs error {r['max_abs_error']:.2e}")
+    assert r["max_abs_error"] <= TOLERANCE and r["input_shape"] == ["batch", 3, 64, 64] and out.stat().st_size == r["bytes"]
+    x = torch.randn(5, 3, 64, 64)  # a batch size the export never saw: the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.abs().max() > 0.1  # a real check, not zeros against zeros
+    torch.testing.assert_close(run_exported(out, fmt, x), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_export_cli_from_a_checkpoint_at_another_resolution(tmp_path, capsys):
+    _, weights = random_weights(tmp_path, FAMILIES["conv"])
+    out = tmp_path / "sub" / "conv.pt"
+    main(["export", FAMILIES["conv"], "--pretrained", str(weights), "--model-kwargs", json.dumps(TINY),
+          "--img-size", "96", "--format", "torchscript", "--output", str(out)])
+    line = capsys.readouterr().out
+    assert line.startswith(f"exported {FAMILIES['conv']} to {out} (torchscript") and "3x96x96, dynamic batch" in line
+    assert torch.jit.load(str(out))(torch.randn(2, 3, 96, 96)).shape == (2, 7)
+
+
+def cli_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(["export", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_export_errors(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "x.onnx"
+    mlp = ["--model-kwargs", json.dumps(TINY)]
+    assert "unknown export format 'tflite'; choose onnx or torchscript" in cli_error(
+        capsys, FAMILIES["conv"], "--format", "tflite", "--output", str(out))
+    err = cli_error(capsys, FAMILIES["mlp"], *mlp, "--img-size", "32", "--format", "torchscript", "--output", str(out))
+    assert "is tied to 64x64 by its weights" in err and "--img-size 64" in err
+    assert "name the model to export" in cli_error(capsys, "--format", "onnx", "--output", str(out))
+    assert "does not run at 2x2" in cli_error(capsys, FAMILIES["conv"], *mlp, "--img-size", "2", "--format",
+                                                "torchscript", "--output", str(out))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    assert "ONNX export needs onnxscript: pip install 'spach[onnx]'" in cli_error(
+        capsys, FAMILIES["conv"], "--format", "onnx", "--output", str(out))
+    assert not out.exists()
+
+
+def test_a_failed_check_writes_no_file(tmp_path, monkeypatch):
+    from spach import export as export_module
+
+    monkeypatch.setitem(export_module._RUNNERS, "torchscript", lambda path: lambda x: torch.full((len(x), 7), 1.0))
+    _, weights = random_weights(tmp_path, FAMILIES["conv"])
+    out = tmp_path / "x.pt"
+    with pytest.raises(SpachError, match="differs from PyTorch by .* was not written"):
+        export(FAMILIES["conv"], out, "torchscript", pretrained=str(weights), model_kwargs=TINY)
+    assert not out.exists()
