@@ -157,7 +157,7 @@ def _contestant_table(entries: list[ContestantResult]) -> Block:
     for e in entries:
         n = len(e.done)
         top1 = f"{_f(e.mean('final_top1'))} ± {_f(e.std('final_top1'))} (n={n})" if n else "-"
-        rows.append([e.name, e.arm, e.family, e.layout + ("" if e.cpe else ", no CPE") + (", shared" if e.shared else ""),
+        rows.append([e.name + (f" ({e.label})" if e.label else ""), e.arm, e.family, e.layout + ("" if e.cpe else ", no CPE") + (", shared" if e.shared else ""),
                      count(e.params) if e.params else "-", _f(e.macs / 1e6, 1) if e.macs else "-", _f(e.throughput, 0),
                      top1, _f(e.mean("best_top1")), _f(e.mean("final_train_loss"), 3), _f(e.mean("gap"), 2, signed=True),
                      hms(e.mean("wall_time_s"))])

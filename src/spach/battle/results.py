@@ -139,6 +139,7 @@ class ContestantResult:
     family: str  # conv / attn / mlp / hybrid / a custom mixer / "outside" (timm models)
     layout: str  # "single" or "multi"
     arm: str = "main"
+    label: str = ""  # the study's free-text description of the contestant
     cpe: bool = True
     shared: bool = False
     params: int = 0
@@ -192,9 +193,10 @@ def load_results(study_dir: Path, study: Study) -> list[ContestantResult]:
     out = []
     for c in study.contestants:
         facts = costs.get(c.name, {})
-        known = {k: facts[k] for k in ContestantResult.__dataclass_fields__ if k in facts and k not in ("runs", "name", "arm")}
+        known = {k: facts[k] for k in ContestantResult.__dataclass_fields__
+                 if k in facts and k not in ("runs", "name", "arm", "label")}
         known.setdefault("family", "?")
         known.setdefault("layout", "?")
-        out.append(ContestantResult(name=c.name, arm=c.arm, **known,
+        out.append(ContestantResult(name=c.name, arm=c.arm, label=c.label, **known,
                                     runs=[load_run(study_dir, c.name, s) for s in study.seeds]))
     return out
