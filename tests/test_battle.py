@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from spach.battle.command import battle_command
-from spach.battle.costs import print_plan
+from spach.battle.estimate import print_plan
 from spach.battle.runner import run_battle
 from spach.battle.study import load_study, parse_study
 from spach.cli import main
@@ -55,7 +56,8 @@ arch = {{ net_arch = [["conv", 1]], hidden_dim = 8, patch_size = 4, num_heads = 
 name = "{second}"
 arch = {{ net_arch = [["{mixer}", 1]], hidden_dim = 8, patch_size = 4, num_heads = 1 }}
 """
-PLOTS = {"accuracy_vs_macs", "accuracy_vs_throughput", "accuracy_vs_training_loss", "learning_curves", "pairs"}
+PLOTS = {"accuracy_vs_macs", "accuracy_vs_throughput", "accuracy_vs_params", "accuracy_vs_training_loss", "learning_curves",
+         "pairs"}
 
 
 def tiny(epochs=2, second="attn", mixer="attn", study_extra=""):
@@ -196,11 +198,16 @@ def test_a_timm_model_as_outside_baseline(tmp_path):
     assert len(summaries(out)) == 2 and "| resnet | main | outside | - |" in (out / "report.md").read_text()
 
 
-def test_dry_run_prints_the_runs_and_hours():
+def test_dry_run_times_a_cpu_study_here_and_estimates_gpu_hours_for_imagenet():
     log = io.StringIO()
     hours = print_plan(load_study(preset="tiny"), log)
     text = log.getvalue()
-    assert "2 contestants x 2 seeds = 4 runs" in text and "GPU h/run" in text and hours >= 0
+    assert "2 contestants x 2 seeds = 4 runs" in text and "timed on this CPU" in text and "wall with 1 job(s)" in text
+    assert 0 < hours < 0.1 and "0:00 " not in text.split("per run")[1]  # a real time for every run
+    log = io.StringIO()
+    hours = print_plan(load_study(preset="paper"), log)
+    if not torch.cuda.is_available():
+        assert "no GPU here to time it" in log.getvalue() and 3000 < hours < 30000
     log = io.StringIO()
     assert battle_command(list_presets=True, stream=log) is None
     assert "default" in log.getvalue() and "paper" in log.getvalue()

@@ -87,7 +87,7 @@ def test_report_tables_findings_and_figures(tmp_path):
     assert "MDD" in md  # the inconclusive comparisons say what they could have detected
     assert "## Failed runs" not in md
     html = html_path.read_text()
-    assert html.startswith("<!doctype html>") and html.count("<img") == 5 and 'class="supported"' in html
+    assert html.startswith("<!doctype html>") and html.count("<img") == 6 and 'class="supported"' in html
     findings = json.loads((out / "findings.json").read_text())
     assert [f["verdict"] for f in findings] == ["supported", "inconclusive", "untested", "inconclusive", "untested"]
 

@@ -20,7 +20,7 @@ CHROMIUM = os.environ.get("SPACH_CHROMIUM", "/usr/bin/chromium")
 # headless, and nothing of Chromium's own reaches for the network (updates, sync, QUIC probes)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
-FIGURES = 5  # test_report's study yields every figure
+FIGURES = 6  # test_report's study yields every figure
 # a study whose every free-text field holds markup, entities and quotes
 NASTY_NAME = """<b>bold</b> & "double" 'single' <!-- x"""  # a contestant's label (names themselves are folder names)
 NASTY_DESCRIPTION = """a < b && c > "d" <script>window.pwned = 1</script>"""

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from spach.battle.costs import print_plan
+from spach.battle.estimate import print_plan
 from spach.battle.plan import open_study
 from spach.battle.results import STUDY_FILE
 from spach.battle.runner import run_battle

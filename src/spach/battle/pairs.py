@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from spach.battle.questions import BEYOND
 from spach.battle.results import ContestantResult
 
 PURE = ("conv", "attn", "mlp")
@@ -159,8 +160,22 @@ def size_crossover(entries: list[ContestantResult]) -> tuple[list[Pair], list[st
     return pairs, []
 
 
+def beyond(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """Each contestant of a mixer beyond the paper against the closest-cost contestant of every pure
+    family in its layout: equivalent = it matches that family, supported = it beats it."""
+    pairs, missing = [], []
+    for m in (e for e in entries if e.family in BEYOND):
+        for fam in PURE:
+            rival = _closest(m, (e for e in entries if e.family == fam and e.layout == m.layout and _same_kind(m, e)))
+            if rival is None:
+                missing.append(f"a {fam} contestant with the layout of {m.name}")
+            else:
+                pairs.append(_pair(f"{m.name} vs {rival.name}", m, rival, "final_top1", TOP1))
+    return pairs, missing
+
+
 TESTS: dict[int, Callable[[list[ContestantResult]], tuple[list[Pair], list[str]]]] = {
-    1: multi_stage, 2: local_modeling, 3: mlp_overfit, 4: conv_vs_attn, 5: hybrid, 6: size_crossover,
+    1: multi_stage, 2: local_modeling, 3: mlp_overfit, 4: conv_vs_attn, 5: hybrid, 6: size_crossover, 7: beyond,
 }
 
 

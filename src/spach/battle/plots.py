@@ -184,13 +184,44 @@ def pairs(entries: list[ContestantResult], findings: list[Finding], path: Path) 
     return _save(fig, path)
 
 
+def accuracy_vs_params(entries: list[ContestantResult], path: Path) -> Path:
+    """Test top-1 (mean over seeds) against parameters, one line per family through its sizes: where the
+    lines cross is where the best family changes as models grow."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = False
+    for fam in dict.fromkeys(e.family for e in entries):
+        pts = sorted((e.params, e.mean("final_top1"), e.std("final_top1")) for e in entries
+                     if e.family == fam and e.params and e.cpe and not e.shared and math.isfinite(e.mean("final_top1")))
+        if not pts:
+            continue
+        drawn = True
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=[0 if math.isnan(v) else v for v in es], marker="o", color=color(fam), capsize=3, label=fam)
+    if not drawn:
+        _empty(ax, "no finished runs")
+        return _save(fig, path)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log)")
+    ax.set_ylabel("test top-1 % (mean ± std over seeds)")
+    ax.set_title("Accuracy vs size per family")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def make_all(entries: list[ContestantResult], findings: list[Finding], folder: Path) -> dict[str, Path]:
-    """Every figure, in `folder`; returns {name: path} in reading order."""
+    """Every figure, in `folder`; returns {name: path} in reading order. Cost and size plots show the
+    main arm (the other arms train under another regime); the accuracy-vs-loss figure shows the arm that
+    judges over-fitting and generalisation (findings 3 and 4) when there is one."""
     folder.mkdir(parents=True, exist_ok=True)
+    main = [e for e in entries if e.arm == "main"] or entries
+    fit_arm = next((f.arm for f in findings if f.number in (3, 4) and f.comparisons), "main")
+    fit = [e for e in entries if e.arm == fit_arm] or entries
     return {
-        "accuracy_vs_macs": accuracy_vs_cost(entries, folder / "accuracy_vs_macs.png", "macs"),
-        "accuracy_vs_throughput": accuracy_vs_cost(entries, folder / "accuracy_vs_throughput.png", "throughput"),
-        "accuracy_vs_training_loss": accuracy_vs_loss(entries, folder / "accuracy_vs_training_loss.png"),
-        "learning_curves": learning_curves(entries, folder / "learning_curves.png"),
+        "accuracy_vs_macs": accuracy_vs_cost(main, folder / "accuracy_vs_macs.png", "macs"),
+        "accuracy_vs_throughput": accuracy_vs_cost(main, folder / "accuracy_vs_throughput.png", "throughput"),
+        "accuracy_vs_params": accuracy_vs_params(main, folder / "accuracy_vs_params.png"),
+        "accuracy_vs_training_loss": accuracy_vs_loss(fit, folder / "accuracy_vs_training_loss.png"),
+        "learning_curves": learning_curves(main, folder / "learning_curves.png"),
         "pairs": pairs(entries, findings, folder / "pairs.png"),
     }

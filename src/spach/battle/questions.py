@@ -7,9 +7,11 @@ FINDINGS = {
     4: ("conv-vs-attn", "Convolution generalises better, attention has more capacity: they are complementary"),
     5: ("hybrid", "Hybrids (conv early, attention late) beat each pure family"),
     6: ("size-crossover", "As models grow, the best family goes MLP -> conv -> attention"),
+    7: ("beyond", "A parameter-free (shift, pool, identity) or sparse (smlp) mixer matches the three families at equal cost"),
 }
 QUESTION_KEYS = {key: n for n, (key, _) in FINDINGS.items()}
-PAPER_FINDINGS = (1, 2, 3, 4, 5)  # the five findings; question 6 is asked only when a study names it
+PAPER_FINDINGS = (1, 2, 3, 4, 5)  # the five findings; questions 6 and 7 are asked only when a study names them
+BEYOND = ("shift", "smlp", "pool", "identity")  # the mixers beyond the paper (DESIGN.md 2b)
 
 NEEDS = {
     1: "a single-stage and a multi-stage contestant of the same family (e.g. conv-ss and conv-ms)",
@@ -19,4 +21,5 @@ NEEDS = {
     4: "a conv and an attn contestant of the same layout, with eval_train_subset > 0 (their training curves)",
     5: "a hybrid contestant and pure conv, attn and mlp contestants of the same layout",
     6: "conv, attn and mlp multi-stage contestants at the same number (>= 2) of sizes",
+    7: "a shift, smlp, pool or identity contestant and conv, attn and mlp contestants of its layout",
 }

@@ -179,12 +179,16 @@ def _failures(entries: list[ContestantResult]) -> list[Block]:
 
 
 FIGURE_CAPTIONS = {
-    "accuracy_vs_macs": "Test top-1 vs MACs per image; the dotted line is the Pareto front (no contestant is both cheaper and better).",
-    "accuracy_vs_throughput": "Test top-1 vs inference throughput measured on this machine; dotted: Pareto front.",
-    "accuracy_vs_training_loss": "Test top-1 against training loss as training goes on (x axis reversed), per family: "
-                                 "a curve above another at equal training loss generalises better (the paper's figure on "
-                                 "over-fitting and conv/attention complementarity).",
-    "learning_curves": "Test top-1 and training loss per epoch, mean over seeds.",
+    "accuracy_vs_macs": "Test top-1 vs MACs per image (main arm); the dotted line is the Pareto front (no contestant is "
+                        "both cheaper and better).",
+    "accuracy_vs_throughput": "Test top-1 vs inference throughput measured on this machine (main arm); dotted: Pareto front.",
+    "accuracy_vs_params": "Test top-1 vs parameters, one line per family through its sizes (main arm; CPE, unshared): "
+                          "where the lines cross, the best family changes as models grow.",
+    "accuracy_vs_training_loss": "Test top-1 against training loss as training goes on (x axis reversed), per family, on "
+                                 "the arm that judges over-fitting: a curve above another at equal training loss "
+                                 "generalises better (the paper's figure on over-fitting and conv/attention "
+                                 "complementarity).",
+    "learning_curves": "Test top-1 and training loss per epoch, mean over seeds (main arm).",
     "pairs": "The pairs behind findings 1 and 2: bars are means over seeds, dots single seeds.",
 }
 
