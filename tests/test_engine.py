@@ -292,3 +292,11 @@ def test_stop_signal_during_the_final_evaluation_is_not_lost(tmp_path):
         engine.train(tiny_cfg(tmp_path), on_epoch_end=stop_at_the_end)
     assert (tmp_path / "summary.json").is_file() and len(records(tmp_path)) == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_amp_auto_trains_in_bf16_on_cpus_that_have_it_and_evaluates_in_fp32():
+    from spach.device import amp_dtype, cpu_has_bf16
+
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu, training=True) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu, training=True) is None

@@ -52,7 +52,7 @@ def _timed(study: Study, c: Contestant, device: torch.device, threads: int) -> f
     classes, chans, size = data_shape(study)
     model = build_model(cfg, classes, chans, size)
     img = size or model.pretrained_cfg["input_size"][-1]
-    dtype = amp_dtype(cfg.amp, device)
+    dtype = amp_dtype(cfg.amp, device, training=True)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -86,7 +86,7 @@ class TrainConfig:
     repeated_aug: int = _knob(3, "repeated augmentation: each image this many times per epoch, across processes (1: off)", group="recipe")
     model_ema: bool = _knob(True, "keep an EMA of the weights (ModelEmaV3); its top-1 is logged as ema_top1", group="recipe")
     model_ema_decay: float = _knob(0.99996, "EMA decay", group="recipe")
-    amp: str = _knob("auto", "mixed precision: auto (bf16 or fp16 on GPU, off on CPU), bf16, fp16 or off", group="recipe")
+    amp: str = _knob("auto", "mixed precision: auto (bf16 or fp16 on GPU; bf16 on CPUs with native bf16, else off), bf16, fp16 or off", group="recipe")
     # run
     output: str = _knob("runs/train", "run folder (config, metrics, checkpoints)", group="run")
     resume: str = _knob("", "'auto': continue the run in --output if there is one; or a checkpoint path to continue from", group="run")

@@ -178,7 +178,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
 
 
 def _make_parts(cfg: TrainConfig, d: Dist, model: nn.Module, data: Data, steps: int, lr: float) -> Parts:
-    amp = parse_amp(cfg.amp, d.device)
+    amp = parse_amp(cfg.amp, d.device, training=True)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                     **({"eps": cfg.opt_eps} if cfg.opt_eps and "adam" in cfg.opt.lower() else {}))
     sched = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),
