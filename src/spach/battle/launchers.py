@@ -24,7 +24,7 @@ import torch
 
 from spach.battle.job import JOBS_SUFFIX, JobLog, RunJob
 from spach.battle.plan import Run
-from spach.battle.resources import Resources, resolve
+from spach.battle.resources import Resources, flag_name, resolve
 from spach.battle.results import LEDGER_FILE, RUNS_DIR, Ledger, read_jsonl
 from spach.battle.runner import Launcher, Progress, ledger_record
 from spach.battle.study import Study, check_runnable
@@ -37,9 +37,11 @@ SETTINGS_FILE = "launcher.json"
 JOBS_DIR = "jobs"  # submitit's folder: <job id>_submission.sh (the sbatch script), pickles, <job id>_<task>_log.*
 SLURM_TOOLS = ("sbatch", "srun", "sacct")
 MAX_TIMEOUTS = 30  # requeues after a time limit before a run is given up (DeiT's slurm_max_num_timeout)
-# Slurm job states in which a job may still run (sacct); any other means it has ended
+# Slurm job states in which a job may still run (sacct; RUNNING also on this machine); any other means it has ended
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "CONFIGURING",
-          "COMPLETING", "SIGNALING", "STAGE_OUT", "PREEMPTED", "UNKNOWN"}
+          "COMPLETING", "SIGNALING", "STAGE_OUT", "UNKNOWN"}
+TABLE_EVERY_S = 1800  # the state of every run, again after this long (and once the first jobs are out)
+PREEMPT_WAIT_S = 600  # a PREEMPTED job is back in the queue within seconds (--requeue); after this long it has ended
 
 
 def make_launcher(name: str | None, out: Path, flags: dict[str, Any], jobs: int | None = None) -> Launcher | None:
@@ -57,8 +59,8 @@ def make_launcher(name: str | None, out: Path, flags: dict[str, Any], jobs: int 
                              f"re-run with --launcher {before} to watch it (or cancel the jobs first)")
     if name == "local":
         if flags:
-            raise SpachError(f"--{next(iter(flags)).replace('_', '-').replace('extra', 'slurm')} sets the resources of "
-                             "a batch job; add --launcher slurm (or submitit-local)")
+            raise SpachError(f"{flag_name(next(iter(flags)))} sets the resources of a batch job; add --launcher slurm "
+                             "(or submitit-local)")
         return None
     if before == name:
         old = recorded.get("flags", {})
@@ -110,6 +112,7 @@ class SubmititLauncher(Launcher):
         self.executor: Any = None
         self.handles: dict[str, Any] = {}  # the jobs submitted by this process
         self.summary = ""
+        self.table_at = 0.0
 
     # ------------------------------------------------------------------ before anything is submitted
     def check(self, study: Study) -> None:
@@ -180,6 +183,8 @@ class SubmititLauncher(Launcher):
                     watching.remove(w)
                     self._finish(ledger, progress, w.run, outcome)
             self._say_queue(watching, queue, progress)
+            if time.time() - self.table_at > TABLE_EVERY_S and (watching or queue):
+                self._say_table(watching, queue, progress)
             if watching or queue:
                 time.sleep(self.poll_s)
 
@@ -224,7 +229,7 @@ class SubmititLauncher(Launcher):
                              "and --slurm (sinfo lists the partitions, sacctmgr show associations user=$USER "
                              "your accounts)") from None
         self.handles[job.job_id] = job
-        JobLog(run).append("submitted", job.job_id, launcher=self.name, folder=str(job.paths.folder))
+        JobLog(run).append("submitted", job.job_id, launcher=self.name, log=str(self._log(job.job_id)))
         return Watch(run, job.job_id, time.time())
 
     def _states(self, job_ids: list[str]) -> dict[str, str]:
@@ -277,9 +282,11 @@ class SubmititLauncher(Launcher):
         if finished is not None:
             return {**finished["record"], "job_id": w.job_id, "launcher": self.name, "log": str(self._log(w.job_id))}
         if state in ACTIVE:
+            w.ended_at = None
             return None
         w.ended_at = w.ended_at or time.time()
-        if not ended and time.time() - w.ended_at < self.grace_s:
+        wait = PREEMPT_WAIT_S if state == "PREEMPTED" else 0.0 if ended else self.grace_s
+        if time.time() - w.ended_at < wait:
             return None
         stopped = any(e.get("event") == "stopped" for e in events)
         why = f"job {w.job_id} ended ({state}) without finishing" + (": stopped, its checkpoint is kept" if stopped else "")
@@ -311,6 +318,20 @@ class SubmititLauncher(Launcher):
         if line != self.summary:
             self.summary = line
             progress.say(None, line)
+
+
+    def _say_table(self, watching: list[Watch], queue: list[Run], progress: Progress) -> None:
+        """One line per run of the study: done, failed, to submit, or its job's state (and epoch)."""
+        self.table_at = time.time()
+        jobs, waiting = {id(w.run): w for w in watching}, {id(r) for r in queue}
+        for run in progress.runs:
+            w = jobs.get(id(run))
+            if w is not None:
+                epoch = progress.epochs_done[id(run)]
+                state = f"{w.state} (job {w.job_id}{f', epoch {epoch}/{run.config.epochs}' if epoch else ''})"
+            else:
+                state = "to submit" if id(run) in waiting else "done" if run.is_done() else "failed"
+            progress.say(run, state)
 
 
 def slurm_message(e: BaseException) -> str:

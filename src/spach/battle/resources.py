@@ -70,7 +70,7 @@ def resolve(study: Study, flags: dict[str, Any]) -> Resources:
     checked against the study's recipe; a mistake names the flag or the study file's field."""
     flag_check = Validator("")
     for key, value in flags.items():
-        flag_check.resource("--slurm" if key == "extra" else "--" + key.replace("_", "-"), key, value)
+        flag_check.resource(flag_name(key), key, value)
     table = study.slurm
     res = Resources(**{**table, **flags, "extra": {**table.get("extra", {}), **flags.get("extra", {})}})
     where = "--gpus-per-node" if "gpus_per_node" in flags else f"{study.source}: slurm.gpus_per_node"
@@ -85,6 +85,11 @@ def resolve(study: Study, flags: dict[str, Any]) -> Resources:
             raise SpachError(f"{where}: the study trains on device {device!r} but its jobs ask for no GPU; "
                              "set --gpus-per-node (or [slurm] gpus_per_node)")
     return res
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of a resource (`extra` comes from --slurm KEY=VALUE)."""
+    return "--slurm" if key == "extra" else "--" + key.replace("_", "-")
 
 
 def parse_pairs(items: list[str]) -> dict[str, Any]:
