@@ -5,6 +5,7 @@ keeps the script as `job<id>.sh` and, when `state_dir/run` exists, runs it in th
 slurmd would: SLURM_* variables, srun writing the task's logs, and `scontrol requeue <id>` (what
 submitit calls on preemption) running the same job again once its process has exited."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,7 @@ def sbatch(args: list[str]) -> None:
 
 def slurmd(job_id: str) -> None:
     """Run job `job_id`'s script as Slurm would, again after each `scontrol requeue`."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # slurmd is no child of sbatch: no signal mask of the monitor's
     requeue = _dir() / f"requeue.{job_id}"
     while True:
         _state(job_id, "RUNNING")

@@ -153,7 +153,7 @@ def test_the_monitor_stopped_and_rerun_watches_the_same_jobs(tmp_path, monkeypat
         time.sleep(0.2)
     first.send_signal(signal.SIGINT)  # Ctrl-C for the monitor only: its jobs go on
     assert first.wait(timeout=60) == 130
-    assert "monitor stopped: the jobs stay running on this machine" in (tmp_path / "first.txt").read_text()
+    assert "monitor stopped: 4 job(s) stay running on this machine and keep training" in (tmp_path / "first.txt").read_text()
     second_log = tmp_path / "second.txt"
     with second_log.open("w") as f:  # no --launcher: the study folder's own (submitit-local, --cpus-per-task 1)
         second = subprocess.Popen([sys.executable, "-m", "spach", "battle", "--output", str(out)], stdout=f,
@@ -248,7 +248,7 @@ def test_slurms_refusal_is_one_line_and_nothing_is_submitted(tmp_path, capsys, f
     assert err == ("spach battle: error: Slurm refused the job of conv seed 0: invalid partition specified: nope; Batch "
                    "job submission failed: Invalid partition name specified; check --partition, --account and --slurm "
                    "(sinfo lists the partitions, sacctmgr show associations user=$USER your accounts)\n")
-    assert len(fake_slurm.calls(slurm, "sbatch")) == 1 and _events(out) == {}
+    assert len(fake_slurm.calls(slurm, "sbatch")) == 1 and _events(out) == {} and not (out / "launcher.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -19,7 +19,6 @@ import re
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,7 +105,7 @@ class RunJob:
             if preempted and callable(requeue):
                 requeue(preempted[0], None)  # rank 0 exits here, requeued; the other ranks go on
             if main:
-                log.append("stopped", env.job_id, checkpoint=str(Path(self.run.folder) / "checkpoint.pth"))
+                log.append("stopped", env.job_id, checkpoint=str(self.run.folder / "checkpoint.pth"))
             raise
         finally:
             signal.signal(usr, requeue)

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,7 @@ class SubmititLauncher(Launcher):
         self.study_name = ""
         self.executor: Any = None
         self.handles: dict[str, Any] = {}  # the jobs submitted by this process
+        self.watching: list[Watch] = []
         self.summary = ""
         self.table_at = 0.0
 
@@ -151,18 +153,18 @@ class SubmititLauncher(Launcher):
         return max(1, min(pending, self.limit or pending))
 
     def stopped(self, out: Path) -> str:
-        jobs = ", ".join(sorted(self.handles)) or "none"
         where = "in the Slurm queue" if self.cluster == "slurm" else "running on this machine"
-        return (f"monitor stopped: the jobs stay {where} and keep training (submitted by this monitor: {jobs}); "
-                f"re-run 'spach battle --output {out}' to watch them again and build the report"
-                + ("; scancel stops a job" if self.cluster == "slurm" else ""))
+        cancel = f"; scancel stops a job (the ids are in {out / RUNS_DIR}/*/*{JOBS_SUFFIX})" if self.cluster == "slurm" else ""
+        return (f"monitor stopped: {len(self.watching)} job(s) stay {where} and keep training; re-run "
+                f"'spach battle --output {out}' to watch them again and build the report{cancel}")
 
     # ------------------------------------------------------------------ the monitor
     def run(self, runs: list[Run], progress: Progress, ledger: Ledger) -> None:
-        settings = {"launcher": self.name, "flags": self.flags, "jobs": self.limit, "resources": self.resources.describe()}
-        atomic_write_text(self.out / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
         progress.say(None, f"{self.name}: each run one job of {self.resources.describe()}; jobs in {self.out / JOBS_DIR}")
         watching, queue = self._attach(runs, progress, ledger)
+        self.watching = watching  # the list the loop updates: stopped() counts the jobs still watched
+        if watching:
+            self._record_settings()
         submitted = False
         while watching or queue:
             while queue and len(watching) < (self.limit or len(queue) + len(watching)):
@@ -174,6 +176,8 @@ class SubmititLauncher(Launcher):
                         raise  # Slurm refuses the first job: nothing was submitted, one line says why
                     self._finish(ledger, progress, run, self._failed(run, str(e), time.time(), None))
                     continue
+                if not submitted:
+                    self._record_settings()
                 submitted = True
                 progress.say(run, f"submitted: job {watching[-1].job_id} (pending)")
             states = self._states([w.job_id for w in watching])
@@ -187,6 +191,11 @@ class SubmititLauncher(Launcher):
                 self._say_table(watching, queue, progress)
             if watching or queue:
                 time.sleep(self.poll_s)
+
+    def _record_settings(self) -> None:
+        """launcher.json: how this study's jobs are run, the default of the next battle on the folder."""
+        settings = {"launcher": self.name, "flags": self.flags, "jobs": self.limit, "resources": self.resources.describe()}
+        atomic_write_text(self.out / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
 
     def _attach(self, runs: list[Run], progress: Progress, ledger: Ledger) -> tuple[list[Watch], list[Run]]:
         """Watch the runs whose latest job may still be in the queue; queue the others for submission
@@ -221,15 +230,22 @@ class SubmititLauncher(Launcher):
 
         self.executor.update_parameters(name=f"spach-{self.study_name}-{run.contestant.name}-seed{run.seed}")
         failures = (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError)
+        # Ctrl-C waits until the job id is recorded, so a job in the queue is always known (sbatch inherits the
+        # mask and finishes too; not on this machine, where the job's own processes would inherit it)
+        stops = {signal.SIGINT, signal.SIGTERM}
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, stops) if self.cluster == "slurm" else None
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's refusal; we say it once
                 job = self.executor.submit(RunJob(run, self.imports, self.resources.cpus_per_task))
+            JobLog(run).append("submitted", job.job_id, launcher=self.name, log=str(self._log(job.job_id)))
         except failures as e:
             raise SpachError(f"Slurm refused the job of {run.name}: {slurm_message(e)}; check --partition, --account "
                              "and --slurm (sinfo lists the partitions, sacctmgr show associations user=$USER "
                              "your accounts)") from None
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self.handles[job.job_id] = job
-        JobLog(run).append("submitted", job.job_id, launcher=self.name, log=str(self._log(job.job_id)))
         return Watch(run, job.job_id, time.time())
 
     def _states(self, job_ids: list[str]) -> dict[str, str]:
