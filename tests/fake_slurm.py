@@ -4,6 +4,7 @@ Slurm. sbatch refuses a script asking for partition "nope" with Slurm's own mess
 keeps the script as `job<id>.sh` and, when `state_dir/run` exists, runs it in the background as
 slurmd would: SLURM_* variables, srun writing the task's logs, and `scontrol requeue <id>` (what
 submitit calls on preemption) running the same job again once its process has exited."""
+import itertools
 import os
 import signal
 import subprocess
@@ -99,7 +100,7 @@ def sacct(args: list[str]) -> None:
     """sacct -o JobID,State,NodeList --parsable2 -j ID ...: the states slurmd wrote."""
     _record("sacct", args)
     print("JobID|State|NodeList")
-    for flag, job_id in zip(args, args[1:]):
+    for flag, job_id in itertools.pairwise(args):
         path = _dir() / f"state.{job_id}"
         if flag == "-j" and path.is_file():
             print(f"{job_id}|{path.read_text()}|fakenode")

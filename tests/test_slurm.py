@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import fake_slurm
 import pytest
 import torch
 
-import fake_slurm
 import spach
 from spach.battle.job import JobLog, RunJob, distributed_env
 from spach.battle.launchers import SubmititLauncher, make_launcher
@@ -253,15 +253,15 @@ def test_slurms_refusal_is_one_line_and_nothing_is_submitted(tmp_path, capsys, f
 
 @pytest.mark.parametrize("args, message", [
     (["--launcher", "pbs"], "unknown launcher 'pbs'; choose one of local, submitit-local, slurm"),
-    (["--launcher", "slurm"], "--launcher slurm: sbatch is not on PATH (no Slurm here); run the battle on the "
-                              "cluster's login node, or use --launcher local"),
+    (["--launcher", "slurm"], ("--launcher slurm: sbatch is not on PATH (no Slurm here); run the battle on the "
+                               "cluster's login node, or use --launcher local")),
     (["--partition", "gpu"], "--partition sets the resources of a batch job; add --launcher slurm (or submitit-local)"),
     (["--launcher", "submitit-local", "--nodes", "0"], "--nodes: must be >= 1, got 0"),
-    (["--launcher", "submitit-local", "--nodes", "2"], "--nodes: --launcher submitit-local runs on this machine; got 2 "
-                                                       "nodes, use 1"),
+    (["--launcher", "submitit-local", "--nodes", "2"], ("--nodes: --launcher submitit-local runs on this machine; got 2 "
+                                                        "nodes, use 1")),
     (["--launcher", "submitit-local", "--slurm", "qos"], "--slurm expects KEY=VALUE"),
-    (["--launcher", "submitit-local", "--slurm", "colour=blue"], "submitit refuses slurm_colour = 'blue': Unknown "
-                                                                 "argument 'colour' for executor 'slurm'"),
+    (["--launcher", "submitit-local", "--slurm", "colour=blue"], ("submitit refuses slurm_colour = 'blue': Unknown "
+                                                                  "argument 'colour' for executor 'slurm'")),
 ])
 def test_bad_launcher_input_is_one_line_before_anything_runs(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm here

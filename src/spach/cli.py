@@ -13,6 +13,7 @@ import sys
 from spach.battle.command import battle_command
 from spach.battle.report import write_report
 from spach.battle.resources import FLAGS as RESOURCE_FLAGS
+from spach.battle.resources import flag_name
 from spach.battle.schema import SLURM_KEYS
 from spach.bench.command import command as bench_command
 from spach.bench.measure import BenchSettings
@@ -200,7 +201,7 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
              "timeout_min": "time limit of a job in minutes; at the limit it is requeued and resumes (default 1440)",
              "account": "Slurm account", "constraint": "Slurm node constraint (e.g. volta32gb)"}
     for key in RESOURCE_FLAGS:
-        batch.add_argument("--" + key.replace("_", "-"), dest=key, type=SLURM_KEYS[key][0], help=helps[key])
+        batch.add_argument(flag_name(key), dest=key, type=SLURM_KEYS[key][0], help=helps[key])
     batch.add_argument("--slurm", action="append", metavar="KEY=VALUE",
                        help="another submitit slurm_KEY parameter (e.g. qos=high, mem_gb=64); repeatable")
 

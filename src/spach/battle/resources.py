@@ -4,9 +4,10 @@ turned into the parameters of submitit's `AutoExecutor` (the DeiT / ConvNeXt `ru
 convention: one task per GPU, `--requeue`, USR2 before the time limit)."""
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+import tomllib
 
 from spach.battle.schema import SLURM_KEYS, Validator
 from spach.battle.study import Study
