@@ -12,6 +12,9 @@ import sys
 
 from spach.battle.command import battle_command
 from spach.battle.report import write_report
+from spach.battle.resources import FLAGS as RESOURCE_FLAGS
+from spach.battle.resources import flag_name
+from spach.battle.schema import SLURM_KEYS
 from spach.bench.command import command as bench_command
 from spach.bench.measure import BenchSettings
 from spach.errors import SpachError
@@ -182,15 +185,31 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
                    "already in --output)")
     p.add_argument("--preset", help="a shipped study instead of a file: default, medium, medium-cifar10, paper, tiny")
     p.add_argument("--output", help="study folder (default: battles/<study name>); rerun to resume")
-    p.add_argument("--jobs", type=int, help="runs trained at a time (default: the study's, 1)")
+    p.add_argument("--jobs", type=int, help="runs trained at a time (default: the study's, 1); with a batch "
+                   "launcher: jobs in the queue at a time (default: all)")
     p.add_argument("--data", help="dataset folder (sets data.data_path; the paper preset needs ImageNet here)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and a time estimate, train nothing")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--list-presets", action="store_true", help="list the shipped studies and exit")
+    batch = p.add_argument_group("batch jobs", "--launcher slurm: every run one Slurm job (submitit); this command "
+                                 "submits them and watches the queue (stop it and re-run it at any time). Resources "
+                                 "default to the study's [slurm] table; these flags win")
+    batch.add_argument("--launcher", help="local (the default: a process pool here), slurm, or submitit-local (the "
+                       "jobs as processes here); a study folder keeps the launcher it was started with")
+    helps = {"nodes": "nodes per run (default 1)", "gpus_per_node": "GPUs per node, one task (process) each (default 0)",
+             "cpus_per_task": "CPUs per task (also the run's torch threads)", "partition": "Slurm partition",
+             "timeout_min": "time limit of a job in minutes; at the limit it is requeued and resumes (default 1440)",
+             "account": "Slurm account", "constraint": "Slurm node constraint (e.g. volta32gb)"}
+    for key in RESOURCE_FLAGS:
+        batch.add_argument(flag_name(key), dest=key, type=SLURM_KEYS[key][0], help=helps[key])
+    batch.add_argument("--slurm", action="append", metavar="KEY=VALUE",
+                       help="another submitit slurm_KEY parameter (e.g. qos=high, mem_gb=64); repeatable")
 
     def run(args: argparse.Namespace) -> None:
+        resources = {key: getattr(args, key) for key in RESOURCE_FLAGS}
         battle_command(args.study, preset=args.preset, output=args.output, jobs=args.jobs, data=args.data,
-                       dry_run=args.dry_run, report=not args.no_report, list_presets=args.list_presets)
+                       dry_run=args.dry_run, report=not args.no_report, list_presets=args.list_presets,
+                       launcher=args.launcher, resources=resources, slurm=args.slurm)
 
     p.set_defaults(func=run)
 

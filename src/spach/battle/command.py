@@ -1,13 +1,16 @@
-"""`spach battle`: pick the study (a file, a preset, the one already in --output, or the default),
-then run it, or print its plan and cost estimate (`--dry-run`)."""
+"""`spach battle`: pick the study (a file, a preset, the one already in --output, or the default)
+and the launcher (the local pool, or a batch job per run), then run it, or print its plan and cost
+estimate (`--dry-run`)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from spach.battle.estimate import print_plan
+from spach.battle.launchers import make_launcher
 from spach.battle.plan import open_study
+from spach.battle.resources import parse_pairs, resolve
 from spach.battle.results import STUDY_FILE
 from spach.battle.runner import run_battle
 from spach.battle.study import list_presets as presets
@@ -17,8 +20,11 @@ from spach.errors import SpachError
 
 def battle_command(study_file: str | None = None, preset: str | None = None, output: str | None = None,
                    jobs: int | None = None, data: str | None = None, dry_run: bool = False, report: bool = True,
-                   list_presets: bool = False, stream: TextIO | None = None) -> Path | None:
-    """`spach battle`: pick the study (file, preset, the one already in --output, or the default), run it."""
+                   list_presets: bool = False, stream: TextIO | None = None, launcher: str | None = None,
+                   resources: dict[str, Any] | None = None, slurm: list[str] | None = None) -> Path | None:
+    """`spach battle`: pick the study (file, preset, the one already in --output, or the default), run it
+    with `launcher` (local, submitit-local or slurm; `resources`: the --nodes ... flags, `slurm`: the
+    --slurm KEY=VALUE pairs)."""
     stream = stream or sys.stdout
     if list_presets:
         for name in presets():
@@ -31,12 +37,18 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
     study = None if resuming else load_study(study_file, preset)
     if study is not None and data:
         study.data["data_path"] = data
+    out = Path(output or Path("battles") / study.name)
+    flags = {k: v for k, v in (resources or {}).items() if v is not None}
+    if slurm:
+        flags["extra"] = parse_pairs(slurm)
+    batch = make_launcher(launcher, out, flags, jobs)
     if dry_run:
         dry_run_study = study or open_study(Path(output), None)
         print_plan(dry_run_study, stream)
+        if batch is not None:
+            print(f"each run: one job of {resolve(dry_run_study, batch.flags).describe()}", file=stream)
         return None
-    out = Path(output or Path("battles") / study.name)
-    result = run_battle(study, out, jobs=jobs, report=report, stream=stream)
+    result = run_battle(study, out, jobs=jobs, report=report, stream=stream, launcher=batch)
     if report:
         print(f"report: {result} (and {result.with_suffix('.md')})", file=stream, flush=True)
     return result

@@ -1,5 +1,6 @@
 """The battle runner: every (contestant, seed) of a study trained by `spach.train.train`, each in its
-own run folder, one after another or N at a time in a local process pool.
+own run folder, by a launcher: one after another or N at a time in a local process pool (`LocalPool`,
+the default), or as batch jobs (`spach.battle.launchers`: Slurm through submitit).
 
 Resumable by construction: a run whose `summary.json` covers the study's epochs is skipped, any other
 is (re)started with `resume="auto"`, so an interrupted run continues from its last checkpoint. A run
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+from abc import ABC, abstractmethod
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -114,12 +116,57 @@ class Progress:
         if outcome["status"] == "done":
             self.say(run, f"done: test top-1 {outcome.get('final_top1') or math.nan:.2f}% in {hms(outcome['attempt_s'])}")
         else:
-            self.say(run, f"FAILED: {outcome['error']} (traceback: {run.error_file})")
+            log = f", log: {outcome['log']}" if outcome.get("log") else ""
+            self.say(run, f"FAILED: {outcome['error']} (traceback: {run.error_file}{log})")
+
+
+class Launcher(ABC):
+    """How a battle's pending runs get trained; `run_battle` plans, records and reports around it."""
+
+    @abstractmethod
+    def check(self, study: Study) -> None:
+        """Refuse (SpachError) what cannot run, before anything trains or is submitted."""
+
+    def slots(self, pending: int) -> int:
+        """How many runs train at once (the study ETA divides by it)."""
+        return 1
+
+    @abstractmethod
+    def run(self, runs: list[Run], progress: Progress, ledger: Ledger) -> None:
+        """Train `runs`: each outcome appended to `ledger` and told to `progress.finish`."""
+
+    @abstractmethod
+    def stopped(self, out: Path) -> str:
+        """What to tell when Ctrl-C stops the battle."""
+
+
+class LocalPool(Launcher):
+    """`--launcher local`: the runs train here, one after another or `jobs` at a time in spawned processes."""
+
+    def __init__(self, jobs: int, imports: list[str]):
+        self.jobs, self.imports = jobs, imports
+
+    def check(self, study: Study) -> None:
+        check_runnable(study)
+
+    def slots(self, pending: int) -> int:
+        return self.jobs
+
+    def run(self, runs: list[Run], progress: Progress, ledger: Ledger) -> None:
+        if self.jobs <= 1:
+            _run_serial(runs, progress, ledger, progress.stream)
+        else:
+            _run_parallel(runs, progress, ledger, self.jobs, self.imports)
+
+    def stopped(self, out: Path) -> str:
+        return (f"battle interrupted: finished runs are kept and the current one saved its checkpoint; "
+                f"resume with: spach battle --output {out}")
 
 
 def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, report: bool = True,
-               device: str = "cpu", stream: TextIO | None = None) -> Path:
-    """Run (or resume) the study in folder `out`; returns the report path (or `out` when `report` is off).
+               device: str = "cpu", stream: TextIO | None = None, launcher: Launcher | None = None) -> Path:
+    """Run (or resume) the study in folder `out` with `launcher` (default: the local pool of `jobs`
+    processes); returns the report path (or `out` when `report` is off).
 
     The process owns the folder until it returns (a second battle on it fails at once, naming this
     one). Every start first reconciles the ledger with the run folders, so a run that finished just
@@ -127,7 +174,8 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
     out = Path(out)
     stream = stream or sys.stdout
     study = open_study(out, study)
-    check_runnable(study)
+    launcher = launcher or LocalPool(jobs or study.jobs, study.imports)
+    launcher.check(study)
     with FolderLock(out, "study folder"):
         runs = plan(study, out)
         check_compatible(runs)
@@ -135,13 +183,13 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
         atomic_write_text(out / STUDY_FILE, json.dumps(study.to_dict(), indent=1) + "\n")
         say = functools.partial(print, file=stream, flush=True)
         say(f"battle {study.name}: {len(study.contestants)} contestants x {len(study.seeds)} seeds -> {out}")
-        costs = measure_costs(study, out, device)
+        # inference speed is measured where the runs train: here for the local pool, not on a login node
+        costs = measure_costs(study, out, device, timed=isinstance(launcher, LocalPool))
         ledger = Ledger(out / LEDGER_FILE)
         for record in reconcile(runs, ledger):
             say(f"recorded {record['contestant']} seed {record['seed']}: it finished before the last battle stopped")
         pending = [r for r in runs if not r.is_done()]
-        jobs = jobs or study.jobs
-        progress = Progress(runs, costs, stream, jobs)
+        progress = Progress(runs, costs, stream, launcher.slots(len(pending)))
         for r in runs:
             r.finished = r not in pending
         say(f"{len(runs) - len(pending)} runs finished earlier, {len(pending)} to run")
@@ -153,13 +201,9 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
             progress.finish(r, outcome)
         pending = [r for r in pending if r not in broken]
         try:
-            if jobs <= 1:
-                _run_serial(pending, progress, ledger, stream)
-            else:
-                _run_parallel(pending, progress, ledger, jobs, study.imports)
+            launcher.run(pending, progress, ledger)
         except KeyboardInterrupt:
-            say(f"battle interrupted: finished runs are kept and the current one saved its checkpoint; "
-                f"resume with: spach battle --output {out}")
+            say(launcher.stopped(out))
             raise
         say(f"battle {study.name}: finished in {hms(time.time() - progress.started)}")
         result = write_report(out) if report else out

@@ -28,11 +28,16 @@ ENGINE_SET = {"num_classes": "it comes from the dataset", "in_chans": "it comes 
               "img_size": "set [data].img_size instead", "drop_path_rate": "set recipe.drop_path instead",
               "drop_rate": "set recipe.drop instead"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-TABLES = {"study", "data", "recipe", "arm", "contestant"}
+TABLES = {"study", "data", "recipe", "arm", "contestant", "slurm"}
 STUDY_KEYS = {"name", "description", "seeds", "questions", "imports", "jobs", "notes", "base", "margin", "alpha",
               "tested_elsewhere"}
 ARM_KEYS = {"description", "questions", "data", "recipe"}
 CONTESTANT_KEYS = {"name", "model", "arch", "recipe", "label", "arm"}
+# [slurm]: the resources of every run's batch job (--launcher slurm / submitit-local): type and least value;
+# `extra` passes submitit's other slurm_* parameters through (checked against submitit when a launcher uses them).
+SLURM_KEYS: dict[str, tuple[type, int | None]] = {
+    "nodes": (int, 1), "gpus_per_node": (int, 0), "cpus_per_task": (int, 1), "timeout_min": (int, 1),
+    "partition": (str, None), "account": (str, None), "constraint": (str, None), "extra": (dict, None)}
 
 
 def train_fields() -> dict[str, dataclasses.Field]:
@@ -40,13 +45,13 @@ def train_fields() -> dict[str, dataclasses.Field]:
 
 
 class Validator:
-    """Checks with messages of the form '<source>: <field>: <problem>; <fix>'."""
+    """Checks with messages of the form '<source>: <field>: <problem>; <fix>' (no source: a command-line flag)."""
 
     def __init__(self, source: str):
         self.source = source
 
     def fail(self, where: str, problem: str) -> None:
-        raise SpachError(f"{self.source}: {where}: {problem}")
+        raise SpachError(f"{self.source}: {where}: {problem}" if self.source else f"{where}: {problem}")
 
     def keys(self, table: dict, allowed: set[str], where: str, hint: str = "") -> None:
         for key in table:
@@ -101,6 +106,21 @@ class Validator:
                           hint="not a spach.train.TrainConfig field ('spach train --help' lists them)")
             self.value(f"{where}.{key}", value, fields[key])
         return dict(table)
+
+    def slurm(self, table: dict) -> dict[str, Any]:
+        """The [slurm] table, checked key by key."""
+        self.keys(table, set(SLURM_KEYS), "slurm")
+        for key, value in table.items():
+            self.resource(f"slurm.{key}", key, value)
+        return dict(table)
+
+    def resource(self, where: str, key: str, value: Any) -> None:
+        """One batch-job resource (a [slurm] key or its command-line flag) of the right type and size."""
+        kind, least = SLURM_KEYS[key]
+        if not _is(value, kind):
+            self.fail(where, f"expected {_kind_name(kind)}, got {value!r}")
+        if least is not None and value < least:
+            self.fail(where, f"must be >= {least}, got {value}")
 
     def config_error(self, e: ConfigError, contestant: str, contestant_recipe: dict, arm: str) -> None:
         """Name where a value a TrainConfig refused was set: the contestant, its arm, [data] or [recipe]."""

@@ -26,6 +26,10 @@
     recipe = { lr = 1e-3 }                  # optional: only the knobs in CONTESTANT_KNOBS
     arm = "scarce"                          # optional: default "main"
 
+    [slurm]                                 # optional: each run's batch job (--launcher slurm; flags win)
+    gpus_per_node = 8                       # also nodes, cpus_per_task, timeout_min, partition, account,
+    partition = "gpu"                       # constraint, and extra = { qos = "high" } (submitit's slurm_*)
+
 Contestants are compared only within their arm (same data, same recipe). Presets ship as package data
 (`spach/studies/<name>.toml`); the schema and its checks live in `spach.battle.schema`.
 """
@@ -100,6 +104,7 @@ class Study:
     tested_elsewhere: dict[str, str] = field(default_factory=dict)  # question -> the preset that tests it
     source: str = ""  # the file (or preset) it came from, for messages
     sha256: str = ""  # of the study file's text, recorded in the report
+    slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: the batch-job resources of every run
 
     def config(self, contestant: Contestant | None = None, seed: int | None = None, output: str = "",
                **extra: Any) -> TrainConfig:
@@ -198,6 +203,7 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
     recipe_fields = set(fields) - MANAGED - DATA_FIELDS
     study.data = v.train_fields(v.table(raw, "data"), "data", fields, allowed=DATA_FIELDS)
     study.recipe = v.train_fields(v.table(raw, "recipe"), "recipe", fields, allowed=recipe_fields)
+    study.slurm = v.slurm(v.table(raw, "slurm"))
     for name, table in v.table(raw, "arm").items():
         where = f"arm.{name}"
         v.name(name, where)
