@@ -19,6 +19,7 @@ from spach.models.blocks import (
     LN_EPS,
     ChannelsLastGroupNorm1,
     Downsample,
+    LayerNorm,
     MixingBlock,
     Stem,
     to_nchw,
@@ -134,7 +135,7 @@ class SpachNet(nn.Module):
         self.num_features = cfg.width(cfg.num_stages - 1)
 
         self.stem = Stem(cfg.stem_type, cfg.in_chans, cfg.hidden_dim, cfg.patch_size)
-        self.norm_pre = nn.LayerNorm(cfg.hidden_dim, eps=LN_EPS)
+        self.norm_pre = LayerNorm(cfg.hidden_dim, eps=LN_EPS)
         self.pos_embed = nn.Parameter(torch.zeros(1, *cfg.grid(0), cfg.hidden_dim)) if cfg.pos_embed else None
 
         depths = [sum(d for _, d in stage) for stage in cfg.net_arch]
@@ -167,7 +168,7 @@ class SpachNet(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
         self.stages = nn.ModuleList(stages)
 
-        self.norm = nn.LayerNorm(self.num_features, eps=LN_EPS)
+        self.norm = LayerNorm(self.num_features, eps=LN_EPS)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self._init_weights()
