@@ -120,6 +120,12 @@ def test_measure_times_every_cpu_candidate_in_both_modes():
         assert set(times) == set(A.candidates(torch.device("cpu"))) and all(t > 0 for t in times.values())
 
 
+def test_huge_score_matrices_are_not_materialised_to_be_timed(monkeypatch):
+    monkeypatch.setattr(A, "SCORES_LIMIT", 16 * 16 * 4 - 1)
+    times = A.measure(torch.randn(1, 16, 3 * 8), 1, training=False, rounds=1)
+    assert set(times) == {"sdpa"}
+
+
 def test_overrides_env_function_and_context_manager(monkeypatch):
     qkv = torch.randn(1, 16, 24)
     monkeypatch.setattr(A, "measure", lambda *a, **k: pytest.fail("an override must not measure"))

@@ -17,7 +17,8 @@ bf16 training wants `matmul` (docs/benchmarks.md has the measurements).
 
 **Choice.** The first call for a key `(device, dtype, heads, head_dim, tokens, training)` times each
 implementation that can run there on that call's own tensors (forward, plus backward when training;
-candidates alternate, best of 3 rounds) and caches the fastest for the process. Inside a
+candidates alternate, best of 3 rounds; the explicit ones only while the scores stay under
+`SCORES_LIMIT` bytes) and caches the fastest for the process. Inside a
 `torch.compile`/FX/JIT trace, under a `TorchDispatchMode` (the FLOP counter, fake tensors) or during
 CUDA-graph capture nothing is timed: the fixed default `sdpa` runs there.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -53,6 +55,8 @@ _SDPA_BACKENDS = {
     "sdpa_math": SDPBackend.MATH,
 }
 _CUDA_ONLY = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+_EXPLICIT = ("sdpa_math", "matmul")  # materialise the (B, heads, N, N) scores
+SCORES_LIMIT = 2**30  # bytes of scores above which the explicit implementations are not even tried
 _cache: dict[Key, str] = {}
 _override: list[str | None] = [None]
 
@@ -130,15 +134,17 @@ def clear_attention_cache() -> None:
     _cache.clear()
 
 
-def candidates(device: torch.device) -> list[str]:
-    """The implementations worth timing on `device` (the CUDA-only backends only on a GPU)."""
-    return [n for n in IMPLEMENTATIONS if device.type == "cuda" or n not in _CUDA_ONLY]
+def candidates(device: torch.device, score_bytes: int = 0) -> list[str]:
+    """The implementations worth timing on `device` (the CUDA-only backends only on a GPU; the ones
+    that materialise the scores only when those take at most SCORES_LIMIT bytes)."""
+    return [n for n in IMPLEMENTATIONS if (device.type == "cuda" or n not in _CUDA_ONLY)
+            and (score_bytes <= SCORES_LIMIT or n not in _EXPLICIT)]
 
 
 def _tracing() -> bool:
     """Whether timing is impossible or meaningless now: compiling, tracing, under a dispatch mode
     (FLOP counter, fake tensors) or capturing a CUDA graph."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_tracing():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
         return True
     if is_in_torch_dispatch_mode():
         return True
@@ -174,10 +180,13 @@ def measure(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float 
             return y
         return run
 
+    B, N, _ = qkv.shape
     best: dict[str, float] = {}
-    for name in candidates(qkv.device):
+    for name in candidates(qkv.device, B * num_heads * N * N * qkv.element_size()):
         try:
-            step(name)()
+            with warnings.catch_warnings():  # a backend that cannot run says why before it raises
+                warnings.simplefilter("ignore")
+                step(name)()
         except RuntimeError:  # this backend cannot run these shapes/dtype here
             continue
         best[name] = float("inf")
