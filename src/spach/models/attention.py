@@ -9,7 +9,9 @@ implementation computes `softmax((q * head_dim**-0.5) k^T) v` per head and merge
 - `sdpa_flash`, `sdpa_efficient`, `sdpa_cudnn`: the same call restricted to one CUDA backend;
 - `sdpa_math`: the same call restricted to torch's reference (math) backend;
 - `matmul`: per head, two batched matmuls straight on strided views of the qkv output (no layout
-  copies in forward or backward) around one softmax kernel; heads merged by one concatenation.
+  copies in forward or backward) around one softmax kernel; heads merged by one concatenation;
+- `matmul_batched`: the official code's way, heads folded into the batch (q, k, v and the output
+  copied once each), so two matmuls and one softmax in all.
 
 No kernel wins everywhere. On the 2-core AVX-512/AMX CPU the flash kernel is fastest for inference,
 but its backward in bf16 is several times slower than two bf16 matmuls (most at short sequences), so
@@ -55,7 +57,7 @@ _SDPA_BACKENDS = {
     "sdpa_math": SDPBackend.MATH,
 }
 _CUDA_ONLY = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
-_EXPLICIT = ("sdpa_math", "matmul")  # materialise the (B, heads, N, N) scores
+_EXPLICIT = ("sdpa_math", "matmul", "matmul_batched")  # materialise the (B, heads, N, N) scores
 SCORES_LIMIT = 2**30  # bytes of scores above which the explicit implementations are not even tried
 _cache: dict[Key, str] = {}
 _override: list[str | None] = [None]
@@ -95,10 +97,23 @@ def _matmul(qkv: torch.Tensor, num_heads: int, dropout_p: float) -> torch.Tensor
     return heads[0] if num_heads == 1 else torch.cat(heads, dim=-1)
 
 
+def _matmul_batched(qkv: torch.Tensor, num_heads: int, dropout_p: float) -> torch.Tensor:
+    B, N, C3 = qkv.shape
+    d = C3 // (3 * num_heads)
+    q, k, v = _split_heads(qkv, num_heads)
+    # heads folded into the batch: one copy of each of q (by the scaling), k and v, and of the output
+    q, k, v = (q * d**-0.5).reshape(-1, N, d), k.reshape(-1, N, d), v.reshape(-1, N, d)
+    p = torch.bmm(q, k.transpose(1, 2)).softmax(dim=-1)
+    if dropout_p:
+        p = F.dropout(p, dropout_p)
+    return torch.bmm(p, v).view(B, num_heads, N, d).transpose(1, 2).reshape(B, N, C3 // 3)
+
+
 IMPLEMENTATIONS: dict[str, Callable[[torch.Tensor, int, float], torch.Tensor]] = {
     "sdpa": _sdpa,
     **{name: _sdpa_backend(backend) for name, backend in _SDPA_BACKENDS.items()},
     "matmul": _matmul,
+    "matmul_batched": _matmul_batched,
 }
 
 
@@ -134,11 +149,12 @@ def clear_attention_cache() -> None:
     _cache.clear()
 
 
-def candidates(device: torch.device, score_bytes: int = 0) -> list[str]:
+def candidates(device: torch.device, score_bytes: int = 0, num_heads: int = 2) -> list[str]:
     """The implementations worth timing on `device` (the CUDA-only backends only on a GPU; the ones
-    that materialise the scores only when those take at most SCORES_LIMIT bytes)."""
+    that materialise the scores only when those take at most SCORES_LIMIT bytes; `matmul_batched`
+    only for several heads, with one it is `matmul`)."""
     return [n for n in IMPLEMENTATIONS if (device.type == "cuda" or n not in _CUDA_ONLY)
-            and (score_bytes <= SCORES_LIMIT or n not in _EXPLICIT)]
+            and (score_bytes <= SCORES_LIMIT or n not in _EXPLICIT) and (num_heads > 1 or n != "matmul_batched")]
 
 
 def _tracing() -> bool:
@@ -182,7 +198,7 @@ def measure(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float 
 
     B, N, _ = qkv.shape
     best: dict[str, float] = {}
-    for name in candidates(qkv.device, B * num_heads * N * N * qkv.element_size()):
+    for name in candidates(qkv.device, B * num_heads * N * N * qkv.element_size(), num_heads):
         try:
             with warnings.catch_warnings():  # a backend that cannot run says why before it raises
                 warnings.simplefilter("ignore")
