@@ -158,3 +158,10 @@ def test_no_timing_under_the_flop_counter_or_a_compiler_trace(monkeypatch):
     finally:
         torch._dynamo.reset()
     assert A.attention_choices() == {}
+
+
+def test_meta_tensors_take_the_default_without_timing(monkeypatch):
+    monkeypatch.setattr(A, "measure", lambda *a, **k: pytest.fail("timed meta tensors"))
+    with torch.device("meta"):
+        y = Attention(dim=16, num_heads=2)(torch.randn(1, 4, 4, 16))
+    assert y.shape == (1, 4, 4, 16)

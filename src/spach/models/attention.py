@@ -221,10 +221,11 @@ def choose(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float =
             raise SpachError(f"{ENV_VAR}={name!r} names no attention implementation; use {AUTO} or one of "
                              f"{', '.join(IMPLEMENTATIONS)}")
         return name
-    if _tracing():
+    kind = qkv.device.type
+    if _tracing() or not torch.amp.is_autocast_available(kind):  # tracing, or a meta/odd device: nothing to time
         return DEFAULT
     B, N, C3 = qkv.shape
-    dtype = torch.get_autocast_dtype(qkv.device.type) if torch.is_autocast_enabled(qkv.device.type) else qkv.dtype
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else qkv.dtype
     key = (str(qkv.device), dtype, num_heads, C3 // (3 * num_heads), N, training)
     if key not in _cache:
         times = measure(qkv, num_heads, training, dropout_p)

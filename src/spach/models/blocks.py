@@ -16,6 +16,15 @@ from timm.layers import DropPath, Mlp
 LN_EPS = 1e-6
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs x's matmuls and convs in, or None where autocast is off (or, as on
+    the meta device, does not exist)."""
+    kind = x.device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
 def to_nchw(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, C) -> (B, C, H, W) view in channels-last memory format (no copy)."""
     return x.permute(0, 3, 1, 2)
@@ -86,7 +95,7 @@ class MixingBlock(nn.Module):
         add forward or backward. It runs in x's precision: on an fp32 residual stream autocast would
         round x to bf16 (and cast the result and its gradients back), so it is off for this conv."""
         weight = self.cpe.weight + self.cpe_identity
-        keep_fp32 = x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)
+        keep_fp32 = x.dtype == torch.float32 and autocast_dtype(x) is not None
         with torch.autocast(x.device.type, enabled=False) if keep_fp32 else contextlib.nullcontext():
             return to_nhwc(F.conv2d(to_nchw(x), weight, self.cpe.bias, padding=1, groups=self.cpe.groups))
 
@@ -137,8 +146,8 @@ class Stem(nn.Module):
             raise ValueError(f"unknown stem_type {stem_type!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = x.device.type
-        if torch.is_autocast_enabled(kind) and x.dtype == torch.float32:
+        low = autocast_dtype(x)
+        if low is not None and x.dtype == torch.float32:
             # one copy for the layout and autocast's cast of the image, instead of one each
-            x = x.to(torch.get_autocast_dtype(kind), memory_format=torch.channels_last)
+            x = x.to(low, memory_format=torch.channels_last)
         return to_nhwc(self.proj(x.contiguous(memory_format=torch.channels_last))).contiguous()
