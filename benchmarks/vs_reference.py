@@ -3,7 +3,8 @@ the official way: eager, autocast for bf16. Same weights (the port loads the off
 dict), same input, same threads; the two are timed in alternation (ours, port, ours, ...) so that
 a change in machine load hits both alike, and every row records the 1-minute load average.
 
-Columns (each a ratio ours/port of images per second, measured in this run):
+Columns (each a ratio ours/port of speed, measured in this run: the median over the repeats of
+time(port) / time(ours) of neighbouring runs; images/s from the median times):
 - fp32 inference: ours through `spach.optimize(model, "cpu", "fp32")`;
 - bf16 inference: ours through `spach.optimize(model, "cpu", "bf16")` (its default precision "auto"
   picks autocast or bf16 weights); the port under `torch.autocast("cpu", torch.bfloat16)`;
@@ -61,8 +62,10 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def alternate(a: Callable[[], object], b: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of `a` and of `b`, timed in alternation after `warmup` untimed calls of each."""
+def alternate(a: Callable[[], object], b: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of `a` and of `b`, timed in alternation after `warmup` untimed calls of each,
+    and the median over the repeats of the paired ratio time(b) / time(a) (neighbours in time: a
+    change of load between repeats cancels out)."""
     for _ in range(warmup):
         a(), b()
     ta, tb = [], []
@@ -71,7 +74,7 @@ def alternate(a: Callable[[], object], b: Callable[[], object], warmup: int, rep
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return statistics.median(ta), statistics.median(tb), statistics.median(y / x for x, y in zip(ta, tb))
 
 
 def contenders(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -106,16 +109,15 @@ def compare(name: str, column: str, batch: int, args: argparse.Namespace) -> dic
         ref = _infer(port.eval(), x, dtype)
         a, b = ours(x), ref().float()
         err = ((a - b).abs().max() / b.abs().max()).item()
-        t_ours, t_ref = alternate(lambda: ours(x), ref, args.warmup, args.repeats)
+        t_ours, t_ref, ratio = alternate(lambda: ours(x), ref, args.warmup, args.repeats)
         extra = f"{ours.precision}" if dtype != torch.float32 else ""
     else:
         amp = dtype if dtype != torch.float32 else None
-        t_ours, t_ref = alternate(make_step(net.train(), x, "train", amp), make_step(port.train(), x, "train", amp),
-                                  max(args.warmup, 2), args.repeats)
+        t_ours, t_ref, ratio = alternate(make_step(net.train(), x, "train", amp), make_step(port.train(), x, "train", amp),
+                                         max(args.warmup, 2), args.repeats)
         err, extra = float("nan"), ""
-    row = dict(model=name, column=column, batch=batch, ours=batch / t_ours, port=batch / t_ref, err=err, extra=extra,
-               load_before=before, load_after=load(), attn="attn" in name or "hybrid" in name)
-    row["ratio"] = row["ours"] / row["port"]
+    row = dict(model=name, column=column, batch=batch, ours=batch / t_ours, port=batch / t_ref, ratio=ratio, err=err,
+               extra=extra, load_before=before, load_after=load(), attn="attn" in name or "hybrid" in name)
     row["target"] = TARGETS[column][0 if row["attn"] else 1]
     if dtype == torch.float32 and args.peak:
         gflop = 2 * count_macs(net) / 1e9 * (3 if mode == "train" else 1)
@@ -127,7 +129,7 @@ def print_row(r: dict) -> None:
     peak = f"{100 * r['peak_frac']:4.0f}%" if "peak_frac" in r else "   - "
     met = "met" if r["ratio"] >= r["target"] else "MISSED"
     err = f"{r['err']:.0e}" if r["err"] == r["err"] else "  -  "
-    print(f"{r['model']:29s} {r['column']:10s} {r['batch']:5d} {r['ours']:9.2f} {r['port']:9.2f} {r['ratio']:6.2f}x "
+    print(f"{r['model']:29s} {r['column']:10s} {r['batch']:5d} {r['ours']:9.2f} {r['port']:9.2f} {r['ratio']:6.3f}x "
           f"{'>=' + format(r['target'], '.2f'):>7s} {met:6s} {peak:>6s} {err:>6s} {r['extra']:8s} "
           f"{r['load_before']:5.2f}/{r['load_after']:.2f}", flush=True)
 
@@ -173,12 +175,12 @@ def main_battle(args: argparse.Namespace) -> list[dict]:
         torch.manual_seed(0)
         x = torch.randn(batch, *input_shape(net))
         before = load()
-        t32, t16 = alternate(make_step(net.train(), x, "train"), make_step(copy.deepcopy(net).train(), x, "train", torch.bfloat16),
-                             max(args.warmup, 3), args.repeats)
-        r = dict(model=name, batch=batch, fp32=batch / t32, bf16=batch / t16, ratio=t32 / t16, load_before=before, load_after=load())
+        t16, t32, ratio = alternate(make_step(copy.deepcopy(net).train(), x, "train", torch.bfloat16),
+                                    make_step(net.train(), x, "train"), max(args.warmup, 3), args.repeats)
+        r = dict(model=name, batch=batch, fp32=batch / t32, bf16=batch / t16, ratio=ratio, load_before=before, load_after=load())
         rows.append(r)
         met = "met" if r["ratio"] >= BATTLE_TARGET else "MISSED"
-        print(f"{name:16s} {batch:5d} {r['fp32']:9.0f} {r['bf16']:9.0f} {r['ratio']:6.2f}x {'>=1.30':>7s} {met:6s} "
+        print(f"{name:16s} {batch:5d} {r['fp32']:9.0f} {r['bf16']:9.0f} {r['ratio']:6.3f}x {'>=1.30':>7s} {met:6s} "
               f"{before:5.2f}/{r['load_after']:.2f}", flush=True)
     return rows
 
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--train-all", action="store_true", help="training columns for the MS-S models too")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--battle", action="store_true", help="the battle-scale mode (see above)")
     p.add_argument("--preset", default="default", help="battle preset for --battle")
