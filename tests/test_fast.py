@@ -15,6 +15,7 @@ from conftest import randomize_
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spach
+from spach.models.blocks import LayerNorm
 
 HEADS = 4
 ARCH = [[("conv", 1)], [("attn", 1)], [("mlp", 1)], [("attn", 1)]]
@@ -131,3 +132,16 @@ def test_inference_forward_makes_no_layout_copies():
     assert copies == {"clone": 1}
     assert counter.ops["_scaled_dot_product_flash_attention_for_cpu"] == 2  # fused attention, no explicit softmax
     assert "softmax" not in counter.ops and "_softmax" not in counter.ops
+
+
+@pytest.mark.parametrize("width", [24, 32])
+def test_layernorm_of_a_bf16_input_matches_fp32_rounded(width):
+    """The block LayerNorm normalises narrow bf16 widths in fp32: the result is the fp32 one, rounded."""
+    norm = randomize_(LayerNorm(width, eps=1e-6))
+    x = torch.randn(4, 5, width).bfloat16().requires_grad_()
+    y = norm(x)
+    expected = F.layer_norm(x.detach().float(), (width,), norm.weight, norm.bias, 1e-6)
+    assert y.dtype == torch.bfloat16 and list(norm.state_dict()) == ["weight", "bias"]
+    torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16

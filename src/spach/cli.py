@@ -49,8 +49,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs="+", help="zoo model names (see `spach models`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16 run under autocast")
-    p.add_argument("--precision", default="autocast", choices=["autocast", "weights"],
-                   help="bf16/fp16 inference: autocast (default) or weights converted once (see spach.optimize)")
+    p.add_argument("--precision", default="autocast", choices=["autocast", "weights", "auto"],
+                   help="bf16/fp16 inference: autocast (default), weights converted once, or auto: the faster of the "
+                        "two, measured on the first batch (spach.optimize's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) (first pass takes minutes)")
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights")
     p.add_argument("--batch-size", type=int, default=32)

@@ -85,7 +85,7 @@ class BenchSettings:
     protocol: str = "default"  # default (3 + 5 passes, median) or swin (50 + 30, mean)
     quick: bool = False
     latency: bool = True  # also batch-1 latency
-    precision: str = "autocast"  # bf16/fp16 inference: autocast, or weights converted once
+    precision: str = "autocast"  # bf16/fp16 inference: autocast, weights converted once, or auto (faster of both)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -278,7 +278,10 @@ def bench_model(
             lat = time_runs(lambda: fast(one), device, protocol.warmup, protocol.repeats)
             rec.latency_ms, rec.latency_ms_low, rec.latency_ms_high = (
                 1e3 * statistics.median(lat), 1e3 * min(lat), 1e3 * max(lat))
-        net = fast.model
+        if torch_dtype != torch.float32:
+            rec.extra["precision"] = fast.precision  # what "auto" settled on
+        if precision != "auto":  # "auto" ran a converted copy, if any: train the model as built
+            net = fast.model
         del fast
     if mode in ("train", "both"):
         rec.train_img_s, rec.train_mem_mb = _bench_train(net, x, device, torch_dtype, compile, protocol, rec, base)

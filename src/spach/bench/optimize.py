@@ -6,8 +6,10 @@
 What it does, and why:
 - eval mode, weights moved to the device, conv weights in channels-last memory format (the stem and
   downsample convolutions then read the channels-last tokens without a layout change);
-- `dtype` bf16/fp16 runs the model under autocast (weights stay fp32; accuracy as in training with AMP);
-  `precision="weights"` instead converts the weights to bf16/fp16 once, so activations stay in the low
+- `dtype` bf16/fp16: by default (`precision="auto"`) the first batch is run both ways below, on a copy
+  for the second, and the faster is kept (once per model config, device and batch shape per process);
+  `precision="autocast"` runs the model under autocast (weights stay fp32; accuracy as in training with
+  AMP); `precision="weights"` converts the weights to bf16/fp16 once, so activations stay in the low
   precision end to end (no fp32->bf16 cast in front of every Linear, half the memory traffic of every
   elementwise op); LayerNorm keeps fp32 weights and computes its statistics in fp32 (the CPU/GPU
   kernels accumulate in fp32 for a bf16 input); the residual stream is then bf16 too, and the logits
@@ -21,17 +23,21 @@ What it does, and why:
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import functools
+import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from spach.bench.profile import synchronize
 from spach.device import parse_device, parse_dtype
 from spach.errors import SpachError
 
-PRECISIONS = ("autocast", "weights")
+PRECISIONS = ("auto", "autocast", "weights")
 
 
 @functools.cache
@@ -51,28 +57,79 @@ def tune_cpu_allocator() -> bool:
 class InferenceModel(nn.Module):
     """`model` (or its compiled form) run without autograd, under autocast when `dtype` is not fp32
     (`precision="autocast"`), or on weights already in `dtype` (`precision="weights"`: the input is
-    cast once, the logits come back as fp32). `.model` is the plain module (for its config, state dict, ...)."""
+    cast once); the logits come back as fp32 either way. With `precision="auto"` the first batch decides
+    (`choose_precision`). `.model` is the plain module that runs (for its config, state dict, ...)."""
 
     def __init__(
-        self, model: nn.Module, device: torch.device, dtype: torch.dtype, compiled: nn.Module | None = None,
+        self, model: nn.Module, device: torch.device, dtype: torch.dtype, compiler: Callable[[nn.Module], nn.Module] | None = None,
         precision: str = "autocast",
     ):
         super().__init__()
         self.model = model
         self.device = device
         self.dtype = dtype
-        self.precision = precision
-        self._run = compiled if compiled is not None else model
+        self.precision = precision if dtype != torch.float32 else "autocast"
+        self._compiler = compiler
+        self._run = model if self.precision == "auto" or compiler is None else compiler(model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = self.dtype != torch.float32
-        if low and self.precision == "weights":
-            x = x.to(self.device, self.dtype, non_blocking=True)
-            with torch.inference_mode():
-                return self._run(x).float()
-        x = x.to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=low):
-            return self._run(x)
+        if self.precision == "auto":
+            self._settle(x)
+        return _infer(self._run, x, self.device, self.dtype, self.precision)
+
+    def _settle(self, x: torch.Tensor) -> None:
+        """Keep the faster of autocast and bf16/fp16 weights for this model, device and batch shape."""
+        self.precision, low = choose_precision(self.model, x, self.device, self.dtype)
+        if low is not None:
+            self.model = low
+        self._run = self.model if self._compiler is None else self._compiler(self.model)
+
+
+def _infer(run: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype, precision: str) -> torch.Tensor:
+    low = dtype != torch.float32
+    if low and precision == "weights":
+        x = x.to(device, dtype, non_blocking=True)
+        with torch.inference_mode():
+            return run(x).float()
+    x = x.to(device, non_blocking=True)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=low):
+        return run(x).float()
+
+
+_precision_choices: dict[tuple, str] = {}
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def choose_precision(
+    model: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype, rounds: int = 2,
+) -> tuple[str, nn.Module | None]:
+    """'autocast' or 'weights', whichever ran batch `x` faster (alternating, best of `rounds`) and
+    agreed with the other within 5e-2 of the logits' scale; decided once per (model config, device,
+    dtype, batch shape) in this process. Returns the choice and, for 'weights', a bf16/fp16 copy of
+    `model` (the model itself is never converted)."""
+    key = (type(model).__qualname__, repr(getattr(model, "config", None) or model), str(device), dtype, tuple(x.shape))
+    choice = _precision_choices.get(key)
+    if choice == "autocast":
+        return choice, None
+    low = cast_weights(copy.deepcopy(model), dtype)
+    if choice is None:
+        runs = {"autocast": model, "weights": low}
+        outs = {p: _infer(m, x, device, dtype, p) for p, m in runs.items()}  # also the warm-up
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(rounds):
+            for p, m in runs.items():
+                best[p] = min(best[p], _seconds(functools.partial(_infer, m, x, device, dtype, p), device))
+        a, w = outs["autocast"].float(), outs["weights"].float()
+        agree = bool(((a - w).abs().max() <= 5e-2 * a.abs().max().clamp_min(1e-6)).item())
+        choice = _precision_choices[key] = "weights" if agree and best["weights"] < best["autocast"] else "autocast"
+    return choice, (low if choice == "weights" else None)
 
 
 def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -94,14 +151,16 @@ def optimize(
     compile: bool = False,
     channels_last: bool = True,
     compile_mode: str | None = None,
-    precision: str = "autocast",
+    precision: str = "auto",
 ) -> InferenceModel:
     """The fastest inference setup of `model` for `device` (default: CUDA if available, else CPU).
 
-    `dtype`: 'fp32', 'bf16' or 'fp16' (autocast). `compile`: torch.compile with fullgraph=True (first
-    call takes seconds to minutes). The returned module takes images on any device and returns logits.
-    `precision`: for bf16/fp16, 'autocast' (weights stay fp32, the model is left as it was) or
-    'weights' (the model's weights are converted to `dtype` in place, LayerNorm's excepted; faster).
+    `dtype`: 'fp32', 'bf16' or 'fp16'. `compile`: torch.compile with fullgraph=True (first call takes
+    seconds to minutes). The returned module takes images on any device and returns logits.
+    `precision`, for bf16/fp16: 'auto' (default: the first batch times autocast against weights
+    converted to `dtype`, on a copy, and keeps the faster; `choose_precision`), 'autocast' (weights
+    stay fp32, the model is left as it was) or 'weights' (the model's weights are converted to `dtype`
+    in place, LayerNorm's excepted).
     Training is not affected: call this on the model you evaluate, not the one you train.
     """
     device, dtype = parse_device(device), parse_dtype(dtype)
@@ -114,10 +173,11 @@ def optimize(
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cpu":
         tune_cpu_allocator()
-    compiled = None
-    if compile:
-        if device.type == "cpu":
-            compiled = torch.compile(model, fullgraph=True, mode=compile_mode, options=None if compile_mode else {"freezing": True})
-        else:
-            compiled = torch.compile(model, fullgraph=True, mode=compile_mode or "max-autotune-no-cudagraphs")
-    return InferenceModel(model, device, dtype, compiled, precision)
+    compiler = functools.partial(_compile, device=device, mode=compile_mode) if compile else None
+    return InferenceModel(model, device, dtype, compiler, precision)
+
+
+def _compile(model: nn.Module, device: torch.device, mode: str | None) -> nn.Module:
+    if device.type == "cpu":
+        return torch.compile(model, fullgraph=True, mode=mode, options=None if mode else {"freezing": True})
+    return torch.compile(model, fullgraph=True, mode=mode or "max-autotune-no-cudagraphs")

@@ -21,6 +21,7 @@ from spach.models.blocks import (
     LN_EPS,
     ChannelsLastGroupNorm1,
     Downsample,
+    LayerNorm,
     MixingBlock,
     Stem,
     to_nchw,
@@ -173,7 +174,7 @@ class SpachNet(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = Stem(cfg.stem_type, cfg.in_chans, cfg.hidden_dim, cfg.patch_size)
-        self.norm_pre = nn.LayerNorm(cfg.hidden_dim, eps=LN_EPS)
+        self.norm_pre = LayerNorm(cfg.hidden_dim, eps=LN_EPS)
         self.pos_embed = nn.Parameter(torch.zeros(1, *cfg.grid(0), cfg.hidden_dim)) if cfg.pos_embed else None
 
         depths = [sum(d for _, d in stage) for stage in cfg.net_arch]
@@ -210,7 +211,7 @@ class SpachNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.default_out_indices = min(3, k) if cfg.num_stages == 1 else cfg.num_stages
 
-        self.norm = nn.LayerNorm(self.num_features, eps=LN_EPS)
+        self.norm = LayerNorm(self.num_features, eps=LN_EPS)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.fixed_input_size = cfg.pos_embed or any(getattr(m, "fixed_input_size", False) for m in self.modules())

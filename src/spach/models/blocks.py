@@ -6,12 +6,23 @@ Inside the network, tokens live as channels-last images `(B, H, W, C)`: the same
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
 LN_EPS = 1e-6
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs x's matmuls and convs in, or None where autocast is off (or, as on
+    the meta device, does not exist)."""
+    kind = x.device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -24,8 +35,22 @@ def to_nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` (same parameters and result) that normalises a bf16/fp16 CPU input of a width
+    that is not a multiple of 16 in fp32: torch's low-precision CPU kernel runs such widths through a
+    scalar tail, 4x slower than fp32 at width 24 (forward + backward; the battle's first stage)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and self.normalized_shape[-1] % 16:
+            return super().forward(x.float()).to(x.dtype)
+        return super().forward(x)
+
+
 class MixingBlock(nn.Module):
     """`y = x + DropPath(gamma * S(LN1(x))) + CPE(x)`, then `out = y + DropPath(MLP(LN2(y)))`.
+
+    The CPE's residual `x + CPE(x)` runs as one depthwise conv whose kernel has the identity added
+    (the same sum, up to rounding), in the residual stream's own precision.
 
     `mixer=None` is the conv family: no LN1, no gamma, only the depthwise-conv bypass (CPE).
     A shared mixer is passed in already built; the block only holds a reference to it.
@@ -43,29 +68,36 @@ class MixingBlock(nn.Module):
     ):
         super().__init__()
         if mixer is not None:
-            self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+            self.norm1 = LayerNorm(dim, eps=LN_EPS)
             self.mixer = mixer
             self.gamma = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale is not None else None
         else:
             self.mixer = None
         self.cpe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if cpe else None
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        if cpe:  # the identity as a depthwise 3x3 kernel: x + CPE(x) is one conv with it added
+            self.register_buffer("cpe_identity", F.pad(torch.ones(dim, 1, 1, 1), (1, 1, 1, 1)), persistent=False)
+        self.norm2 = LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * channel_ratio), act_layer=nn.GELU, drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x
+        y = self._with_cpe(x) if self.cpe is not None else x
         if self.mixer is not None:
             s = self.mixer(self.norm1(x))
             if self.gamma is not None and isinstance(self.drop_path, nn.Identity):
-                y = torch.addcmul(x, s, self.gamma)  # x + gamma * s in one pass over memory
+                y = torch.addcmul(y, s, self.gamma)  # y + gamma * s in one pass over memory
             else:
-                y = x + self.drop_path(s * self.gamma if self.gamma is not None else s)
-        if self.cpe is not None:
-            c = to_nhwc(self.cpe(to_nchw(x)))
-            # Accumulate into a buffer this block allocated (never into the input x).
-            y = y.add_(c) if self.mixer is not None else y + c
+                y = y + self.drop_path(s * self.gamma if self.gamma is not None else s)
         return y + self.drop_path(self.mlp(self.norm2(y)))
+
+    def _with_cpe(self, x: torch.Tensor) -> torch.Tensor:
+        """`x + CPE(x)` as one depthwise conv, the identity added to the kernel's centre tap: no separate
+        add forward or backward. It runs in x's precision: on an fp32 residual stream autocast would
+        round x to bf16 (and cast the result and its gradients back), so it is off for this conv."""
+        weight = self.cpe.weight + self.cpe_identity
+        keep_fp32 = x.dtype == torch.float32 and autocast_dtype(x) is not None
+        with torch.autocast(x.device.type, enabled=False) if keep_fp32 else contextlib.nullcontext():
+            return to_nhwc(F.conv2d(to_nchw(x), weight, self.cpe.bias, padding=1, groups=self.cpe.groups))
 
 
 class ChannelsLastGroupNorm1(nn.GroupNorm):
@@ -76,7 +108,10 @@ class ChannelsLastGroupNorm1(nn.GroupNorm):
         super().__init__(1, num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[1:], eps=self.eps), self.weight)
+        y = F.layer_norm(x, x.shape[1:], eps=self.eps)
+        # the affine in y's dtype, as nn.GroupNorm returns under autocast: fp32 parameters would
+        # promote a bf16 residual stream to fp32 (a cast in front of every later op)
+        return torch.addcmul(self.bias.to(y.dtype), y, self.weight.to(y.dtype))
 
 
 class Downsample(nn.Module):
@@ -111,4 +146,8 @@ class Stem(nn.Module):
             raise ValueError(f"unknown stem_type {stem_type!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = autocast_dtype(x)
+        if low is not None and x.dtype == torch.float32:
+            # one copy for the layout and autocast's cast of the image, instead of one each
+            x = x.to(low, memory_format=torch.channels_last)
         return to_nhwc(self.proj(x.contiguous(memory_format=torch.channels_last))).contiguous()

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spach.errors import SpachError
+from spach.models.attention import multi_head_attention
 from spach.models.checks import check_grid
 
 torch.fx.wrap("check_grid")
@@ -99,7 +100,8 @@ def build_mixer(name: str, ctx: MixerContext) -> nn.Module | None:
 
 @register_mixer("attn")
 class Attention(nn.Module):
-    """Multi-head self-attention over all tokens (fused scaled-dot-product attention)."""
+    """Multi-head self-attention over all tokens; the kernel is picked per device, dtype and shape by
+    measured speed (`spach.models.attention`)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, drop: float = 0.0):
         super().__init__()
@@ -114,12 +116,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        # The last axis splits as (3, heads, head_dim), as in the official code.
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj_drop(self.proj(y))
+        qkv = self.qkv(x).reshape(B, H * W, 3 * C)
+        y = multi_head_attention(qkv, self.num_heads, self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(y.reshape(B, H, W, C)))
 
 
 @register_mixer("mlp")
