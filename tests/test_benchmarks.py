@@ -4,6 +4,8 @@ import pathlib
 
 import pytest
 
+from spach.battle.study import load_study
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vs_reference.py"
 
 
@@ -17,4 +19,4 @@ def vs_reference():
 
 def test_battle_mode_runs_every_default_contestant(vs_reference):
     rows = vs_reference.main(["--battle", "--repeats", "1", "--warmup", "0"])
-    assert len(rows) == 8 and all(r["fp32"] > 0 and r["bf16"] > 0 for r in rows)
+    assert len(rows) == len(load_study(preset="default").contestants) and all(r["fp32"] > 0 and r["bf16"] > 0 for r in rows)

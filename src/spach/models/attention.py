@@ -29,7 +29,6 @@ decorator), `set_attention_implementation("matmul")` (process-wide; None clears 
 variable `SPACH_ATTENTION=matmul`. The name `auto` means measure; `attention_choices()` shows the
 cache, `clear_attention_cache()` empties it.
 """
-from __future__ import annotations
 
 import contextlib
 import os
@@ -234,6 +233,16 @@ def choose(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float =
 
 
 def multi_head_attention(qkv: torch.Tensor, num_heads: int, dropout_p: float = 0.0) -> torch.Tensor:
-    """Self-attention of the `(B, N, 3C)` qkv projection with `num_heads` heads -> `(B, N, C)`."""
+    """Self-attention of the `(B, N, 3C)` qkv projection with `num_heads` heads -> `(B, N, C)`
+    (TorchScript and FX graphs take the fixed default)."""
+    if torch.jit.is_scripting():
+        return _sdpa(qkv, num_heads, dropout_p)
+    return _chosen(qkv, num_heads, dropout_p)
+
+
+@torch.jit.unused
+def _chosen(qkv: torch.Tensor, num_heads: int, dropout_p: float) -> torch.Tensor:
+    if _tracing():
+        return IMPLEMENTATIONS[DEFAULT](qkv, num_heads, dropout_p)
     training = torch.is_grad_enabled() and qkv.requires_grad
     return IMPLEMENTATIONS[choose(qkv, num_heads, training, dropout_p)](qkv, num_heads, dropout_p)

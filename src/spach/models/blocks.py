@@ -4,9 +4,8 @@ Inside the network, tokens live as channels-last images `(B, H, W, C)`: the same
 `(B, N, C)` token sequence of the official code, and a free `permute` away from a channels-last
 `(B, C, H, W)` view, so the depthwise convolutions and the downsample need no layout copies.
 """
-from __future__ import annotations
 
-import contextlib
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -16,9 +15,19 @@ from timm.layers import DropPath, Mlp
 LN_EPS = 1e-6
 
 
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype autocast runs x's matmuls and convs in, or None where autocast is off (or, as on
-    the meta device, does not exist)."""
+    the meta device, does not exist). None in TorchScript and while FX traces: their graphs take the
+    plain path, which gives the same result under autocast, just without the copies saved."""
+    if torch.jit.is_scripting():
+        return None
+    return _eager_autocast_dtype(x)
+
+
+@torch.jit.unused
+def _eager_autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return None
     kind = x.device.type
     if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
         return None
@@ -41,9 +50,17 @@ class LayerNorm(nn.LayerNorm):
     scalar tail, 4x slower than fp32 at width 24 (forward + backward; the battle's first stage)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and self.normalized_shape[-1] % 16:
-            return super().forward(x.float()).to(x.dtype)
-        return super().forward(x)
+        if not torch.jit.is_scripting():  # (scripted and FX-traced graphs normalise in the input's dtype)
+            if _slow_low_precision_width(x, self.normalized_shape[-1]):
+                return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+@torch.jit.unused
+def _slow_low_precision_width(x: torch.Tensor, width: int) -> bool:
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
+    return x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and width % 16 != 0
 
 
 class MixingBlock(nn.Module):
@@ -95,9 +112,17 @@ class MixingBlock(nn.Module):
         add forward or backward. It runs in x's precision: on an fp32 residual stream autocast would
         round x to bf16 (and cast the result and its gradients back), so it is off for this conv."""
         weight = self.cpe.weight + self.cpe_identity
-        keep_fp32 = x.dtype == torch.float32 and autocast_dtype(x) is not None
-        with torch.autocast(x.device.type, enabled=False) if keep_fp32 else contextlib.nullcontext():
-            return to_nhwc(F.conv2d(to_nchw(x), weight, self.cpe.bias, padding=1, groups=self.cpe.groups))
+        if autocast_dtype(x) is not None and x.dtype == torch.float32:
+            return self._conv_without_autocast(x, weight)
+        return self._conv(x, weight)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return to_nhwc(F.conv2d(to_nchw(x), weight, self.cpe.bias, padding=1, groups=self.cpe.groups))
+
+    @torch.jit.unused
+    def _conv_without_autocast(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self._conv(x, weight)
 
 
 class ChannelsLastGroupNorm1(nn.GroupNorm):

@@ -179,8 +179,10 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
 
 def _make_parts(cfg: TrainConfig, d: Dist, model: nn.Module, data: Data, steps: int, lr: float) -> Parts:
     amp = parse_amp(cfg.amp, d.device, training=True)
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                    **({"eps": cfg.opt_eps} if cfg.opt_eps and "adam" in cfg.opt.lower() else {}))
+    extra = {"eps": cfg.opt_eps} if cfg.opt_eps and "adam" in cfg.opt.lower() else {}
+    if d.device.type == "cpu" and cfg.opt.lower() in ("adam", "adamw"):
+        extra["fused"] = True  # one kernel over all parameters: 2-4 ms of a small model's CPU step
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **extra)
     sched = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps, lr_min=cfg.min_lr, warmup_t=int(cfg.warmup_epochs * steps),
                               warmup_lr_init=cfg.warmup_lr, t_in_epochs=False)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
