@@ -5,8 +5,8 @@ the one thing the finding is about) and judged with `spach.battle.stats`:
 - paired by seed: every contestant of a seed saw the same data in the same order with the same
   augmentation draws (common random numbers), so seed effects cancel in a pair's differences;
 - the seed noise of each metric is pooled over the arm's contestants (a two-way contestant x seed fit),
-  which gives 3-seed studies real power; a metric defined per pair (top-1 at equal training loss) uses
-  the pair's own paired noise;
+  which gives 3-seed studies real power (top-1 at equal training loss: every contestant of the arm is
+  scored at the pair's loss level);
 - the test set's own noise comes from the per-image predictions every run stores (the test images are
   the same for every seed, so seed-to-seed spread cannot see it);
 - the comparisons of one finding are Holm-corrected together; a comparison is `equivalent` when its
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spach.battle import stats
-from spach.battle.pairs import TESTS, Pair, values_at_equal_loss
+from spach.battle.pairs import TESTS, Pair, accuracy_at_level, equal_loss_level
 from spach.battle.questions import FINDINGS, NEEDS, QUESTION_KEYS
 from spach.battle.results import ContestantResult
 from spach.battle.study import MAIN, Study
@@ -121,10 +121,14 @@ class _Arm:
 def _comparison(p: Pair, arm: _Arm, margin: float, alpha: float) -> tuple[Comparison, stats.PairTest]:
     margin = margin if p.equivalence else 0.0
     if p.metric == "top1_at_loss":
-        a, b, where = values_at_equal_loss(p.a, p.b)
-        noise = stats.seed_noise([a, b])  # a per-pair metric: the pair's own paired noise
-        correct_a = correct_b = None
-        note = "; ".join(x for x in (where, p.note, "own paired noise, no test-set term") if x)
+        # every contestant of the arm scored at the pair's level: the seed noise is pooled as for any
+        # metric; the test-set term comes from the final epoch's predictions (the same images)
+        level, where = equal_loss_level(p.a, p.b)
+        table = [accuracy_at_level(e, level) for e in arm.entries]
+        a, b = accuracy_at_level(p.a, level), accuracy_at_level(p.b, level)
+        noise = stats.seed_noise(table)
+        correct_a, correct_b = _correct(p.a), _correct(p.b)
+        note = "; ".join(x for x in (where, p.note, "test-set term from the final predictions") if x)
     else:
         a, b = _per_seed(p.a, p.metric), _per_seed(p.b, p.metric)
         noise = arm.noise(p.metric)

@@ -187,18 +187,20 @@ def accuracy_at_loss(curve: list[tuple[float, float]], level: float) -> float:
     return next((a for l, a in curve if l == level), math.nan)
 
 
-def values_at_equal_loss(a: ContestantResult, b: ContestantResult) -> tuple[list[float], list[float], str]:
-    """Per seed, each contestant's test top-1 at the lowest training loss every run of both reaches
-    (NaN for a run not finished), and a note for the report."""
-    runs = [r for r in a.runs + b.runs if r.status == "done"]
-    curves = {id(r): r.curve() for r in runs}
-    if not runs or not all(curves.values()):
-        return [math.nan] * len(a.runs), [math.nan] * len(b.runs), "no training curves"
-    level = max(min(loss for loss, _ in c) for c in curves.values())
-    if level > min(max(loss for loss, _ in c) for c in curves.values()):
-        return [math.nan] * len(a.runs), [math.nan] * len(b.runs), "their training-loss ranges do not overlap"
+def equal_loss_level(a: ContestantResult, b: ContestantResult) -> tuple[float, str]:
+    """The lowest training loss every finished run of both reaches (NaN when their ranges do not
+    overlap), and a note for the report."""
+    curves = [r.curve() for r in a.runs + b.runs if r.status == "done"]
+    if not curves or not all(curves):
+        return math.nan, "no training curves"
+    level = max(min(loss for loss, _ in c) for c in curves)
+    if level > min(max(loss for loss, _ in c) for c in curves):
+        return math.nan, "their training-loss ranges do not overlap"
+    return level, f"at training loss {level:.3f}"
 
-    def at(e: ContestantResult) -> list[float]:
-        return [accuracy_at_loss(curves[id(r)], level) if r.status == "done" else math.nan for r in e.runs]
 
-    return at(a), at(b), f"at training loss {level:.3f}"
+def accuracy_at_level(e: ContestantResult, level: float) -> list[float]:
+    """Per seed, the test top-1 where the run's training loss falls to `level` (NaN when it never does
+    or the run did not finish)."""
+    return [accuracy_at_loss(r.curve(), level) if r.status == "done" and not math.isnan(level) else math.nan
+            for r in e.runs]
