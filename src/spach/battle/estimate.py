@@ -17,13 +17,12 @@ from typing import TextIO
 import torch
 
 from spach.battle.costs import measure_costs
-from spach.battle.plan import data_shape
+from spach.battle.plan import data_shape, epoch_images
 from spach.battle.study import Contestant, Study
 from spach.bench.profile import throughput
 from spach.device import amp_dtype, parse_device
 from spach.humanize import hms
-from spach.train.config import TrainConfig
-from spach.train.datasets import DATASETS, canonical_dataset
+from spach.train.datasets import canonical_dataset
 from spach.train.factory import build_model
 
 # DeiT-B (17.6 GMACs) trains 300 epochs of ImageNet in 53 h on 8 V100s (DeiT paper): ~26 TFLOP/s per GPU
@@ -41,12 +40,6 @@ class RunCost:
     seconds: float  # one run, on this machine (or on one V100 when `gpu_hours`)
 
 
-def _sizes(cfg: TrainConfig) -> tuple[int, int]:
-    n_train, n_val = DATASETS[canonical_dataset(cfg.dataset)][3:]
-    n_train = min(cfg.train_subset or n_train, n_train)
-    return n_train, min(cfg.val_subset or n_val, n_val) + min(cfg.eval_train_subset, n_train)
-
-
 def _timed(study: Study, c: Contestant, device: torch.device, threads: int) -> float:
     cfg = study.config(c)
     classes, chans, size = data_shape(study)
@@ -60,7 +53,7 @@ def _timed(study: Study, c: Contestant, device: torch.device, threads: int) -> f
         infer = throughput(model, cfg.eval_batch_size or cfg.batch_size, img, device, dtype, warmup=1, repeats=2)
     finally:
         torch.set_num_threads(old)
-    n_train, scored = _sizes(cfg)
+    n_train, scored = epoch_images(cfg)
     return cfg.epochs * (n_train / train + scored / infer)
 
 
@@ -93,7 +86,7 @@ def print_plan(study: Study, stream: TextIO | None = None) -> float:
             print(f"{c.name:<24} cannot run: {k['error']}", file=stream)
             continue
         ccfg = study.config(c)
-        n_train, scored = _sizes(ccfg)
+        n_train, scored = epoch_images(ccfg)
         if guess:
             secs = ccfg.epochs * (n_train * 6 + scored * 2) * k["macs"] / V100_TRAIN_FLOPS
         else:

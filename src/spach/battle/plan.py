@@ -86,3 +86,10 @@ def data_shape(study: Study) -> tuple[int, int, int]:
     if name == "imagefolder" and path.is_dir():
         classes = sum(1 for p in path.iterdir() if p.is_dir()) or classes
     return classes, chans, study.data.get("img_size", 0) or native
+
+
+def epoch_images(cfg: TrainConfig) -> tuple[int, int]:
+    """(images trained on, images scored) per epoch of a run with this config."""
+    n_train, n_val = DATASETS[canonical_dataset(cfg.dataset)][3:]
+    n_train = min(cfg.train_subset or n_train, n_train)
+    return n_train, min(cfg.val_subset or n_val, n_val) + min(cfg.eval_train_subset, n_train)

@@ -26,7 +26,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from spach.battle.costs import measure_costs
-from spach.battle.plan import Run, check_compatible, check_data, open_study, plan
+from spach.battle.plan import Run, check_compatible, check_data, epoch_images, open_study, plan
 from spach.battle.report import write_report
 from spach.battle.results import LEDGER_FILE, STUDY_FILE, Ledger, read_jsonl
 from spach.battle.study import Study, check_runnable, import_plugins
@@ -71,7 +71,8 @@ def _worker_init(threads: int, imports: list[str]) -> None:
 
 class Progress:
     """Lines on `stream`: which run, its epoch, and ETAs for the run and the whole study. An epoch's time
-    is predicted from the contestant's own epochs, else from seconds per MAC seen so far."""
+    is predicted from the contestant's own epochs, else from the seconds per unit of work seen so far
+    (MACs x images, a training image counting three forward passes)."""
 
     def __init__(self, runs: list[Run], costs: dict[str, dict], stream: TextIO, jobs: int = 1):
         self.runs, self.costs, self.stream, self.jobs = runs, costs, stream, jobs
@@ -88,19 +89,24 @@ class Progress:
         head = f"[{self.index[id(run)]:>{len(str(len(self.runs)))}}/{len(self.runs)}] {run.name}: " if run else ""
         print(head + text, file=self.stream, flush=True)
 
-    def _epoch_time(self, name: str) -> float:
-        own = [t for t in self.epoch_times.get(name, []) if math.isfinite(t)]
+    def _work(self, run: Run) -> float:
+        trained, scored = epoch_images(run.config)
+        return self.costs.get(run.contestant.name, {}).get("macs", 0) * (3 * trained + scored)
+
+    def _epoch_time(self, run: Run) -> float:
+        own = [t for t in self.epoch_times.get(run.contestant.name, []) if math.isfinite(t)]
         if own:
             return sum(own) / len(own)
-        seen = [(sum(t for t in ts if math.isfinite(t)), len(ts) * self.costs.get(n, {}).get("macs", 0))
+        work = {r.contestant.name: self._work(r) for r in self.runs}
+        seen = [(sum(t for t in ts if math.isfinite(t)), len(ts) * work.get(n, 0))
                 for n, ts in self.epoch_times.items() if ts]
-        secs, macs = sum(s for s, _ in seen), sum(m for _, m in seen)
-        return secs / macs * self.costs.get(name, {}).get("macs", 0) if macs else math.nan
+        secs, total = sum(s for s, _ in seen), sum(w for _, w in seen)
+        return secs / total * self._work(run) if total else math.nan
 
     def remaining(self, run: Run) -> float:
         if run.is_done():
             return 0.0
-        return (run.config.epochs - self.epochs_done[id(run)]) * self._epoch_time(run.contestant.name)
+        return (run.config.epochs - self.epochs_done[id(run)]) * self._epoch_time(run)
 
     def epoch(self, run: Run, rec: dict[str, Any]) -> None:
         self.epochs_done[id(run)] = rec["epoch"]
