@@ -39,7 +39,7 @@ def test_good_study_parses():
     assert cfg.model == "spach" and cfg.model_kwargs["hidden_dim"] == 16
 
 
-@pytest.mark.parametrize("name", ["default", "medium", "medium-cifar10", "paper", "tiny"])
+@pytest.mark.parametrize("name", ["default", "medium", "medium-cifar10", "paper", "tiny", "beyond"])
 def test_presets_parse(name):
     assert name in list_presets()
     s = load_study(preset=name)
@@ -52,6 +52,15 @@ def test_default_preset_covers_the_design():
     kinds = {(c.arch["net_arch"][0][0] if isinstance(c.arch["net_arch"][0][0], str) else "ms") for c in s.contestants}
     assert "ms" in kinds and kinds & {"conv", "attn", "mlp"}
     assert any(c.arch.get("cpe") is False for c in s.contestants)
+
+
+def test_beyond_spends_the_default_main_arm_budget():
+    """The beyond preset's contestants train exactly as the default's main arm does (same data, recipe,
+    seeds and margin), and its conv / attn / mlp contestants are the default's."""
+    d, b = load_study(), load_study(preset="beyond")
+    assert (b.data, b.recipe, b.seeds, b.margin) == (d.data, d.recipe, d.seeds, d.margin)
+    main = {c.name: c.arch for c in d.contestants if c.arm == "main"}
+    assert all(main[n] == c.arch for c in b.contestants if (n := c.name) in ("conv-ms", "attn-ms", "mlp-ms"))
 
 
 def _mutate(old: str, new: str) -> str:

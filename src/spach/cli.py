@@ -15,6 +15,7 @@ from spach.battle.report import write_report
 from spach.battle.resources import FLAGS as RESOURCE_FLAGS
 from spach.battle.resources import flag_name
 from spach.battle.schema import SLURM_KEYS
+from spach.battle.study import list_presets
 from spach.bench.command import command as bench_command
 from spach.bench.measure import BenchSettings
 from spach.errors import SpachError
@@ -184,7 +185,7 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("battle", help="run (or resume) a study comparing spatial-mixing families, then write its report")
     p.add_argument("study", nargs="?", help="study TOML file (default: the embedded default preset, or the study "
                    "already in --output)")
-    p.add_argument("--preset", help="a shipped study instead of a file: default, medium, medium-cifar10, paper, tiny")
+    p.add_argument("--preset", help=f"a shipped study instead of a file: {', '.join(list_presets())}")
     p.add_argument("--output", help="study folder (default: battles/<study name>); rerun to resume")
     p.add_argument("--jobs", type=int, help="runs trained at a time (default: the study's, 1); with a batch "
                    "launcher: jobs in the queue at a time (default: all)")
