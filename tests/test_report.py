@@ -83,7 +83,7 @@ def test_report_tables_findings_and_figures(tmp_path):
     assert "| 2 | Local modeling (the CPE depthwise-conv bypass) lifts attention and MLP models | main | inconclusive |" in md
     assert "| 5 | Hybrids (conv early, attention late) beat each pure family | main | not testable here | Not testable" in md
     assert "Made by hand." in md and "How far this is from the paper" in md
-    assert "1 of the 3 findings this study tests are decided" in md and "Holm's correction within each finding" in md
+    assert "1 of the 3 findings of the paper this study tests are decided" in md and "Holm's correction within each finding" in md
     assert "MDD" in md  # the inconclusive comparisons say what they could have detected
     assert "## Failed runs" not in md
     html = html_path.read_text()
@@ -116,3 +116,15 @@ def test_pareto_front():
     points = [(1.0, 80.0), (2.0, 85.0), (3.0, 84.0), (4.0, 90.0)]
     assert pareto_front(points, higher_x_better=False) == [0, 1, 3]
     assert pareto_front([(10.0, 80.0), (5.0, 85.0)], higher_x_better=True) == [1, 0]
+
+
+def test_the_tally_counts_the_paper_findings_and_the_further_questions_apart(tmp_path, monkeypatch):
+    """A study that also asks the `beyond` question: the paper's five are counted apart from it."""
+    monkeypatch.setitem(TOP1, "shift-ms", [90.1, 90.2, 90.0])
+    monkeypatch.setitem(FACTS, "shift-ms", ("shift", "multi", True, "D"))
+    text = STUDY.replace('notes = "Made by hand."', 'notes = "Made by hand."\nquestions = ["local-modeling", "beyond"]')
+    text += '\n[[contestant]]\nname = "shift-ms"\narch = { net_arch = [[["conv", 1]], [["shift", 1]]], hidden_dim = 8, patch_size = 2 }\n'
+    out = make_folder(tmp_path, study_text=text)
+    write_report(out)
+    md = (out / "report.md").read_text()
+    assert "0 of the 1 findings of the paper this study tests are decided, and 0 of its 1 further question(s)" in md, md

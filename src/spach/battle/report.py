@@ -101,13 +101,15 @@ def _scale_note(study: Study, entries: list[ContestantResult]) -> list[Block]:
 
 def _findings_blocks(study: Study, findings: list[Finding]) -> list[Block]:
     asked = [f for f in findings if f.verdict not in ("elsewhere", "untested")]
-    decided = sum(f.decided for f in asked if f.number <= 5)
+    paper, beyond = [f for f in asked if f.number <= 5], [f for f in asked if f.number > 5]
+    tally = f"{sum(f.decided for f in paper)} of the {len(paper)} findings of the paper this study tests are decided"
+    if beyond:
+        tally += f", and {sum(f.decided for f in beyond)} of its {len(beyond)} further question(s)"
     rows = [[str(f.number), f.title, f.arm if f.verdict != "elsewhere" else "-", VERDICT_MARK[f.verdict],
              "; ".join(evidence(c) for c in f.comparisons) if f.comparisons else f.summary] for f in findings]
     blocks: list[Block] = [
         ("h2", "Findings"),
-        ("p", f"{decided} of the {sum(f.number <= 5 for f in asked)} findings this study tests are decided (every "
-              "comparison supported, contradicted or equivalent). Method: " + METHOD + f". Margin {study.margin:g} "
+        ("p", f"{tally} (every comparison supported, contradicted or equivalent). Method: " + METHOD + f". Margin {study.margin:g} "
               f"points, alpha {study.alpha:g}, both fixed in the study file before it ran (sha256 "
               f"{study.sha256[:16] or '-'}). Why: three seeds alone (2 df) cannot tell a point from noise; pooling the "
               "seed noise over the study's contestants gives the tests real degrees of freedom, the shared test set's "
