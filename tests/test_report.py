@@ -128,3 +128,15 @@ def test_the_tally_counts_the_paper_findings_and_the_further_questions_apart(tmp
     write_report(out)
     md = (out / "report.md").read_text()
     assert "0 of the 1 findings of the paper this study tests are decided, and 0 of its 1 further question(s)" in md, md
+
+
+def test_a_pair_noisier_than_the_pooled_noise_is_flagged(tmp_path):
+    """attn-ms vs its no-CPE twin swing by points from seed to seed while the conv pair moves by tenths:
+    the pooled noise understates that pair's, and its row says so (the conv pair's does not)."""
+    out = make_folder(tmp_path)
+    write_report(out)
+    md = (out / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    attn, conv = rows["attn-ms (CPE) &gt; attn-ms-nocpe (no CPE)"], rows["conv-ms &gt; conv-ss"]
+    assert "own seed noise is 1.7x the pooled one: the verdict leans on the equal-noise assumption" in attn
+    assert "equal-noise" not in conv
