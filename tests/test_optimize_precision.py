@@ -52,7 +52,7 @@ def test_auto_precision_keeps_the_faster_setting_once_and_never_converts_the_mod
     assert all(p.dtype == torch.float32 for p in net.parameters())
     assert len(opt._precision_choices) == 1
     # decided once per (config, device, dtype, batch shape): a second optimize() does not time again
-    monkeypatch.setattr(opt, "_seconds", lambda *a: pytest.fail("measured twice"))
+    monkeypatch.setattr(opt, "time_once", lambda *a: pytest.fail("measured twice"))
     again = spach.optimize(_model(), "cpu", "bf16")
     again(x)
     assert again.precision == fast.precision
@@ -65,13 +65,13 @@ def _timed(weights_s: float, autocast_s: float):
 def test_auto_precision_prefers_weights_when_faster_and_autocast_when_they_disagree(monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     opt._precision_choices.clear()
-    monkeypatch.setattr(opt, "_seconds", _timed(weights_s=1.0, autocast_s=2.0))
+    monkeypatch.setattr(opt, "time_once", _timed(weights_s=1.0, autocast_s=2.0))
     fast = spach.optimize(_model(), "cpu", "bf16")
     fast(x)
     assert fast.precision == "weights" and fast.model.head.weight.dtype == torch.bfloat16
 
     opt._precision_choices.clear()
-    monkeypatch.setattr(opt, "_seconds", _timed(weights_s=2.0, autocast_s=1.0))
+    monkeypatch.setattr(opt, "time_once", _timed(weights_s=2.0, autocast_s=1.0))
     slow = spach.optimize(_model(), "cpu", "bf16")
     slow(x)
     assert slow.precision == "autocast" and slow.model.head.weight.dtype == torch.float32
@@ -83,7 +83,7 @@ def test_auto_precision_prefers_weights_when_faster_and_autocast_when_they_disag
         cast(model, dtype).head.weight.data.mul_(-1)
         return model
 
-    monkeypatch.setattr(opt, "_seconds", _timed(weights_s=1.0, autocast_s=2.0))
+    monkeypatch.setattr(opt, "time_once", _timed(weights_s=1.0, autocast_s=2.0))
     monkeypatch.setattr(opt, "cast_weights", broken_cast)
     broken = spach.optimize(_model(), "cpu", "bf16")
     broken(x)

@@ -129,17 +129,24 @@ def conv_vs_attn(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]
     return pairs, []
 
 
+def _against_pure_families(entries: list[ContestantResult], families: tuple[str, ...] | list[str],
+                           claim: str) -> tuple[list[Pair], list[str]]:
+    """Each contestant of `families` against the closest-cost contestant of every pure family in its
+    layout; `claim` joins the two names ("a > b", "a vs b")."""
+    pairs, missing = [], []
+    for m in (e for e in entries if e.family in families):
+        for fam in PURE:
+            rival = _closest(m, (e for e in entries if e.family == fam and e.layout == m.layout and _same_kind(m, e)))
+            if rival is None:
+                missing.append(f"a {fam} contestant with the layout of {m.name}")
+            else:
+                pairs.append(_pair(f"{m.name} {claim} {rival.name}", m, rival, "final_top1", TOP1))
+    return pairs, missing
+
+
 def hybrid(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
     """Finding 5: each hybrid against the closest-cost contestant of every pure family in its layout."""
-    pairs, missing = [], []
-    for h in (e for e in entries if e.family == "hybrid"):
-        for fam in PURE:
-            rival = _closest(h, (e for e in entries if e.family == fam and e.layout == h.layout and _same_kind(h, e)))
-            if rival is None:
-                missing.append(f"a {fam} contestant with the layout of {h.name}")
-            else:
-                pairs.append(_pair(f"{h.name} > {rival.name}", h, rival, "final_top1", TOP1))
-    return pairs, missing
+    return _against_pure_families(entries, ("hybrid",), ">")
 
 
 def size_crossover(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
@@ -163,15 +170,7 @@ def size_crossover(entries: list[ContestantResult]) -> tuple[list[Pair], list[st
 def beyond(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
     """Each contestant of a mixer beyond the paper against the closest-cost contestant of every pure
     family in its layout: equivalent = it matches that family, supported = it beats it."""
-    pairs, missing = [], []
-    for m in (e for e in entries if e.family in BEYOND):
-        for fam in PURE:
-            rival = _closest(m, (e for e in entries if e.family == fam and e.layout == m.layout and _same_kind(m, e)))
-            if rival is None:
-                missing.append(f"a {fam} contestant with the layout of {m.name}")
-            else:
-                pairs.append(_pair(f"{m.name} vs {rival.name}", m, rival, "final_top1", TOP1))
-    return pairs, missing
+    return _against_pure_families(entries, BEYOND, "vs")
 
 
 TESTS: dict[int, Callable[[list[ContestantResult]], tuple[list[Pair], list[str]]]] = {

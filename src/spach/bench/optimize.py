@@ -27,14 +27,12 @@ import copy
 import ctypes
 import ctypes.util
 import functools
-import time
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from spach.bench.profile import synchronize
-from spach.device import parse_device, parse_dtype
+from spach.device import parse_device, parse_dtype, time_once
 from spach.errors import SpachError
 
 PRECISIONS = ("auto", "autocast", "weights")
@@ -99,14 +97,6 @@ def _infer(run: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.d
 _precision_choices: dict[tuple, str] = {}
 
 
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
 def choose_precision(
     model: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype, rounds: int = 2,
 ) -> tuple[str, nn.Module | None]:
@@ -125,7 +115,7 @@ def choose_precision(
         best = dict.fromkeys(runs, float("inf"))
         for _ in range(rounds):
             for p, m in runs.items():
-                best[p] = min(best[p], _seconds(functools.partial(_infer, m, x, device, dtype, p), device))
+                best[p] = min(best[p], time_once(functools.partial(_infer, m, x, device, dtype, p), device))
         a, w = outs["autocast"].float(), outs["weights"].float()
         agree = bool(((a - w).abs().max() <= 5e-2 * a.abs().max().clamp_min(1e-6)).item())
         choice = _precision_choices[key] = "weights" if agree and best["weights"] < best["autocast"] else "autocast"

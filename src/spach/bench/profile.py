@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spach.device import autocast
+from spach.device import autocast, synchronize
 from spach.models.flops import count_macs, count_module_macs, count_params, input_shape
 
 __all__ = ["count_macs", "count_module_macs", "count_params", "input_shape", "make_step", "synchronize", "throughput",
@@ -20,11 +20,6 @@ __all__ = ["count_macs", "count_module_macs", "count_params", "input_shape", "ma
 
 
 # --- time ------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_runs(step: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 3, repeats: int = 5) -> list[float]:
     """Seconds taken by each of `repeats` calls of `step` after `warmup` untimed calls.
 

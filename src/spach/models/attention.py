@@ -32,7 +32,6 @@ cache, `clear_attention_cache()` empties it.
 
 import contextlib
 import os
-import time
 import warnings
 from typing import Callable, Iterator
 
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from spach.device import time_once
 from spach.errors import SpachError
 
 ENV_VAR = "SPACH_ATTENTION"
@@ -166,19 +166,6 @@ def _tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def measure(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float = 0.0, rounds: int = 3) -> dict[str, float]:
     """Seconds per call of each implementation that runs on these tensors (forward, plus backward when
     `training`): one untimed call each, then `rounds` rounds alternating them; the best time each."""
@@ -207,7 +194,7 @@ def measure(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float 
         best[name] = float("inf")
     for _ in range(rounds):
         for name in best:
-            best[name] = min(best[name], _time_once(step(name), qkv.device))
+            best[name] = min(best[name], time_once(step(name), qkv.device))
     return best
 
 
