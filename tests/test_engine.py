@@ -300,3 +300,23 @@ def test_amp_auto_trains_in_bf16_on_cpus_that_have_it_and_evaluates_in_fp32():
     cpu = torch.device("cpu")
     assert amp_dtype("auto", cpu, training=True) == (torch.bfloat16 if cpu_has_bf16() else None)
     assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu, training=True) is None
+
+
+def test_a_resumed_run_keeps_the_kernels_it_measured(tmp_path, monkeypatch):
+    from spach.models import choice, token_mlp
+
+    mlp = dict(TINY, net_arch=[[["conv", 1]], [["mlp", 1]]])
+    monkeypatch.setattr(token_mlp, "MIN_TOKENS", 16)  # the tiny model's 4x4 grid
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(tiny_cfg(tmp_path, model_kwargs=mlp), on_epoch_end=stop_after_first)
+    saved = checkpoint.load(tmp_path / "checkpoint.pth")["kernels"]
+    assert saved == choice.export_choices() and saved["token-MLP"]
+    token_mlp.TOKEN_MLP.cache.clear()
+    monkeypatch.setattr(token_mlp, "measure", lambda *a, **k: pytest.fail("a kernel measured before was measured again"))
+    engine.train(tiny_cfg(tmp_path, model_kwargs=mlp, resume="auto"))
+    assert len(records(tmp_path)) == 2

@@ -20,9 +20,10 @@ bf16 training wants `matmul` (docs/benchmarks.md has the measurements).
 **Choice.** The first call for a key `(device, dtype, heads, head_dim, tokens, training)` times each
 implementation that can run there on that call's own tensors (forward, plus backward when training;
 candidates alternate, best of 3 rounds; the explicit ones only while the scores stay under
-`SCORES_LIMIT` bytes) and caches the fastest for the process. Inside a
-`torch.compile`/FX/JIT trace, under a `TorchDispatchMode` (the FLOP counter, fake tensors) or during
-CUDA-graph capture nothing is timed: the fixed default `sdpa` runs there.
+`SCORES_LIMIT` bytes) and caches the fastest for the process (`spach.models.choice`, shared with the
+token-mixing MLP; a training checkpoint carries the choices). Inside a `torch.compile`/FX/JIT trace,
+under a `TorchDispatchMode` (the FLOP counter, fake tensors) or during CUDA-graph capture nothing is
+timed: the fixed default `sdpa` runs there.
 
 **Override** (first match wins): `with attention_implementation("matmul"):` (also usable as a
 decorator), `set_attention_implementation("matmul")` (process-wide; None clears it), the environment
@@ -31,22 +32,16 @@ cache, `clear_attention_cache()` empties it.
 """
 
 import contextlib
-import os
-import warnings
 from typing import Callable, Iterator
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from spach.device import time_once
-from spach.errors import SpachError
+from spach.models.choice import Choice, fastest
 
 ENV_VAR = "SPACH_ATTENTION"
 DEFAULT = "sdpa"
-AUTO = "auto"
 Key = tuple[str, torch.dtype, int, int, int, bool]
 
 _SDPA_BACKENDS = {
@@ -58,8 +53,6 @@ _SDPA_BACKENDS = {
 _CUDA_ONLY = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
 _EXPLICIT = ("sdpa_math", "matmul", "matmul_batched")  # materialise the (B, heads, N, N) scores
 SCORES_LIMIT = 2**30  # bytes of scores above which the explicit implementations are not even tried
-_cache: dict[Key, str] = {}
-_override: list[str | None] = [None]
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,36 +109,29 @@ IMPLEMENTATIONS: dict[str, Callable[[torch.Tensor, int, float], torch.Tensor]] =
 }
 
 
-def _check(name: str | None) -> str | None:
-    if name is not None and name != AUTO and name not in IMPLEMENTATIONS:
-        raise SpachError(f"unknown attention implementation {name!r}; use {AUTO} or one of {', '.join(IMPLEMENTATIONS)}")
-    return name
+CHOICE = Choice("attention", IMPLEMENTATIONS, DEFAULT, ENV_VAR)
 
 
 def set_attention_implementation(name: str | None) -> None:
     """Use `name` for every attention call of this process (`auto`: measure; None: back to the
     environment variable, else `auto`)."""
-    _override[0] = _check(name)
+    CHOICE.set(name)
 
 
 @contextlib.contextmanager
 def attention_implementation(name: str) -> Iterator[None]:
     """`with attention_implementation("matmul"): ...` runs the attention inside with `name`."""
-    before = _override[0]
-    _override[0] = _check(name)
-    try:
+    with CHOICE.use(name):
         yield
-    finally:
-        _override[0] = before
 
 
 def attention_choices() -> dict[Key, str]:
     """The measured choices so far: {(device, dtype, heads, head_dim, tokens, training): name}."""
-    return dict(_cache)
+    return dict(CHOICE.cache)
 
 
 def clear_attention_cache() -> None:
-    _cache.clear()
+    CHOICE.cache.clear()
 
 
 def candidates(device: torch.device, score_bytes: int = 0, num_heads: int = 2) -> list[str]:
@@ -154,16 +140,6 @@ def candidates(device: torch.device, score_bytes: int = 0, num_heads: int = 2) -
     only for several heads, with one it is `matmul`)."""
     return [n for n in IMPLEMENTATIONS if (device.type == "cuda" or n not in _CUDA_ONLY)
             and (score_bytes <= SCORES_LIMIT or n not in _EXPLICIT) and (num_heads > 1 or n != "matmul_batched")]
-
-
-def _tracing() -> bool:
-    """Whether timing is impossible or meaningless now: compiling, tracing, under a dispatch mode
-    (FLOP counter, fake tensors) or capturing a CUDA graph."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-        return True
-    if is_in_torch_dispatch_mode():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def measure(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float = 0.0, rounds: int = 3) -> dict[str, float]:
@@ -183,40 +159,23 @@ def measure(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float 
         return run
 
     B, N, _ = qkv.shape
-    best: dict[str, float] = {}
-    for name in candidates(qkv.device, B * num_heads * N * N * qkv.element_size(), num_heads):
-        try:
-            with warnings.catch_warnings():  # a backend that cannot run says why before it raises
-                warnings.simplefilter("ignore")
-                step(name)()
-        except RuntimeError:  # this backend cannot run these shapes/dtype here
-            continue
-        best[name] = float("inf")
-    for _ in range(rounds):
-        for name in best:
-            best[name] = min(best[name], time_once(step(name), qkv.device))
-    return best
+    names = candidates(qkv.device, B * num_heads * N * N * qkv.element_size(), num_heads)
+    return fastest({name: step(name) for name in names}, qkv.device, rounds)
 
 
 def choose(qkv: torch.Tensor, num_heads: int, training: bool, dropout_p: float = 0.0) -> str:
     """The implementation for this call: the override, else the cached or freshly measured fastest
-    (the fixed default while tracing)."""
-    name = _override[0] or os.environ.get(ENV_VAR) or AUTO
-    if name != AUTO:
-        if name not in IMPLEMENTATIONS:
-            raise SpachError(f"{ENV_VAR}={name!r} names no attention implementation; use {AUTO} or one of "
-                             f"{', '.join(IMPLEMENTATIONS)}")
+    (the fixed default while tracing or on a device autocast does not know)."""
+    name = CHOICE.fixed()  # first: under FX tracing the tensors are proxies
+    if name is not None:
         return name
     kind = qkv.device.type
-    if _tracing() or not torch.amp.is_autocast_available(kind):  # tracing, or a meta/odd device: nothing to time
+    if not torch.amp.is_autocast_available(kind):  # a meta/odd device: nothing to time
         return DEFAULT
     B, N, C3 = qkv.shape
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else qkv.dtype
     key = (str(qkv.device), dtype, num_heads, C3 // (3 * num_heads), N, training)
-    if key not in _cache:
-        times = measure(qkv, num_heads, training, dropout_p)
-        _cache[key] = min(times, key=times.get) if times else DEFAULT
-    return _cache[key]
+    return CHOICE.pick(key, lambda: measure(qkv, num_heads, training, dropout_p))
 
 
 def multi_head_attention(qkv: torch.Tensor, num_heads: int, dropout_p: float = 0.0) -> torch.Tensor:
@@ -229,7 +188,5 @@ def multi_head_attention(qkv: torch.Tensor, num_heads: int, dropout_p: float = 0
 
 @torch.jit.unused
 def _chosen(qkv: torch.Tensor, num_heads: int, dropout_p: float) -> torch.Tensor:
-    if _tracing():
-        return IMPLEMENTATIONS[DEFAULT](qkv, num_heads, dropout_p)
     training = torch.is_grad_enabled() and qkv.requires_grad
     return IMPLEMENTATIONS[choose(qkv, num_heads, training, dropout_p)](qkv, num_heads, dropout_p)

@@ -41,6 +41,7 @@ from spach.files import (
     atomic_write_text,
     read_json,
 )
+from spach.models.choice import export_choices, restore_choices
 from spach.train import checkpoint
 from spach.train.config import TrainConfig, config_dict
 from spach.train.data import (
@@ -210,6 +211,7 @@ def _restore(p: Parts, state: TrainState, ckpt: dict[str, Any], d: Dist) -> None
     for f in dataclasses.fields(TrainState):
         if f.name in ckpt:
             setattr(state, f.name, ckpt[f.name])
+    restore_choices(ckpt.get("kernels"))  # continue with the kernels the run measured before it stopped
     rank_rng = ckpt.get("rng_per_rank")
     state.rng = rank_rng[d.rank] if rank_rng and d.rank < len(rank_rng) else None
 
@@ -319,7 +321,7 @@ def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
 
 def _save(cfg: TrainConfig, p: Parts, state: TrainState, out: Path, rng: list | None = None) -> None:
     ckpt = {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "args": config_dict(cfg),
-            **{k: v for k, v in dataclasses.asdict(state).items() if k != "rng"}}
+            "kernels": export_choices(), **{k: v for k, v in dataclasses.asdict(state).items() if k != "rng"}}
     if p.ema is not None:
         ckpt["model_ema"] = p.ema.module.state_dict()
     if p.scaler.is_enabled():
