@@ -320,3 +320,11 @@ def test_a_resumed_run_keeps_the_kernels_it_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(token_mlp, "measure", lambda *a, **k: pytest.fail("a kernel measured before was measured again"))
     engine.train(tiny_cfg(tmp_path, model_kwargs=mlp, resume="auto"))
     assert len(records(tmp_path)) == 2
+
+
+def test_training_on_cpu_keeps_freed_memory_in_the_heap(monkeypatch):
+    from spach.train import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda: calls.append(1) or True)
+    assert runtime.setup("cpu").device.type == "cpu" and calls == [1]
