@@ -1,22 +1,34 @@
-"""benchmarks/vs_reference.py --battle runs end to end (one repeat: a smoke test, not a measurement)."""
+"""benchmarks/vs_reference.py --battle and benchmarks/token_mlp_forms.py run end to end (one repeat or
+round: smoke tests, not measurements)."""
 import importlib.util
 import pathlib
 
 import pytest
 
 from spach.battle.study import load_study
+from spach.models.token_mlp import FORMS
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vs_reference.py"
+_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def vs_reference():
-    spec = importlib.util.spec_from_file_location("vs_reference", _PATH)
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+@pytest.fixture(scope="module")
+def vs_reference():
+    return _load("vs_reference")
+
+
 def test_battle_mode_runs_every_default_contestant(vs_reference):
     rows = vs_reference.main(["--battle", "--repeats", "1", "--warmup", "0"])
     assert len(rows) == len(load_study(preset="default").contestants) and all(r["fp32"] > 0 and r["bf16"] > 0 for r in rows)
+
+
+def test_token_mlp_forms_times_every_shape(capsys):
+    _load("token_mlp_forms").main(["--dtypes", "fp32", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if " infer " in line or " train " in line]
+    assert len(rows) == 2 * len(_load("token_mlp_forms").SHAPES) and all(line.split()[-3] in FORMS for line in rows)
