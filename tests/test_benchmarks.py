@@ -29,6 +29,7 @@ def test_battle_mode_runs_every_default_contestant(vs_reference):
 
 
 def test_token_mlp_forms_times_every_shape(capsys):
-    _load("token_mlp_forms").main(["--dtypes", "fp32", "--rounds", "1"])
+    forms = _load("token_mlp_forms")
+    forms.main(["--dtypes", "fp32", "--rounds", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if " infer " in line or " train " in line]
-    assert len(rows) == 2 * len(_load("token_mlp_forms").SHAPES) and all(line.split()[-3] in FORMS for line in rows)
+    assert len(rows) == 2 * len(forms.SHAPES) and all(line.split()[-3] in FORMS for line in rows)

@@ -1,8 +1,12 @@
 """Devices and number formats, parsed once for every command: `parse_device`, `parse_dtype`, the
-training `--amp` choice (`amp_dtype`) and the matching `autocast` context."""
+training `--amp` choice (`amp_dtype`) and the matching `autocast` context; timing (`time_once`) and the
+CPU allocator setting training and inference share (`tune_cpu_allocator`)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import time
 from collections.abc import Callable
 
@@ -85,3 +89,17 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - t0
+
+
+@functools.cache
+def tune_cpu_allocator() -> bool:
+    """Keep freed blocks in glibc's heap (no mmap/munmap per large tensor). Process-wide; returns
+    whether it applied (False off glibc). Memory freed by PyTorch is reused rather than returned to
+    the OS, so the process's resident size stays at its high-water mark."""
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError, TypeError):
+        return False

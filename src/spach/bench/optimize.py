@@ -24,32 +24,16 @@ What it does, and why:
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import functools
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from spach.device import parse_device, parse_dtype, time_once
+from spach.device import parse_device, parse_dtype, time_once, tune_cpu_allocator
 from spach.errors import SpachError
 
 PRECISIONS = ("auto", "autocast", "weights")
-
-
-@functools.cache
-def tune_cpu_allocator() -> bool:
-    """Keep freed blocks in glibc's heap (no mmap/munmap per large tensor). Process-wide; returns
-    whether it applied (False off glibc). Memory freed by PyTorch is reused rather than returned to
-    the OS, so the process's resident size stays at its high-water mark."""
-    path = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(path)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 2**30) and libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError, TypeError):
-        return False
 
 
 class InferenceModel(nn.Module):

@@ -1,12 +1,13 @@
 """Equivalent implementations of one operation, picked by measured speed once per key.
 
     ATTENTION = Choice("attention", names, default="sdpa", env_var="SPACH_ATTENTION")
-    name = ATTENTION.pick(key, lambda: fastest({name: run, ...}, device))
+    name = ATTENTION.fixed() or ATTENTION.pick(key, lambda: fastest({name: run, ...}, device))
 
-`pick` answers, first match wins: the process-wide override (`set`, or the `use(name)` context), the
-environment variable, the fixed default while tracing (compile/FX/JIT, a `TorchDispatchMode` such as the
-FLOP counter or fake tensors, CUDA-graph capture: nothing can be timed there), else the cached choice for
-the key, else it measures the candidates once and caches the fastest for the process. A choice may keep
+`fixed` answers first (and before the caller touches its tensors, which are proxies under FX): the
+process-wide override (`set`, or the `use(name)` context), the environment variable, the fixed default
+while tracing (compile/FX/JIT, a `TorchDispatchMode` such as the FLOP counter or fake tensors,
+CUDA-graph capture: nothing can be timed there). Otherwise `pick` returns the cached choice for the key,
+or measures the candidates once and caches the fastest for the process. A choice may keep
 its default unless another candidate is faster by more than `keep_default_within` (a fraction): where
 the candidates are close, timing noise would otherwise flip the choice, and with it the rounding, from
 one process to the next.
@@ -100,10 +101,8 @@ class Choice:
         return self.default if tracing() else None
 
     def pick(self, key: tuple, measure: Callable[[], dict[str, float]]) -> str:
-        """The implementation for a call with this key: imposed, cached, or measured now and cached."""
-        name = self.fixed()
-        if name is not None:
-            return name
+        """The implementation for a call with this key when nothing is `fixed`: cached, or measured now
+        and cached."""
         if key not in self.cache:
             self.cache[key] = self.best(measure())
         return self.cache[key]

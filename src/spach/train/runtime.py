@@ -15,8 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from spach.bench.optimize import tune_cpu_allocator
-from spach.device import parse_device
+from spach.device import parse_device, tune_cpu_allocator
 
 
 # ------------------------------------------------------------------------------------ distributed
