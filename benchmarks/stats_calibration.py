@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spach.battle.stats import compare, decide, seed_noise
+from spach.battle.sequential import decide
+from spach.battle.stats import compare, seed_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [(0, 1), (2, 3), (4, 5)]

@@ -13,7 +13,8 @@ import pytest
 from scipy import stats as sps
 from stats_sim import simulate
 
-from spach.battle.stats import SeedNoise, compare, decide, detectable, holm, image_variance, seed_noise, seeds_needed
+from spach.battle.sequential import decide
+from spach.battle.stats import SeedNoise, compare, detectable, holm, image_variance, seed_noise, seeds_needed
 from spach.errors import SpachError
 
 PAIRS = [(0, 1), (2, 3), (4, 5)]

@@ -4,9 +4,9 @@ Each finding is tested by comparisons (`spach.battle.pairs`: two contestants of 
 the one thing the finding is about) and judged with `spach.battle.stats`:
 - paired by seed: every contestant of a seed saw the same data in the same order with the same
   augmentation draws (common random numbers), so seed effects cancel in a pair's differences;
-- the seed noise of each metric is pooled over the arm's contestants (a two-way contestant x seed fit),
-  which gives 3-seed studies real power (top-1 at equal training loss: every contestant of the arm is
-  scored at the pair's loss level);
+- each pair's own seed noise is moderated toward the noise pooled over the arm's contestants (a two-way
+  contestant x seed fit; top-1 at equal training loss: every contestant of the arm is scored at the
+  pair's loss level), which gives 3-seed studies power without trusting that every pair is equally noisy;
 - the test set's own noise comes from the per-image predictions every run stores (the test images are
   the same for every seed, so seed-to-seed spread cannot see it);
 - the comparisons of one finding are Holm-corrected together; a comparison is `equivalent` when its
@@ -14,24 +14,34 @@ the one thing the finding is about) and judged with `spach.battle.stats`:
   in the paper's / the other direction, `inconclusive` otherwise, with the difference it could have
   detected and the seeds that would decide it.
 A finding is decided when every comparison is; its verdict is then the common one, or `mixed`.
+A sequential battle is judged look by look (`spach.battle.sequential`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from spach.battle import stats
+from spach.battle import sequential, stats
 from spach.battle.pairs import TESTS, Pair, accuracy_at_level, equal_loss_level
 from spach.battle.questions import FINDINGS, NEEDS, QUESTION_KEYS
-from spach.battle.results import ContestantResult
+from spach.battle.results import ContestantResult, RunResult
 from spach.battle.study import MAIN, Study
 
 METHOD = ("paired by seed (common random numbers: each seed's contestants see the same data, order and "
-          "augmentation); seed noise pooled over the arm's contestants (two-way contestant x seed fit) plus the test "
+          "augmentation); each pair's own seed noise moderated toward the noise pooled over its arm's contestants "
+          f"(empirical Bayes, the pooled noise worth {stats.PRIOR_DF:g} degrees of freedom: Smyth 2004) plus the test "
           "set's noise from per-image predictions (seeds x images crossed); Student t with Welch-Satterthwaite "
           "degrees of freedom; equivalence by TOST within the study's margin; Holm's correction within each finding")
+SEQUENTIAL_METHOD = ("Looks: the battle analysed after its first wave and after every added seed, and gave the next "
+                     "seeds only to contestants of open comparisons it could still decide within the budget, cheapest "
+                     "finding first. Each comparison spends alpha along its seeds in common (t = n / n_max) by the "
+                     "Lan-DeMets O'Brien-Fleming function (Lan & DeMets 1983; O'Brien & Fleming 1979), each look's "
+                     "released alpha the nominal level of that look's t-test (a union bound over the looks: valid "
+                     "whatever the allocation, with estimated noise and few degrees of freedom, at some cost in power "
+                     "against the exact group-sequential boundary); a decided comparison keeps its verdict")
 
 
 @dataclass
@@ -105,53 +115,38 @@ def _correct(e: ContestantResult) -> list[np.ndarray | None]:
     return [r.correct() for r in e.runs]
 
 
-NOISIER = 1.5  # a pair's own seed sd over the pooled one, above which the report warns
-
-
 class _Arm:
-    """One arm's contestants and its pooled seed noise per metric (computed once, on demand)."""
+    """One arm's contestants and their per-seed tables per metric (computed once, on demand): the
+    pooled noise every pair of the arm is moderated toward."""
 
     def __init__(self, entries: list[ContestantResult]):
         self.entries = entries
-        self._noise: dict[str, stats.SeedNoise] = {}
+        self._tables: dict[str, list[list[float]]] = {}
 
-    def noise(self, metric: str) -> stats.SeedNoise:
-        if metric not in self._noise:
-            self._noise[metric] = stats.seed_noise([_per_seed(e, metric) for e in self.entries])
-        return self._noise[metric]
+    def table(self, metric: str) -> list[list[float]]:
+        if metric not in self._tables:
+            self._tables[metric] = [_per_seed(e, metric) for e in self.entries]
+        return self._tables[metric]
 
 
 def _comparison(p: Pair, arm: _Arm, margin: float, alpha: float) -> tuple[Comparison, stats.PairTest]:
     margin = margin if p.equivalence else 0.0
     if p.metric == "top1_at_loss":
-        # every contestant of the arm scored at the pair's level: the seed noise is pooled as for any
-        # metric; the test-set term comes from the final epoch's predictions (the same images)
+        # every contestant of the arm scored at the pair's level for the pooled noise; the test-set term
+        # comes from the final epoch's predictions (the same images)
         level, where = equal_loss_level(p.a, p.b)
         table = [accuracy_at_level(e, level) for e in arm.entries]
         a, b = accuracy_at_level(p.a, level), accuracy_at_level(p.b, level)
-        noise = stats.seed_noise(table)
         correct_a, correct_b = _correct(p.a), _correct(p.b)
         note = "; ".join(x for x in (where, p.note, "test-set term from the final predictions") if x)
     else:
         a, b = _per_seed(p.a, p.metric), _per_seed(p.b, p.metric)
-        noise = arm.noise(p.metric)
+        table = arm.table(p.metric)
         with_images = p.metric in ("final_top1", "gap")  # the test-set part of both is the same images
         correct_a, correct_b = (_correct(p.a), _correct(p.b)) if with_images else (None, None)
         note = p.note
-    test = stats.compare(a, b, noise, correct_a, correct_b, margin=margin, alpha=alpha)
-    note = "; ".join(x for x in (note, _noise_warning(a, b, noise)) if x)
+    test = stats.pair_test(table, a, b, correct_a, correct_b, margin=margin, alpha=alpha)
     return Comparison(p.claim, p.a.name, p.b.name, p.label, a, b, p.higher_is_claimed, margin, note), test
-
-
-def _noise_warning(a: list[float], b: list[float], pooled: stats.SeedNoise) -> str:
-    """A pair whose own seed noise is well above the pooled one: its verdict leans on the pooled
-    model's equal-noise assumption (stats.py: at 3 seeds a 1.5x noisier pair is wrongly decided ~10% of
-    the time instead of 5%). Said in the report; the verdict is the prespecified procedure's."""
-    own = stats.seed_noise([a, b])
-    if own.df < 1 or not pooled.var > 0 or own.var <= (NOISIER * NOISIER) * pooled.var:
-        return ""
-    return (f"this pair's own seed noise is {math.sqrt(own.var / pooled.var):.1f}x the pooled one: the verdict "
-            "leans on the equal-noise assumption")
 
 
 def _summary(f: Finding, alpha: float) -> str:
@@ -168,9 +163,38 @@ def _summary(f: Finding, alpha: float) -> str:
     return text
 
 
-def judge(entries: list[ContestantResult], study: Study) -> list[Finding]:
+def judge(entries: list[ContestantResult], study: Study, looks: list[dict] | None = None) -> list[Finding]:
     """The study's questions, each judged on its arm; a question named in `tested_elsewhere` is listed
-    with the preset that tests it."""
+    with the preset that tests it.
+
+    A sequential battle's verdicts come from replaying its `looks` (`looks.jsonl`: the seeds each
+    contestant had at each look): every look judges the runs it saw, at the levels the spending
+    releases, and a comparison decided at a look keeps its verdict. Without looks (a fixed design, or
+    a report while the first wave runs) there is one look at every finished run."""
+    spending = study.spending()
+    tracks: dict[tuple[str, str], list[sequential.Track]] = {}
+    views = [look.get("seeds") for look in looks] if looks else [None]
+    out: list[Finding] = []
+    for number, view in enumerate(views, 1):
+        out = _judge_look(_as_seen(entries, view), study, spending, tracks, number)
+    for key, preset in study.tested_elsewhere.items():
+        number = QUESTION_KEYS[key]
+        out.append(Finding(number, key, FINDINGS[number][1], "elsewhere",
+                           f"Tested in the {preset} preset: see docs/battles/{preset}/report.md in the spach repository "
+                           f"(`spach battle --preset {preset}`); this study cannot afford the contestants it needs."))
+    return sorted(out, key=lambda f: f.number)
+
+
+def _as_seen(entries: list[ContestantResult], view: dict[str, int] | None) -> list[ContestantResult]:
+    """The results as a look saw them: each contestant's first `view[name]` seeds (runs beyond are pending)."""
+    if view is None:
+        return entries
+    return [dataclasses.replace(e, runs=[r if i < view.get(e.name, 0) else RunResult(e.name, r.seed, "pending")
+                                         for i, r in enumerate(e.runs)]) for e in entries]
+
+
+def _judge_look(entries: list[ContestantResult], study: Study, spending: sequential.Spending,
+                tracks: dict[tuple[str, str], list[sequential.Track]], look: int) -> list[Finding]:
     out = []
     for arm_name in study.arm_names():
         arm = _Arm([e for e in entries if e.arm == arm_name])
@@ -178,17 +202,16 @@ def judge(entries: list[ContestantResult], study: Study) -> list[Finding]:
             number = QUESTION_KEYS[key]
             pairs, missing = TESTS[number](arm.entries)
             judged = [_comparison(p, arm, study.margin, study.alpha) for p in pairs]
-            decision = stats.decide([t for _, t in judged], [c.higher_is_claimed for c, _ in judged])
             comps = [c for c, _ in judged]
+            track = tracks.setdefault((arm_name, key), [])
+            if [c.claim for c in comps] != [getattr(t, "claim", None) for t in track]:
+                track[:] = [sequential.Track(claim=c.claim) for c in comps]  # the pairs are fixed by the contestants' facts
+            decision = sequential.aggregate(sequential.step(track, [t for _, t in judged],
+                                                            [c.higher_is_claimed for c in comps], spending, look))
             for c, d in zip(comps, decision.comparisons):
                 c.decision = d
             f = Finding(number, key, FINDINGS[number][1], decision.verdict, "", comps, missing, arm_name,
                         decision.decided)
             f.summary = _summary(f, study.alpha)
             out.append(f)
-    for key, preset in study.tested_elsewhere.items():
-        number = QUESTION_KEYS[key]
-        out.append(Finding(number, key, FINDINGS[number][1], "elsewhere",
-                           f"Tested in the {preset} preset: see docs/battles/{preset}/report.md in the spach repository "
-                           f"(`spach battle --preset {preset}`); this study cannot afford the contestants it needs."))
-    return sorted(out, key=lambda f: f.number)
+    return out

@@ -26,9 +26,11 @@ from typing import Any, Callable, TextIO
 import torch
 
 from spach.battle.costs import measure_costs
+from spach.battle.looks import Clock, describe, run_looks
 from spach.battle.plan import Run, check_compatible, check_data, epoch_images, open_study, plan
 from spach.battle.report import write_report
 from spach.battle.results import LEDGER_FILE, STUDY_FILE, Ledger, read_jsonl
+from spach.battle.sequential import parse_budget
 from spach.battle.study import Study, check_runnable, import_plugins
 from spach.errors import SpachError, first_line
 from spach.files import FolderLock, atomic_write_text, read_json
@@ -80,6 +82,7 @@ class Progress:
         self.epoch_times: dict[str, list[float]] = {}
         self.epochs_done: dict[int, int] = {}
         self.started = time.time()
+        self.note: Callable[[], str] | None = None  # appended to epoch lines (a sequential battle's budget left)
         for r in runs:
             recs = read_jsonl(r.folder / "metrics.jsonl")
             self.epochs_done[id(r)] = len(recs)
@@ -115,7 +118,8 @@ class Progress:
         study_eta = sum(self.remaining(r) for r in left) / max(1, min(self.jobs, len(left)))
         self.say(run, f"epoch {rec['epoch']}/{run.config.epochs}  train loss {rec['train_loss']:.3f}  "
                       f"test top-1 {rec['top1']:.2f}%  {rec.get('images_per_s', 0):.0f} img/s  |  "
-                      f"run ETA {hms(self.remaining(run))}  study ETA {hms(study_eta)}")
+                      f"run ETA {hms(self.remaining(run))}  "
+                      + (self.note() if self.note else f"study ETA {hms(study_eta)}"))
 
     def finish(self, run: Run, outcome: dict[str, Any]) -> None:
         run.finished = True
@@ -177,6 +181,7 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
     The process owns the folder until it returns (a second battle on it fails at once, naming this
     one). Every start first reconciles the ledger with the run folders, so a run that finished just
     before a crash is recorded exactly once. Raises a SpachError, after the report, when every run failed."""
+    started = time.time()
     out = Path(out)
     stream = stream or sys.stdout
     study = open_study(out, study)
@@ -207,7 +212,14 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
             progress.finish(r, outcome)
         pending = [r for r in pending if r not in broken]
         try:
-            launcher.run(pending, progress, ledger)
+            if study.sequential:
+                clock = Clock(parse_budget(study.budget), started=started, gpus=_gpus(study))
+                progress.note = lambda: f"budget left {clock.budget.show(clock.left(ledger))}"
+                say(describe(study))
+                run_looks(study, runs, out, lambda wave: launcher.run(wave, progress, ledger), ledger, clock,
+                          launcher.slots(len(pending)), say)
+            else:
+                launcher.run(pending, progress, ledger)
         except KeyboardInterrupt:
             say(launcher.stopped(out))
             raise
@@ -219,6 +231,11 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
         raise SpachError(f"all {len(runs)} runs of {study.name} failed (first error: {first}); see "
                          f"{result if report else out / LEDGER_FILE} and the runs' .error.txt files")
     return result
+
+
+def _gpus(study: Study) -> int:
+    """GPUs one run holds (a GPU-hour budget's unit): the study's [slurm] nodes x GPUs per node, else 1."""
+    return max(int(study.slurm.get("nodes", 1)), 1) * max(int(study.slurm.get("gpus_per_node", 1)), 1)
 
 
 def reconcile(runs: list[Run], ledger: Ledger) -> list[dict[str, Any]]:

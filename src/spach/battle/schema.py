@@ -30,7 +30,7 @@ ENGINE_SET = {"num_classes": "it comes from the dataset", "in_chans": "it comes 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 TABLES = {"study", "data", "recipe", "arm", "contestant", "slurm"}
 STUDY_KEYS = {"name", "description", "seeds", "questions", "imports", "jobs", "notes", "base", "margin", "alpha",
-              "tested_elsewhere"}
+              "tested_elsewhere", "budget", "first_wave"}
 ARM_KEYS = {"description", "questions", "data", "recipe"}
 CONTESTANT_KEYS = {"name", "model", "arch", "recipe", "label", "arm"}
 # [slurm]: the resources of every run's batch job (--launcher slurm / submitit-local): type and least value;

@@ -2,7 +2,9 @@
 
     [study]
     name = "my-study"
-    seeds = [0, 1, 2]
+    seeds = [0, 1, 2]                       # with a budget: every seed a contestant may get, in order
+    budget = "2h"                           # optional: a sequential battle ("15m", "2h", "300 gpu-h", "120 runs")
+    first_wave = 3                          # with a budget: the seeds every contestant gets before the first look
     questions = ["multi-stage", "hybrid"]   # optional: the findings judged on the main arm (default: all)
     margin = 0.5                            # equivalence margin in points of top-1, fixed before the runs
     imports = ["my_mixers.py"]              # optional: modules or files that register custom mixers
@@ -57,6 +59,7 @@ from spach.battle.schema import (
     Validator,
     train_fields,
 )
+from spach.battle.sequential import Spending, parse_budget
 from spach.device import parse_device
 from spach.errors import SpachError
 from spach.files import read_text
@@ -105,6 +108,17 @@ class Study:
     source: str = ""  # the file (or preset) it came from, for messages
     sha256: str = ""  # of the study file's text, recorded in the report
     slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: the batch-job resources of every run
+    budget: str = ""  # a sequential battle's budget (spach.battle.sequential.parse_budget); "": fixed design
+    first_wave: int = 0  # seeds per contestant before the first look (sequential battles)
+
+    @property
+    def sequential(self) -> bool:
+        return bool(self.budget)
+
+    def spending(self) -> Spending:
+        """How the comparisons spend alpha over the looks (a fixed design: all of it at its one look)."""
+        most = len(self.seeds)
+        return Spending(self.alpha, min(self.first_wave, most) if self.sequential else most, most)
 
     def config(self, contestant: Contestant | None = None, seed: int | None = None, output: str = "",
                **extra: Any) -> TrainConfig:
@@ -187,6 +201,8 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         margin=v.get(st, "study.margin", float, default=0.5),
         alpha=v.get(st, "study.alpha", float, default=0.05),
         tested_elsewhere=v.get(st, "study.tested_elsewhere", dict, default={}),
+        budget=v.get(st, "study.budget", str, default=""),
+        first_wave=v.get(st, "study.first_wave", int, default=0),
         contestants=[],
         source=source,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
@@ -197,6 +213,7 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         v.fail("study.margin", f"must be >= 0 (points of top-1; 0: no equivalence test), got {study.margin}")
     if not 0 < study.alpha < 0.5:
         v.fail("study.alpha", f"must lie in (0, 0.5), got {study.alpha}")
+    check_looks(study, v.fail)
     v.questions(list(study.tested_elsewhere), "study.tested_elsewhere")
     import_plugins(study.imports, source)
     fields = train_fields()
@@ -235,6 +252,21 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         except ConfigError as e:
             v.config_error(e, c.name, c.recipe, c.arm)
     return study
+
+
+def check_looks(study: Study, fail: Any) -> None:
+    """A sequential study's budget and first wave (`fail(where, problem)` raises)."""
+    if study.budget:
+        try:
+            parse_budget(study.budget)
+        except SpachError as e:
+            fail("study.budget", str(e).split(": ", 1)[1])
+        if not study.first_wave:
+            study.first_wave = min(3, len(study.seeds))
+    elif study.first_wave:
+        fail("study.first_wave", "needs a budget: add study.budget (e.g. \"15m\") for a sequential battle, or drop first_wave")
+    if study.first_wave and not 2 <= study.first_wave <= len(study.seeds):
+        fail("study.first_wave", f"must lie in 2..{len(study.seeds)} (the seeds listed), got {study.first_wave}")
 
 
 def check_runnable(study: Study) -> None:
