@@ -53,3 +53,44 @@ def simulate(rng: np.random.Generator, n_studies: int, effects: list[float], see
         contested = rng.random((c, seeds, k), f32) < special.expit(logit)
         correct[..., easy:easy + k] = contested
         yield (easy + contested.sum(axis=-1)) * (100.0 / images), correct
+
+
+def run_sequential(acc: np.ndarray, correct: np.ndarray, findings: list[list[tuple[int, int]]], first: int, budget: float,
+                   margin: float = 0.5, alpha: float = 0.05, prior_df: float | None = None,
+                   spending=None) -> tuple[dict[tuple[int, int], str], int]:
+    """The battle's whole sequential procedure on one simulated study (acc: contestants x the study's
+    seeds): a first wave of `first` seeds, then looks (`sequential.step` per finding) and waves
+    (`sequential.allocate`, every run costing 1 of `budget`) until a look stops it, as
+    `spach.battle.looks.run_looks` does on real runs. Returns the verdict of every (finding, comparison)
+    and the runs used. `first == acc.shape[1]`: the fixed design's one look."""
+    from spach.battle import stats
+    from spach.battle.sequential import Open, Spending, Track, allocate, step
+
+    c_n, most = acc.shape
+    spending = spending or Spending(alpha, first, most)
+    kw = {} if prior_df is None else {"prior_df": prior_df}
+    have = {c: first for c in range(c_n)}
+    tracks = {(i, j): Track() for i, f in enumerate(findings) for j in range(len(f))}
+    used, look = c_n * first, 0
+    while True:
+        look += 1
+        view = acc.copy()
+        for c in range(c_n):
+            view[c, have[c]:] = np.nan
+        opens, verdicts = [], {}
+        for i, f in enumerate(findings):
+            tests = [stats.pair_test(view, view[a], view[b], list(correct[a]), list(correct[b]), margin, alpha, **kw)
+                     for a, b in f]
+            for j, ((a, b), d) in enumerate(zip(f, step([tracks[i, j] for j in range(len(f))], tests, [True] * len(f),
+                                                         spending, look))):
+                verdicts[i, j] = d.verdict
+                if d.verdict == "inconclusive":
+                    opens.append(Open(str(i), f"{i}:{j}", str(a), str(b), d.seeds_needed, d.plan))
+        if not opens or first >= most:
+            return verdicts, used
+        wave, _ = allocate(opens, {str(c): n for c, n in have.items()}, {str(c): 1.0 for c in range(c_n)}, budget - used, most)
+        if not wave:
+            return verdicts, used
+        for c, n in wave.items():
+            used += n - have[int(c)]
+            have[int(c)] = n

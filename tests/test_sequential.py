@@ -1,0 +1,172 @@
+"""spach.battle.sequential: alpha spending, the look-by-look decisions, budgets and the allocation; the
+whole sequential procedure (looks and adaptive allocation) calibrated on simulated studies.
+
+The simulated studies (tests/stats_sim.py) have 8 contestants, a shared seed effect (sd 0.3) and 0/1
+correctness on a 10k-image test set at ~90% top-1; a finding is a family of three disjoint pairs; a
+study lists 8 seeds, the first wave is 3 and the budget 50 runs (24 go to the first wave).
+Run with -s to see the measured rates.
+"""
+import math
+
+import numpy as np
+import pytest
+from stats_sim import run_sequential, simulate
+
+from spach.battle import stats
+from spach.battle.sequential import FIXED, Open, Spending, Track, allocate, decide, obf_spent, parse_budget, step
+from spach.errors import SpachError
+
+PAIRS = [[(0, 1), (2, 3), (4, 5)]]
+NULL = [0.0] * 8
+SEEDS, FIRST, BUDGET = 8, 3, 50
+
+
+def sequential_verdicts(effects, seed_sd, n, rng_seed, findings=PAIRS, first=FIRST, budget=BUDGET, **kw):
+    """(n, comparisons) verdicts and the mean runs used over n simulated sequential studies."""
+    out, used = [], []
+    for acc, correct in simulate(np.random.default_rng(rng_seed), n, effects, SEEDS if first < SEEDS else first, seed_sd):
+        v, u = run_sequential(acc, correct, findings, first, budget, **kw)
+        out.append([v[k] for k in sorted(v)])
+        used.append(u)
+    return np.array(out), float(np.mean(used))
+
+
+def wrong(v):
+    return np.isin(v, ("supported", "contradicted"))
+
+
+def test_obf_spending_function():
+    """Lan-DeMets O'Brien-Fleming: 0 at 0, alpha at 1, increasing, tiny early (known values at 0.05)."""
+    assert obf_spent(0, 0.05) == 0 and obf_spent(1, 0.05) == 0.05
+    assert obf_spent(0.5, 0.05) == pytest.approx(0.00558, abs=1e-4)
+    assert obf_spent(0.25, 0.05) == pytest.approx(8.9e-5, rel=0.05)
+    s = Spending(0.05, 3, 8)
+    levels, tested = [], []
+    for n in range(3, 9):
+        tested.append(n)
+        levels.append(s.level(tested))
+    assert all(x > 0 for x in levels) and sum(levels) == pytest.approx(0.05)
+    assert s.level([3, 5]) == pytest.approx(s.spent(5) - s.spent(3))  # a skipped look's alpha is not lost
+    assert s.level_at([3, 4], 4) == 0 and s.level_at([3, 4], 6) == pytest.approx(s.spent(6) - s.spent(4))
+    assert FIXED.level([3]) == pytest.approx(0.05)
+
+
+def fixed_test(diff, sd, seeds):
+    return stats.compare(np.full(seeds, diff), np.zeros(seeds), stats.SeedNoise(sd**2, 7 * (seeds - 1), 8))
+
+
+def test_a_decided_comparison_keeps_its_verdict_and_shares_are_recycled():
+    s = Spending(0.05, 3, 8)
+    tracks = [Track(), Track()]
+    strong, weak = fixed_test(3.0, 0.2, 3), fixed_test(0.7, 0.5, 3)
+    first = step(tracks, [strong, weak], [True, True], s, 1)
+    assert [d.verdict for d in first] == ["supported", "inconclusive"] and tracks[0].decision.look == 1
+    # later the strong one's data turn around: its verdict stays, and the weak one has the whole alpha
+    later = step(tracks, [fixed_test(-3.0, 0.2, 4), fixed_test(0.7, 0.5, 4)], [True, True], s, 2)
+    assert later[0].verdict == "supported" and later[0].test is strong
+    assert later[1].level == pytest.approx(s.level([3, 4]))  # a share of 1: the decided comparison's recycled
+    # no new seeds: not tested again (each comparison once per number of seeds)
+    again = step(tracks, [fixed_test(-3.0, 0.2, 4), fixed_test(5.0, 0.1, 4)], [True, True], s, 3)
+    assert again[1].verdict == "inconclusive" and math.isnan(again[1].level)
+
+
+def test_budgets():
+    assert parse_budget("15m").amount == 900 and parse_budget("1h30m").amount == 5400
+    assert parse_budget("2h").kind == "wall" and parse_budget("90s").amount == 90
+    assert (parse_budget("300 gpu-h").kind, parse_budget("300 gpu-h").amount) == ("gpu-h", 300)
+    assert (parse_budget("120 runs").kind, parse_budget("120 runs").amount) == ("runs", 120)
+    for bad in ("", "soon", "0m", "-5m", "15", 15, "3 parsecs"):
+        with pytest.raises(SpachError, match="is not a budget"):
+            parse_budget(bad)
+
+
+def test_allocation_cheapest_finding_first_and_out_of_reach():
+    have = {c: 3 for c in "abcdefgh"}
+    cost = {"a": 1.0, "b": 1.0, "c": 10.0, "d": 10.0, "e": 1.0, "f": 1.0, "g": 1.0, "h": 1.0}
+    items = [Open("f1", "a>b", "a", "b", 5, ""), Open("f2", "c>d", "c", "d", 5, ""),
+             Open("f3", "e>f", "e", "f", None, "no number of seeds"), Open("f3", "g>h", "g", "h", 4, ""),
+             Open("f4", "a>h", "a", "h", 20, "")]
+    wave, records = allocate(items, have, cost, left=10.0, most=8)
+    why = {r["comparison"]: r["why"] for r in records}
+    assert wave == {"a": 4, "b": 4, "g": 4, "h": 4}  # f1 (cost 4) whole; g>h alone (f3 cannot be decided whole)
+    assert why["c>d"].startswith("out of reach") and "more than what is left" in why["c>d"]
+    assert why["e>f"] == "out of reach: no number of seeds" and "the study has 8" in why["a>h"]
+    assert why["a>b"].startswith("chosen: its finding") and why["g>h"].startswith("chosen: a comparison")
+    # the lagging contestant catches up first
+    wave, _ = allocate([Open("f1", "a>b", "a", "b", 6, "")], {"a": 5, "b": 3}, cost, 100.0, 8)
+    assert wave == {"b": 4}
+
+
+def test_fixed_design_is_holm():
+    """One look with all alpha: Holm's step-down (the fixed design's procedure, unchanged)."""
+    t = fixed_test(0.55, 0.3, 3)
+    assert 0.05 / 3 < t.p_diff < 0.05
+    three = decide([t, t, t], [True] * 3)
+    assert three.verdict == "inconclusive" and three.comparisons[0].p_diff_holm == pytest.approx(min(1, 3 * t.p_diff))
+    strong = fixed_test(3.0, 0.2, 3)
+    assert [d.verdict for d in decide([strong, t], [True, True]).comparisons] == ["supported", "supported"]
+
+
+# --- calibration of the whole procedure (looks and allocation) ------------------------------------------
+
+def test_identical_contestants_are_rarely_decided():
+    """Identical contestants: <= 5% of comparisons wrongly decided (400 studies x 3 comparisons: the
+    Monte-Carlo sd of a 5% rate is ~0.6%)."""
+    v, used = sequential_verdicts(NULL, 0.3, 400, 11)
+    rate = wrong(v).mean()
+    print(f"\nidentical contestants: {rate:.4f} of comparisons, {wrong(v).any(1).mean():.4f} of findings wrongly "
+          f"decided; {(v == 'equivalent').mean():.3f} equivalent; {used:.1f} runs of {BUDGET}")
+    assert rate <= 0.05 and wrong(v).any(1).mean() <= 0.06
+
+
+def test_a_difference_at_the_margin_is_rarely_called_equivalent():
+    v, used = sequential_verdicts([0.5, 0, 0.5, 0, 0.5, 0, 0, 0], 0.2, 400, 12)
+    rate = (v == "equivalent").mean()
+    print(f"\na true difference at the margin (0.5): called equivalent {rate:.4f}; {used:.1f} runs")
+    assert rate <= 0.05
+
+
+@pytest.mark.parametrize("design", ["sequential", "fixed"])
+def test_a_pair_twice_as_noisy_as_its_arm(design):
+    """A pair whose runs are 2x noisier (sd 0.6) than the six others (sd 0.3), judged alone: <= 6%
+    wrongly decided, in the sequential design and in a fixed 3-seed one. The pooled noise alone (the
+    moderation's prior taken as exact) is wrongly decided far more often in the fixed design: the test
+    can tell a miscalibrated noise model."""
+    sd = [0.6, 0.6] + [0.3] * 6
+    first = FIRST if design == "sequential" else 3
+    v, _ = sequential_verdicts(NULL, sd, 400, 13, [[(0, 1)]], first=first)
+    rate = wrong(v).mean()
+    print(f"\n2x noisier pair, {design}: wrongly decided {rate:.4f}")
+    assert rate <= 0.06
+    if design == "fixed":
+        pooled = [decide([stats.compare(acc[0], acc[1], stats.seed_noise(acc), correct[0], correct[1])], [True]).verdict
+                  for acc, correct in simulate(np.random.default_rng(13), 400, NULL, 3, sd)]
+        print(f"  the pooled noise alone: {wrong(np.array(pooled)).mean():.4f}")
+        assert wrong(np.array(pooled)).mean() > 0.1
+
+
+def test_looks_without_spending_are_miscalibrated():
+    """The calibration can fail: testing at the full alpha at every look (no spending) decides a 2x noisy
+    null pair more often than the spending procedure does, and above 5%."""
+    class Naive(Spending):
+        def level(self, tested):
+            return self.alpha
+    sd = [0.6, 0.6] + [0.3] * 6
+    naive, _ = sequential_verdicts(NULL, sd, 400, 14, [[(0, 1)]], spending=Naive(0.05, FIRST, SEEDS), prior_df=1e9)
+    spent, _ = sequential_verdicts(NULL, sd, 400, 14, [[(0, 1)]])
+    print(f"\nnull pair, 2x noisy: no spending {wrong(naive).mean():.4f}, spending {wrong(spent).mean():.4f}")
+    assert wrong(naive).mean() > 0.05 >= wrong(spent).mean()
+
+
+def test_power_against_the_fixed_design_at_the_same_cost():
+    """A 1-point difference in all three pairs (sd 0.3): how often the sequential design decides it, and
+    the fixed design with the seeds its mean cost buys (and the fixed 3-seed design)."""
+    effects = [1.0, 0, 1.0, 0, 1.0, 0, 0, 0]
+    v, used = sequential_verdicts(effects, 0.3, 300, 15)
+    seq = (v == "supported").mean()
+    seeds = max(3, round(used / 8))
+    fixed_same, _ = sequential_verdicts(effects, 0.3, 300, 15, first=seeds)
+    fixed3, _ = sequential_verdicts(effects, 0.3, 300, 15, first=3)
+    print(f"\npower at 1 point: sequential {seq:.3f} ({used:.1f} runs), fixed {seeds} seeds "
+          f"{(fixed_same == 'supported').mean():.3f} ({8 * seeds} runs), fixed 3 seeds {(fixed3 == 'supported').mean():.3f} (24 runs)")
+    assert seq >= 0.8 and (v == "contradicted").mean() <= 0.005
