@@ -14,17 +14,18 @@ from spach.battle.resources import parse_pairs, resolve
 from spach.battle.results import STUDY_FILE
 from spach.battle.runner import run_battle
 from spach.battle.study import list_presets as presets
-from spach.battle.study import load_study, preset_text
+from spach.battle.study import check_looks, load_study, preset_text
 from spach.errors import SpachError
 
 
 def battle_command(study_file: str | None = None, preset: str | None = None, output: str | None = None,
                    jobs: int | None = None, data: str | None = None, dry_run: bool = False, report: bool = True,
                    list_presets: bool = False, stream: TextIO | None = None, launcher: str | None = None,
-                   resources: dict[str, Any] | None = None, slurm: list[str] | None = None) -> Path | None:
+                   resources: dict[str, Any] | None = None, slurm: list[str] | None = None,
+                   budget: str | None = None) -> Path | None:
     """`spach battle`: pick the study (file, preset, the one already in --output, or the default), run it
     with `launcher` (local, submitit-local or slurm; `resources`: the --nodes ... flags, `slurm`: the
-    --slurm KEY=VALUE pairs)."""
+    --slurm KEY=VALUE pairs; `budget`: overrides the study's, e.g. "15m", and makes it sequential)."""
     stream = stream or sys.stdout
     if list_presets:
         for name in presets():
@@ -37,6 +38,10 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
     study = None if resuming else load_study(study_file, preset)
     if study is not None and data:
         study.data["data_path"] = data
+    if budget is not None:
+        study = study or open_study(Path(output), None)
+        study.budget = budget
+        check_looks(study, _budget_flag_error)
     out = Path(output or Path("battles") / study.name)
     flags = {k: v for k, v in (resources or {}).items() if v is not None}
     if slurm:
@@ -52,3 +57,7 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
     if report:
         print(f"report: {result} (and {result.with_suffix('.md')})", file=stream, flush=True)
     return result
+
+
+def _budget_flag_error(where: str, problem: str) -> None:
+    raise SpachError(f"--budget: {problem}" if where == "study.budget" else f"{where}: {problem}")

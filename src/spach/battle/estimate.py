@@ -17,7 +17,9 @@ from typing import TextIO
 import torch
 
 from spach.battle.costs import measure_costs
+from spach.battle.looks import describe
 from spach.battle.plan import data_shape, epoch_images
+from spach.battle.sequential import parse_budget
 from spach.battle.study import Contestant, Study
 from spach.bench.profile import throughput
 from spach.device import amp_dtype, parse_device
@@ -99,6 +101,25 @@ def print_plan(study: Study, stream: TextIO | None = None) -> float:
         print(f"total: {hours:.0f} GPU hours ({hours / 8:.0f} h on 8 GPUs) for {len(study.seeds)} seed(s)", file=stream)
         return hours
     wall = total / jobs + STARTUP_S * (1 + math.ceil(runs / max(jobs, 1)) / 10)
-    print(f"total: {hms(total)} of training, about {hms(wall)} wall with {jobs} job(s) at a time "
-          f"(load average now {os.getloadavg()[0]:.1f}: a busy machine runs slower)", file=stream)
+    load = f"(load average now {os.getloadavg()[0]:.1f}: a busy machine runs slower)"
+    if study.sequential:
+        return _print_looks(study, total, jobs, load, stream)
+    print(f"total: {hms(total)} of training, about {hms(wall)} wall with {jobs} job(s) at a time {load}", file=stream)
     return wall / 3600
+
+
+def _print_looks(study: Study, total: float, jobs: int, load: str, stream: TextIO) -> float:
+    """A sequential study's plan: the first wave, every seed, and the budget, in wall time here."""
+    per_seed = total / len(study.seeds) / jobs  # all contestants, one seed each
+    first = per_seed * study.first_wave + STARTUP_S * (1 + math.ceil(len(study.contestants) * study.first_wave / jobs) / 10)
+    budget = parse_budget(study.budget)
+    print(describe(study), file=stream)
+    print(f"first wave: {study.first_wave} seed(s) x {len(study.contestants)} contestants, about {hms(first)} wall; "
+          f"each further seed of every contestant about {hms(per_seed)}; all {len(study.seeds)} seeds (the most the "
+          f"looks can ask for) about {hms(first + per_seed * (len(study.seeds) - study.first_wave))} {load}",
+          file=stream)
+    if budget.kind == "wall":
+        print(f"budget {budget.text}: the first wave takes {first / budget.amount:.0%} of it; the looks spend the rest "
+              "on the comparisons still open" + (" - the first wave alone does not fit: give a larger budget or fewer "
+                                                  "contestants" if first > budget.amount else ""), file=stream)
+    return first / 3600

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from spach.battle.findings import METHOD, Comparison, Finding, judge
+from spach.battle.findings import METHOD, SEQUENTIAL_METHOD, Comparison, Finding, judge
+from spach.battle.looks import describe, read_looks
 from spach.battle.plan import data_shape
 from spach.battle.plots import make_all
 from spach.battle.render import Block, render_html, render_markdown
@@ -105,7 +106,7 @@ def _findings_blocks(study: Study, findings: list[Finding]) -> list[Block]:
     tally = f"{sum(f.decided for f in paper)} of the {len(paper)} findings of the paper this study tests are decided"
     if beyond:
         tally += f", and {sum(f.decided for f in beyond)} of its {len(beyond)} further question(s)"
-    rows = [[str(f.number), f.title, f.arm if f.verdict != "elsewhere" else "-", VERDICT_MARK[f.verdict],
+    rows = [[str(f.number), f.title, f.arm if f.verdict != "elsewhere" else "-", VERDICT_MARK[f.verdict] + _when(study, f),
              "; ".join(evidence(c) for c in f.comparisons) if f.comparisons else f.summary] for f in findings]
     blocks: list[Block] = [
         ("h2", "Findings"),
@@ -115,20 +116,65 @@ def _findings_blocks(study: Study, findings: list[Finding]) -> list[Block]:
               "seed noise over the study's contestants gives the tests real degrees of freedom, the shared test set's "
               "own noise is added so that a difference that holds only on these 10k images is not called real, and "
               "equivalence makes 'no difference that matters' a decision rather than a shrug."),
-        ("table", (["#", "finding (paper)", "arm", "verdict", "evidence: a vs b, difference [95% CI], Holm p"], rows)),
+        ("table", (["#", "finding (paper)", "arm", "verdict", "evidence: a vs b, difference [95% CI], " + _p_name(study)], rows)),
     ]
     for f in findings:
         blocks.append(("h3", f"{f.number}. {f.title}: {VERDICT_MARK[f.verdict]}"))
         blocks.append(("p", f.summary))
         if f.comparisons:
-            blocks.append(("table", (["claim", "metric", "a (seeds)", "b (seeds)", "a - b", "95% CI", "Holm p", "verdict",
+            blocks.append(("table", (["claim", "metric", "a (seeds)", "b (seeds)", "a - b", "95% CI", _p_name(study), "verdict",
                                       "could detect / would decide", "note"],
                                      [[c.claim, c.metric, _seeds(c.a_values), _seeds(c.b_values), _f(c.diff, signed=True),
-                                       f"[{_f(c.ci[0], signed=True)}, {_f(c.ci[1], signed=True)}]", _p(c.p), c.verdict,
+                                       f"[{_f(c.ci[0], signed=True)}, {_f(c.ci[1], signed=True)}]", _p(c.p),
+                                       c.verdict + (f" (look {c.decision.look})" if study.sequential and c.decision
+                                                    and c.verdict != "inconclusive" else ""),
                                        _plan(c), c.note] for c in f.comparisons])))
         if f.not_tested:
             blocks.append(("p", "Not tested by this study: " + "; ".join(f.not_tested) + "."))
     return blocks
+
+
+def _looks_blocks(study: Study, looks: list[dict[str, Any]]) -> list[Block]:
+    """A sequential battle: its plan, every look (the seeds it saw, the budget, what it chose next), why it
+    stopped, and what each comparison still open would cost."""
+    if not study.sequential:
+        return []
+    blocks: list[Block] = [("h2", "Looks"), ("p", describe(study) + ". " + SEQUENTIAL_METHOD + ".")]
+    if not looks:
+        return blocks + [("p", "No look yet: the first wave is running.")]
+    rows = []
+    for look in looks:
+        seeds = sorted(set(look["seeds"].values()))
+        seen = (f"{seeds[0]} each" if len(seeds) == 1 else
+                ", ".join(f"{n}: {k}" for n, k in look["seeds"].items()))
+        chosen = ", ".join(f"{n} -> {k}" for n, k in look.get("next", {}).items()) or "-"
+        decided = sum(v not in ("inconclusive", "untested") for v in look.get("findings", {}).values())
+        rows.append([str(look["look"]), seen, f"{decided} of {len(look.get('findings', {}))}",
+                     f"{look.get('used', 0):g} / {look.get('left', 0):g}", chosen, look.get("stop") or ""])
+    blocks.append(("table", (["look", "seeds per contestant", "findings decided", "budget used / left (after the report "
+                              "reserve)", "next seeds (contestant -> seeds)", "stop"], rows)))
+    last = looks[-1]
+    blocks.append(("p", f"Stopped: {last['stop']}." if last.get("stop") else
+                   "The battle has not stopped yet (interrupted, or still running): rerun it to go on."))
+    still = [c for c in last.get("comparisons", [])]
+    if still:
+        blocks.append(("p", "Comparisons open at the last look, and what deciding each would take (the observed "
+                            "difference taken as the truth, 80% power; cost in the budget's unit):"))
+        blocks.append(("table", (["finding", "comparison", "seeds", "would need", "cost", "why"],
+                                 [[c["finding"], c["comparison"], str(c["seeds"]), str(c["need"] or "-"),
+                                   "-" if c.get("cost") is None else f"{c['cost']:g}", c["why"]] for c in still])))
+    return blocks
+
+
+def _p_name(study: Study) -> str:
+    return "p (Holm and looks)" if study.sequential else "Holm p"
+
+
+def _when(study: Study, f: Finding) -> str:
+    """A sequential battle's decided finding: the look that decided its last comparison."""
+    if not study.sequential or not f.decided:
+        return ""
+    return f" (look {max(c.decision.look for c in f.comparisons if c.decision)})"
 
 
 def _seeds(values: list[float]) -> str:
@@ -196,12 +242,13 @@ FIGURE_CAPTIONS = {
 
 
 def build_blocks(study: Study, entries: list[ContestantResult], findings: list[Finding],
-                 figures: dict[str, Path]) -> list[Block]:
+                 figures: dict[str, Path], looks: list[dict[str, Any]] | None = None) -> list[Block]:
     elapsed = sum(r.wall_time_s for e in entries for r in e.runs if r.epochs)
     blocks: list[Block] = [("h1", f"Battle report: {study.name}")]
     blocks += _study_facts(study, entries, elapsed)
     blocks += _arms(study)
     blocks += _findings_blocks(study, findings)
+    blocks += _looks_blocks(study, looks or [])
     blocks += [("h2", "Contestants"), _contestant_table(entries),
                ("p", "top-1: final-epoch test accuracy; best top-1: the best epoch (optimistic: chosen on the test set); "
                      "gap: top-1 on a training subset minus test top-1 at the end (un-augmented; larger = more over-fitting); "
@@ -222,9 +269,10 @@ def write_report(study_dir: str | Path) -> Path:
     study_dir = Path(study_dir)
     study = load_study_folder(study_dir)
     entries = load_results(study_dir, study)
-    findings = judge(entries, study)
+    looks = read_looks(study_dir)
+    findings = judge(entries, study, looks)
     figures = make_all(entries, findings, study_dir / "plots")
-    blocks = build_blocks(study, entries, findings, figures)
+    blocks = build_blocks(study, entries, findings, figures, looks)
     atomic_write_text(study_dir / "report.md", render_markdown(blocks, study_dir))
     atomic_write_text(study_dir / "report.html", render_html(blocks, f"spach battle: {study.name}"))
     atomic_write_text(study_dir / "findings.json", json.dumps([_finding_dict(f) for f in findings], indent=1) + "\n")
