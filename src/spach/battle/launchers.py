@@ -328,7 +328,7 @@ class SubmititLauncher(Launcher):
     def _say_queue(self, watching: list[Watch], queue: list[Run], progress: Progress) -> None:
         counts = {s: sum(w.state == s for w in watching) for s in ("pending", "running", "requeued")}
         done = sum(r.is_done() for r in progress.runs)
-        failed = sum(r.finished for r in progress.runs) - done
+        failed = sum(r.finished and not r.is_done() and r.error_file.exists() for r in progress.runs)
         line = (f"queue: {counts['pending'] + len(queue)} pending, {counts['running']} running, {counts['requeued']} "
                 f"requeued; {done} done, {failed} failed (of {len(progress.runs)} runs)")
         if line != self.summary:

@@ -1,0 +1,136 @@
+"""The sequential battle on real (tiny) runs: looks recorded and shown in the report, a killed battle
+resumed to the same plan, and the batch launchers submitting each wave when a look asks for it."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_slurm import STUDY as JOB_STUDY  # a fixed two-seed study
+from test_slurm import _events, fake_slurm_on_path, jobs_env  # noqa: F401 (fixtures)
+
+from spach.battle.launchers import SubmititLauncher, make_launcher
+from spach.battle.looks import read_looks
+from spach.battle.runner import run_battle
+from spach.battle.study import parse_study
+from spach.cli import main
+from spach.files import read_jsonl
+
+SEQUENTIAL = """
+[study]
+base = "tiny"
+name = "tiny-sequential"
+seeds = [0, 1, 2, 3, 4, 5, 6, 7]
+budget = "12 runs"
+first_wave = 2
+margin = 5.0                 # wide enough for the toy set's noise: a look can decide equivalence
+questions = ["local-modeling"]
+
+[[contestant]]
+name = "attn-nocpe"
+arch = { net_arch = [["attn", 1]], hidden_dim = 16, patch_size = 4, num_heads = 1, cpe = false, pos_embed = true }
+"""
+
+
+def _plan(out: Path) -> list[tuple]:
+    return [(k["look"], k["seeds"], k["next"], k["stop"]) for k in read_looks(out)]
+
+
+def _metrics(out: Path) -> dict[str, list]:
+    return {str(p.relative_to(out)): [(r["epoch"], r["train_loss"], r["top1"]) for r in read_jsonl(p)]
+            for p in sorted(out.glob("runs/*/*/metrics.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The sequential study run by the local pool in one thread: its looks and metrics."""
+    out = tmp_path_factory.mktemp("seq") / "b"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_battle(parse_study(SEQUENTIAL), out, stream=io.StringIO())
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.slow
+def test_looks_are_recorded_and_reported(uninterrupted, capsys):
+    out = uninterrupted
+    looks = read_looks(out)
+    assert len(looks) >= 2 and looks[0]["seeds"] == {"conv": 2, "attn": 2, "attn-nocpe": 2} and looks[-1]["stop"]
+    assert all(not k["stop"] for k in looks[:-1]) and all(k["next"] for k in looks[:-1])
+    for before, after in zip(looks, looks[1:]):  # each wave is what the look before asked for
+        assert after["seeds"] == {**before["seeds"], **before["next"]}
+    ran = {(r["contestant"], r["seed"]) for r in read_jsonl(out / "results.jsonl")}
+    assert ran == {(c, s) for c, n in looks[-1]["seeds"].items() for s in range(n)}
+    assert len(ran) <= 12 and all("why" in c for k in looks for c in k["comparisons"])
+    report = (out / "report.md").read_text()
+    assert "## Looks" in report and f"Stopped: {looks[-1]['stop']}." in report and "Lan-DeMets" in report
+    main(["report", str(out)])  # the report rebuilt from the folder shows the same looks
+    assert "## Looks" in (out / "report.md").read_text()
+    main(["battle", "--output", str(out)])  # a finished sequential battle: nothing more runs
+    said = capsys.readouterr().out
+    assert "the sequential battle stopped at look" in said and len(read_looks(out)) == len(looks)
+
+
+@pytest.mark.slow
+def test_a_killed_sequential_battle_resumes_to_the_same_plan(tmp_path, uninterrupted):
+    """SIGKILL once the second wave trains, then rerun: the same looks, runs and metrics as uninterrupted."""
+    study = tmp_path / "s.toml"
+    study.write_text(SEQUENTIAL)
+    out = tmp_path / "b"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "spach", "battle", str(study), "--output", str(out), "--jobs", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (read_looks(out) and len(read_jsonl(out / "results.jsonl")) > 6):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_looks(out)) >= 1
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    assert _plan(out) == _plan(uninterrupted)
+    assert _metrics(out) == _metrics(uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["submitit-local", "slurm"])
+def test_batch_launchers_submit_each_wave(launcher, tmp_path, fake_slurm_on_path, uninterrupted):  # noqa: F811
+    if launcher == "slurm":
+        fake_slurm_on_path(run=True)
+        batch = SubmititLauncher("slurm", tmp_path / "b", {"cpus_per_task": 1}, poll_s=0.3)
+    else:
+        batch = make_launcher("submitit-local", tmp_path / "b", {"cpus_per_task": 1})
+    log = io.StringIO()
+    run_battle(parse_study(SEQUENTIAL), tmp_path / "b", stream=log, launcher=batch)
+    out = tmp_path / "b"
+    assert _plan(out) == _plan(uninterrupted) and _metrics(out) == _metrics(uninterrupted)
+    assert sorted(_events(out).values()) == [["submitted", "started", "finished"]] * len(read_jsonl(out / "results.jsonl"))
+    assert log.getvalue().count("look 2: ") >= 1 and " failed (of " in log.getvalue()
+    assert all(" 0 failed" in ln for ln in log.getvalue().splitlines() if ln.startswith("queue:"))
+
+
+def test_budget_flag_and_study_fields_are_checked(tmp_path, capsys):
+    study = tmp_path / "s.toml"
+    for text, message in ((SEQUENTIAL.replace('"12 runs"', '"soon"'), "study.budget: 'soon' is not a budget"),
+                          (SEQUENTIAL.replace("first_wave = 2", "first_wave = 9"), "study.first_wave: must lie in 2..8"),
+                          (JOB_STUDY.replace("seeds = [0, 1]", "seeds = [0, 1]\nfirst_wave = 2"), "needs a budget")):
+        study.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            main(["battle", str(study), "--dry-run"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+    study.write_text(JOB_STUDY)
+    with pytest.raises(SystemExit):
+        main(["battle", str(study), "--budget", "5 parsecs", "--dry-run"])
+    assert "--budget: '5 parsecs' is not a budget" in capsys.readouterr().err
+    main(["battle", str(study), "--budget", "20m", "--dry-run"])
+    said = capsys.readouterr().out
+    assert "sequential: a first wave of 2 seed(s) per contestant" in said and "first wave: 2 seed(s) x 2 contestants" in said
+    assert json.loads(json.dumps(parse_study(SEQUENTIAL).to_dict()))["budget"] == "12 runs"
