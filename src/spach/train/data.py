@@ -22,6 +22,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from spach.errors import SpachError
+from spach.train.augment import safe_transform
 from spach.train.config import TrainConfig
 from spach.train.datasets import (
     TensorImages,
@@ -206,18 +207,23 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
         def make(sampler: Sampler) -> Any:
             return TensorLoader(train, sampler, cfg.batch_size, train_tf, device, drop_last=True)
     else:
-        train_tf = create_transform(
-            (in_chans, size, size), is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter, auto_augment=cfg.aa if cfg.aa and cfg.aa != "none" else None,
-            interpolation=cfg.train_interpolation, mean=mean, std=std,
-            re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
-        train_t = _with_transform(train, train_tf)
+        train_t = _with_transform(train, pil_train_transform(cfg, in_chans, size, mean, std))
 
         def make(sampler: Sampler) -> Any:
             return _image_loader(train_t, sampler, cfg, cfg.batch_size, True)
 
     return Data(len(classes), in_chans, size, list(classes), len(train), len(val), tensor_path, make, val_loader, te_loader,
                 generator)
+
+
+def pil_train_transform(cfg: TrainConfig, in_chans: int, size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """timm's per-image training transform for `cfg` (crop, flip, RandAugment, jitter, erasing), its
+    augmentation ops made safe for the installed Pillow (see `spach.train.augment`)."""
+    return safe_transform(create_transform(
+        (in_chans, size, size), is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter, auto_augment=cfg.aa if cfg.aa and cfg.aa != "none" else None,
+        interpolation=cfg.train_interpolation, mean=mean, std=std,
+        re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount))
 
 
 class _Transformed(Dataset):
