@@ -21,7 +21,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from spach.errors import SpachError
+from spach.errors import SpachError, first_line
 from spach.train.augment import safe_transform
 from spach.train.config import TrainConfig
 from spach.train.datasets import (
@@ -237,7 +237,21 @@ class _Transformed(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         item = self.ds[i]
-        return None if item is None else (self.transform(item[0]), item[1])
+        if item is None:
+            return None
+        try:
+            return self.transform(item[0]), item[1]
+        except Exception as e:  # in a worker process: the error names the image, on one line
+            raise SpachError(f"transforming {_source(self.ds, i)} failed ({type(e).__name__}: {first_line(e)}); if every "
+                             "image fails, the installed timm/Pillow may not match constraints.txt (make setup)") from None
+
+
+def _source(ds: Dataset, i: int) -> str:
+    """The file behind `ds[i]` (image folders, through any Subset), else its index."""
+    while isinstance(ds, Subset):
+        ds, i = ds.dataset, ds.indices[i]
+    samples = getattr(ds, "samples", None)
+    return f"image {samples[i][0]}" if samples else f"image {i} of the dataset"
 
 
 def _with_transform(ds: Dataset, transform: Callable) -> Dataset:

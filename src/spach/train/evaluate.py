@@ -83,11 +83,19 @@ def save_predictions(d: Dist, val: dict[str, Any], path: Path) -> None:
 
 
 def checked(loader: Any) -> Iterator[Any]:
-    """Iterate a loader, turning a worker's multi-line re-raised SpachError back into one line."""
+    """Iterate a loader, turning an error in a data-loader worker (re-raised by torch with the worker's
+    traceback in its message) into one line."""
     try:
         yield from loader
     except SpachError as e:
         raise type(e)(first_line(e)) from None
+    except Exception as e:
+        msg = str(e)
+        if "DataLoader worker" not in msg:
+            raise
+        if msg.startswith("Caught "):  # "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback ..."
+            raise SpachError(f"a data-loader worker failed: {type(e).__name__}: {first_line(e)}") from None
+        raise SpachError(f"{first_line(e)}; try fewer --workers (or --workers 0)") from None  # a worker killed
 
 
 def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | None, dataset: str = "imagefolder",
