@@ -59,3 +59,81 @@ def test_a_worker_error_through_the_cli(tmp_path, capsys, monkeypatch):
     err = cli_error(tiny_train(tmp_path, "--dataset", "imagefolder", "--data-path", str(folders(tmp_path / "d")),
                                "--img-size", "16", "--batch-size", "2", "--workers", "1", "--epochs", "1"), capsys)
     assert "bits must be between" in err and str(tmp_path / "d" / "train") in err
+
+
+# -- 19.4: smaller defects ----------------------------------------------------------------------------------------------
+def test_an_unknown_model_fails_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data_mod, "build_data", lambda *a, **k: pytest.fail("data read before the model name was checked"))
+    monkeypatch.setattr("spach.train.engine.build_data", data_mod.build_data)
+    err = cli_error(["train", "--model", "nosuchmodel", "--data-path", str(tmp_path), "--output", str(tmp_path / "r")], capsys)
+    assert "unknown model 'nosuchmodel'" in err
+    err = cli_error(["train", "--model", "spach_ms_xxs_patch4_224_cnv", "--data-path", str(tmp_path),
+                     "--output", str(tmp_path / "r")], capsys)
+    assert "did you mean spach_ms_xxs_patch4_224_conv" in err
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    from spach.train.config import TrainConfig
+    from spach.train.runtime import default_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes share the CPUs
+    assert default_workers() == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert default_workers() == 4
+    monkeypatch.undo()
+    assert TrainConfig().workers == default_workers()
+
+
+def test_the_training_loss_is_fp32_under_bf16_autocast():
+    import torch
+
+    from spach.train.engine import step_loss
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Linear(8, 10), torch.randn(16, 8), torch.randint(0, 10, (16,))
+    loss = step_loss(model, LabelSmoothingCrossEntropy(0.1), x, y, torch.device("cpu"), torch.bfloat16)
+    assert loss.dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = model(x)
+    assert loss.item() == LabelSmoothingCrossEntropy(0.1)(logits.float(), y).item()
+
+
+def test_resume_auto_on_a_finished_run_says_so(tmp_path, capsys):
+    run = tiny_train(tmp_path, "--epochs", "1", "--train-subset", "32", "--val-subset", "16")
+    main(run)
+    capsys.readouterr()
+    main([*run, "--resume", "auto"])
+    assert "already finished its 1 epoch(s)" in capsys.readouterr().err
+
+
+def test_fine_tuning_to_another_class_count_says_the_head_is_fresh(tmp_path, capsys):
+    import torch
+
+    import spach
+    from spach.train.config import TrainConfig
+    from spach.train.factory import build_model
+
+    kw = json.loads(TINY_KW)
+    torch.save(spach.create_model("spach", num_classes=3, in_chans=1, img_size=32, **kw).state_dict(), tmp_path / "w.pth")
+    cfg = TrainConfig(model="spach", model_kwargs=kw, pretrained=str(tmp_path / "w.pth"))
+    build_model(cfg, 3, 1, 32)
+    assert capsys.readouterr().err == ""
+    build_model(cfg, 4, 1, 32)
+    assert "has a 3-class head; head starts freshly initialised for 4 classes" in capsys.readouterr().err
+
+
+def test_a_timm_baseline_keeps_a_fitting_head(tmp_path):
+    import timm
+    import torch
+
+    from spach.train.config import TrainConfig
+    from spach.train.factory import build_model
+
+    own = timm.create_model("resnet18", num_classes=10)
+    torch.save(own.state_dict(), tmp_path / "r.pth")
+    net = build_model(TrainConfig(model="resnet18", pretrained=str(tmp_path / "r.pth"), drop_path=0.0), 10, 3)
+    assert torch.equal(net.fc.weight, own.fc.weight)  # timm alone would re-initialise it (num_classes != 1000)

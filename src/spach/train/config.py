@@ -16,6 +16,7 @@ from timm.optim import list_optimizers
 from spach.device import AMP_CHOICES
 from spach.errors import SpachError
 from spach.train.logs import parse_log
+from spach.train.runtime import default_workers
 
 
 class ConfigError(SpachError):
@@ -52,7 +53,8 @@ class TrainConfig:
     train_subset: int = _knob(0, "train on this many training images only, a fixed random subset (0: all)", group="data")
     val_subset: int = _knob(0, "validate on this many validation images only, a fixed random subset (0: all)", group="data")
     eval_train_subset: int = _knob(0, "also evaluate each epoch on this many training images, un-augmented (train_eval_loss/top1; 0: off)", group="data")
-    workers: int = _knob(4, "data loader worker processes for image folders (in-memory sets load in the main process)", group="data")
+    workers: int = _knob(default_workers(), "data loader worker processes for image folders (in-memory sets load in the main "
+                                            "process; default: at most 4, no more than this machine's CPUs)", group="data")
     skip_bad_images: bool = _knob(False, "count and skip unreadable images instead of failing", group="data")
     # recipe
     epochs: int = _knob(300, "training epochs", group="recipe")
