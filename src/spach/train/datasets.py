@@ -3,6 +3,7 @@ its IDX files, CIFAR-10/100 from the python-pickle folders, the built-in `tiny` 
 ImageNet-style image folders whose unreadable images fail naming the file (or are skipped)."""
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
 import pickle
@@ -16,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from spach.errors import SpachError
+from spach.errors import SpachError, first_line
 
 FMNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -110,23 +111,59 @@ def load_cifar(root: str | os.PathLike, num_classes: int, train: bool) -> Tensor
         files, meta, names_key, labels_key = ["train" if train else "test"], "meta", "fine_label_names", "fine_labels"
     parts, labels = [], []
     for name in files:
-        d = _unpickle(root / name)
-        parts.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels += list(d[labels_key.encode()])
-    classes = [c.decode() for c in _unpickle(root / meta)[names_key.encode()]]
+        d = _unpickle(root / name, (b"data", labels_key.encode()))
+        try:
+            images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            part = [int(v) for v in d[labels_key.encode()]]
+        except (TypeError, ValueError) as e:
+            raise SpachError(f"CIFAR file {root / name} holds malformed data ({first_line(e)}); re-extract the dataset") from None
+        if len(part) != len(images):
+            raise SpachError(f"CIFAR file {root / name} holds {len(images)} images but {len(part)} labels; re-extract the dataset")
+        parts.append(images)
+        labels += part
+    names = _unpickle(root / meta, (names_key.encode(),))[names_key.encode()]
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
     mean, std = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if num_classes == 10 else \
         ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
     return TensorImages(torch.from_numpy(np.concatenate(parts)), torch.tensor(labels, dtype=torch.int64), classes, mean, std)
 
 
-def _unpickle(path: Path) -> dict:
+_NUMPY_GLOBALS = {  # what a pickled numpy array or scalar names (numpy 1 wrote numpy.core, numpy 2 numpy._core)
+    "_reconstruct": np.zeros(1).__reduce__()[0], "scalar": np.float64(0).__reduce__()[0],
+    "_frombuffer": np.zeros(1).__reduce_ex__(5)[0], "ndarray": np.ndarray, "dtype": np.dtype,
+}
+_ALLOWED_GLOBALS = {
+    **{(m, n): _NUMPY_GLOBALS[n] for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")},
+    **{(m, "_frombuffer"): _NUMPY_GLOBALS["_frombuffer"] for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # bytes in protocol 2 (Python 2's files): encode(text, "latin1")
+}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR file holds: dicts, lists, bytes, str, numbers and numpy arrays. Any other
+    global (a class, a function: what a crafted `__reduce__` would call) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR file never holds")
+
+
+def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
+    """A CIFAR python-format file as a dict holding `keys`, read without running anything it names."""
     if not path.is_file():
         raise SpachError(f"{path} is missing; pass --data-path to a CIFAR folder in the python-pickle format")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            d = _DataUnpickler(f, encoding="bytes").load()
     except Exception as e:
-        raise SpachError(f"cannot read CIFAR file {path}: {e}") from None
+        raise SpachError(f"cannot read CIFAR file {path}: {first_line(e)}; it is not a CIFAR python-format file") from None
+    missing = [k.decode() for k in keys if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise SpachError(f"CIFAR file {path} holds no {', '.join(missing)} (a {type(d).__name__}); "
+                         f"it is not a CIFAR python-format file")
+    return d
 
 
 TINY_CLASSES = ["bar", "column", "ring", "disk"]
