@@ -137,3 +137,41 @@ def test_a_timm_baseline_keeps_a_fitting_head(tmp_path):
     torch.save(own.state_dict(), tmp_path / "r.pth")
     net = build_model(TrainConfig(model="resnet18", pretrained=str(tmp_path / "r.pth"), drop_path=0.0), 10, 3)
     assert torch.equal(net.fc.weight, own.fc.weight)  # timm alone would re-initialise it (num_classes != 1000)
+
+
+# -- 20.1: stored settings do not widen what a file can do; flags are not bypassed ---------------------------------------
+@pytest.mark.parametrize("extra, match", [
+    ({"num_classes": 3}, "--model-kwargs may not set num_classes (it comes from the dataset)"),
+    ({"in_chans": 3}, "--model-kwargs may not set in_chans (it comes from the dataset)"),
+    ({"img_size": 64}, "--model-kwargs may not set img_size (use --img-size)"),
+    ({"img_size": [32, "x"]}, "--model-kwargs may not set img_size (use --img-size)"),
+    ({"drop_path_rate": 7}, "--model-kwargs may not set drop_path_rate (use --drop-path)"),
+    ({"drop_rate": 0.1}, "--model-kwargs may not set drop_rate (use --drop)"),
+    ({"pretrained": True}, "--model-kwargs may not set pretrained: it would make building the model load"),
+    ({"pretrained_cfg_overlay": {"file": "x.pth"}}, "--model-kwargs may not set pretrained_cfg_overlay"),
+    ({"features_only": True}, "--model-kwargs may not set features_only"),
+])
+def test_model_kwargs_that_collide_with_flags_or_widen_loading(tmp_path, capsys, extra, match):
+    kw = json.dumps({**json.loads(TINY_KW), **extra})
+    err = cli_error(["train", "--preset", "tiny", "--model", "spach", "--model-kwargs", kw, "--output", str(tmp_path / "r")],
+                    capsys)
+    assert match in err
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+@pytest.mark.parametrize("key", ["pretrained_cfg_overlay", "pretrained", "checkpoint_path"])
+def test_stored_model_kwargs_cannot_widen_loading(tmp_path, capsys, fmt, key):
+    import spach
+    from spach.train.checkpoint import save_weights
+
+    kw = json.loads(TINY_KW)
+    state = spach.create_model("spach", num_classes=4, in_chans=1, img_size=32, **kw).state_dict()
+    value = {"file": str(tmp_path / "other.pth")} if key == "pretrained_cfg_overlay" else True if key == "pretrained" else "x"
+    args = {"model": "spach", "model_kwargs": {**kw, key: value}, "img_size": 32}
+    path = save_weights(state, {"args": args}, tmp_path / "w", fmt)
+    err = cli_error(["eval", "--pretrained", str(path), "--dataset", "tiny"], capsys)
+    assert f"checkpoint {path} stores model_kwargs that may not set {key}" in err
+    err = cli_error(["export", "--pretrained", str(path), "--format", "torchscript", "--output", str(tmp_path / "m.pt")],
+                    capsys)
+    assert f"may not set {key}" in err and not (tmp_path / "m.pt").exists()
+

@@ -138,6 +138,27 @@ def _type_ok(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
+# Model arguments with a flag of their own (or derived from the data): --model-kwargs may not set them.
+MODEL_KWARGS_FLAGS = {"num_classes": "it comes from the dataset", "in_chans": "it comes from the dataset",
+                      "img_size": "use --img-size", "drop_path_rate": "use --drop-path", "drop_rate": "use --drop"}
+# Model arguments that would make building a model read, download or reshape other things than the
+# architecture: refused in any stored or given model_kwargs (settings must not widen what a file can do).
+MODEL_KWARGS_REFUSED = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path",
+                        "cache_dir", "features_only", "feature_cfg", "feature_cls", "out_indices", "output_stride")
+
+
+def check_model_kwargs(kwargs: dict) -> None:
+    """A ConfigError for a model_kwargs key that has its own flag or would widen what building the model does."""
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise ConfigError("model_kwargs", f"keys must be strings, got {key!r}")
+        if key in MODEL_KWARGS_FLAGS:
+            raise ConfigError("model_kwargs", f"may not set {key} ({MODEL_KWARGS_FLAGS[key]})")
+        if key in MODEL_KWARGS_REFUSED:
+            raise ConfigError("model_kwargs", f"may not set {key}: it would make building the model load or change more "
+                                              "than its architecture (start from weights with --pretrained CKPT)")
+
+
 def check(cfg: TrainConfig) -> None:
     """Raise a ConfigError for the first value no run could use (checked without touching data or devices)."""
     for f in dataclasses.fields(cfg):
@@ -187,6 +208,7 @@ def check(cfg: TrainConfig) -> None:
         parse_log(cfg.log)
     except ValueError as e:
         raise ConfigError("log", str(e)) from None
+    check_model_kwargs(cfg.model_kwargs)
     _check_opt(cfg.opt)
     _check_aa(cfg.aa)
     _check_device(cfg.device)
