@@ -175,3 +175,68 @@ def test_stored_model_kwargs_cannot_widen_loading(tmp_path, capsys, fmt, key):
                     capsys)
     assert f"may not set {key}" in err and not (tmp_path / "m.pt").exists()
 
+
+# -- 20.2: silent wrong data -------------------------------------------------------------------------------------------
+def test_16_bit_pngs_are_scaled_not_saturated(tmp_path):
+    root = folders(tmp_path)
+    wide = np.full((8, 8), 40000, np.uint16)
+    wide[0, 0] = 65535
+    Image.fromarray(wide).save(root / "train" / "a" / "0.png")  # a 16-bit greyscale PNG
+    train, _ = load_folders(root, False)
+    assert Image.open(root / "train" / "a" / "0.png").mode in ("I;16", "I")
+    img = np.asarray(train[0][0])
+    assert img.shape == (8, 8, 3) and img[0, 0].tolist() == [255] * 3 and (img[1:, 1:] == 156).all()  # 40000 / 257
+
+
+@pytest.mark.parametrize("target", [".", "../../b", "../.."])
+def test_a_folder_reached_twice_is_refused(tmp_path, target):
+    root = folders(tmp_path)
+    (root / "train" / "a" / "sub").mkdir()
+    (root / "train" / "a" / "sub" / "loop").symlink_to(target, target_is_directory=True)
+    with pytest.raises(SpachError, match=r"loop leads to .*, a folder already read .*remove the link") as e:
+        load_folders(root, False)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_symlinked_class_folders_still_work(tmp_path):
+    real = folders(tmp_path / "real")
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "val").symlink_to(real / "val")
+    for c in ("a", "b"):
+        (tmp_path / "d" / "train" / c).symlink_to(real / "train" / c)
+    train, val = load_folders(tmp_path / "d", False)
+    assert len(train) == len(val) == 8
+
+
+def test_a_one_class_folder_is_refused(tmp_path, capsys):
+    root = folders(tmp_path, classes=("only",))
+    err = cli_error(tiny_train(tmp_path, "--dataset", "imagefolder", "--data-path", str(root)), capsys)
+    assert "holds 1 class folder (only): training a classifier needs >= 2 classes" in err
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--train-subset", "257", "--train-subset 257 is more than the 256 training images of tiny"),
+    ("--val-subset", "65", "--val-subset 65 is more than the 64 validation images of tiny"),
+    ("--eval-train-subset", "300", "--eval-train-subset 300 is more than the 256 training images of tiny"),
+])
+def test_a_subset_larger_than_the_data(tmp_path, capsys, flag, value, match):
+    assert match in cli_error(tiny_train(tmp_path, flag, value), capsys)
+
+
+def test_a_nan_loss_in_the_first_epoch_claims_no_checkpoint(tmp_path, monkeypatch):
+    from spach.train import engine
+
+    build = engine.build_model
+
+    def nan_model(*args, **kw):
+        model = build(*args, **kw)
+        model.register_forward_hook(lambda m, i, out: out * float("nan") if m.training else out)
+        return model
+
+    monkeypatch.setattr(engine, "build_model", nan_model)
+    cfg = engine.TrainConfig(dataset="tiny", model="spach", model_kwargs=json.loads(TINY_KW), output=str(tmp_path / "r"),
+                             progress="none", workers=0, batch_size=32, aa="none", mixup=0.0, cutmix=0.0, model_ema=False)
+    with pytest.raises(SpachError) as e:
+        engine.train(cfg)
+    assert "no checkpoint had been written" in str(e.value) and "last good" not in str(e.value)
+    assert not (tmp_path / "r" / "checkpoint.pth").exists()

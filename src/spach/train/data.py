@@ -173,16 +173,19 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
     if len(train) == 0 or len(val) == 0:
         raise SpachError(f"dataset {name} at {cfg.data_path} holds no {'training' if len(train) == 0 else 'validation'} images")
 
-    def pick(ds: Any, k: int, seed: int) -> Any:
+    def pick(ds: Any, k: int, seed: int, flag: str, split: str) -> Any:
         if not k:
             return ds
+        if k > len(ds):
+            raise SpachError(f"--{flag} {k} is more than the {len(ds)} {split} images of {name}; lower it (0: all)")
         idx = _fixed_subset(len(ds), k, seed)
         return ds.subset(idx) if isinstance(ds, TensorImages) else Subset(ds, idx.tolist())
 
     train_full = train
     # the training subset follows the seed; the validation subset does not: every run scores the same images
-    train, val = pick(train, cfg.train_subset, cfg.seed), pick(val, cfg.val_subset, 1)
-    train_eval = pick(train, cfg.eval_train_subset, cfg.seed + 2) if cfg.eval_train_subset else None
+    train, val = pick(train, cfg.train_subset, cfg.seed, "train-subset", "training"), \
+        pick(val, cfg.val_subset, 1, "val-subset", "validation")
+    train_eval = pick(train, cfg.eval_train_subset, cfg.seed + 2, "eval-train-subset", "training") if cfg.eval_train_subset else None
     tensor_path = isinstance(train_full, TensorImages) and not _needs_pil(cfg)
 
     ebs = cfg.eval_batch_size or cfg.batch_size

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from spach.errors import SpachError, first_line
 
@@ -199,6 +200,15 @@ def _check_folder(root: Path, hint: str) -> None:
         raise SpachError(f"data folder {root} is empty; {hint}")
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB; 16-bit and 32-bit integer greyscale (a 16-bit PNG opens as I;16 or I) is
+    scaled to 8 bits first (Pillow's convert would clip every value above 255 to white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 class CheckedImageFolder(ImageFolder):
     """ImageFolder whose unreadable images fail naming the file, or are skipped (returned as None)."""
 
@@ -209,12 +219,42 @@ class CheckedImageFolder(ImageFolder):
         except FileNotFoundError as e:
             raise SpachError(f"{root}: {e}; expected class folders holding images") from None
 
+    @staticmethod
+    def make_dataset(directory: str | os.PathLike, class_to_idx: dict[str, int] | None = None,
+                     extensions: tuple[str, ...] | None = None, is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's walk (symlinks followed), but a folder reached twice (a symlink loop, or a link to
+        another class folder: images counted again, under another label) is refused, naming the link."""
+        root = Path(directory)
+        classes = sorted((class_to_idx or {}).items())
+        seen = {os.path.realpath(root), *(os.path.realpath(root / c) for c, _ in classes)}
+        valid = is_valid_file or (lambda p: has_file_allowed_extension(p, extensions or IMG_EXTENSIONS))
+        samples, empty = [], []
+        for name, index in classes:
+            found = 0
+            for folder, dirs, files in os.walk(root / name, followlinks=True):
+                for d in sorted(dirs):
+                    real = os.path.realpath(os.path.join(folder, d))
+                    if real in seen:
+                        raise SpachError(f"{os.path.join(folder, d)} leads to {real}, a folder already read (a symlink loop "
+                                         "or a second copy would count its images again); remove the link")
+                    seen.add(real)
+                dirs.sort()
+                for f in sorted(files):
+                    if valid(os.path.join(folder, f)):
+                        samples.append((os.path.join(folder, f), index))
+                        found += 1
+            if not found:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"found no image in class folder(s) {', '.join(empty[:3])}")
+        return samples
+
     def __getitem__(self, i: int) -> tuple[Any, int] | None:
         path, target = self.samples[i]
         try:
             with open(path, "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")
+                img = to_rgb(Image.open(f))
         except Exception as e:
             if self.skip_bad:
                 return None
@@ -237,6 +277,9 @@ def load_folders(root: str | os.PathLike | None, skip_bad: bool) -> tuple[Checke
         if not (root / split).is_dir():
             raise SpachError(f"{root} has no {split}/ folder; expected ImageNet-style train/ and val/ class folders")
     train, val = (CheckedImageFolder(root / s, None, skip_bad) for s in ("train", "val"))
+    if len(train.classes) < 2:
+        raise SpachError(f"{root}/train holds {len(train.classes)} class folder ({', '.join(train.classes)}): training "
+                         "a classifier needs >= 2 classes; add a folder per class")
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))[:3]
         only_v = sorted(set(val.classes) - set(train.classes))[:3]

@@ -252,9 +252,10 @@ def _epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: int, s
         loss_value = loss.item()
         flags = d.all_max(torch.tensor([0.0 if math.isfinite(loss_value) else 1.0, float(stop.set)], device=d.device))
         if flags[0] > 0:
-            last = f"epoch {state.epoch}" + (f" step {state.step}" if state.step else "")
-            raise SpachError(f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, the last good checkpoint "
-                             f"({last}) is kept in {out}; lower --lr, set --clip-grad or use --amp off")
+            kept = f"the last good checkpoint (epoch {state.epoch}{f' step {state.step}' if state.step else ''}) is kept in " \
+                f"{out}" if (out / "checkpoint.pth").is_file() else f"no checkpoint had been written to {out} yet"
+            raise SpachError(f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, {kept}; "
+                             "lower --lr, set --clip-grad or use --amp off")
         # backward and update (the scaler is a no-op unless fp16)
         p.optimizer.zero_grad(set_to_none=True)
         p.scaler.scale(loss).backward()
