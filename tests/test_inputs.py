@@ -240,3 +240,36 @@ def test_a_nan_loss_in_the_first_epoch_claims_no_checkpoint(tmp_path, monkeypatc
         engine.train(cfg)
     assert "no checkpoint had been written" in str(e.value) and "last good" not in str(e.value)
     assert not (tmp_path / "r" / "checkpoint.pth").exists()
+
+
+# -- 20.4: one line, never a traceback ----------------------------------------------------------------------------------
+def test_resume_from_weights_only_says_how_to_use_them(tmp_path, capsys):
+    import torch
+
+    run = tiny_train(tmp_path, "--epochs", "1", "--train-subset", "32", "--val-subset", "16", "--save-format", "safetensors")
+    main(run)
+    best = tmp_path / "run" / "best.safetensors"
+    torch.save(torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["model"], tmp_path / "bare.pth")
+    for weights in (best, tmp_path / "run" / "final.safetensors", tmp_path / "bare.pth"):
+        err = cli_error([*tiny_train(tmp_path / "new", "--epochs", "2"), "--resume", str(weights)], capsys)
+        assert f"--resume {weights} is not a resumable training checkpoint" in err
+        assert f"--pretrained {weights}" in err
+    torch.save({"model": torch.load(tmp_path / "bare.pth"), "epoch": 1, "top1": 50.0}, tmp_path / "best.pth")  # best.pth's form
+    err = cli_error([*tiny_train(tmp_path / "new", "--epochs", "2"), "--resume", str(tmp_path / "best.pth")], capsys)
+    assert "is not a resumable training checkpoint" in err
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--seed", "99999999999999999999"], "--seed must be <= 4294967295, got 99999999999999999999"),
+    (["--seed", "4294967296"], "--seed must be <= 4294967295"),
+    (["--img-size", "100000"], "--img-size must be <= 4096, got 100000"),
+])
+def test_out_of_range_numbers(tmp_path, capsys, flags, match):
+    assert match in cli_error(tiny_train(tmp_path, *flags), capsys)
+
+
+def test_a_data_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for dataset in ("imagefolder", "cifar10", "fmnist"):
+        err = cli_error(tiny_train(tmp_path, "--dataset", dataset, "--data-path", str(tmp_path / "f")), capsys)
+        assert f"data path {tmp_path / 'f'} is a file, not a folder" in err

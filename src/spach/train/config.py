@@ -125,6 +125,9 @@ _AT_LEAST = {"epochs": 1, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log
              "train_subset": 0, "val_subset": 0, "eval_train_subset": 0, "img_size": 0, "eval_batch_size": 0,
              "lr_base_size": 0, "warmup_epochs": 0, "min_lr": 0, "warmup_lr": 0, "weight_decay": 0, "clip_grad": 0,
              "mixup": 0, "cutmix": 0, "color_jitter": 0, "momentum": 0}
+# Upper bounds no run reaches on purpose: the seed is numpy's and torch's (32 bits); an image side
+# beyond 4096 pixels is a typo that would only run out of memory.
+_AT_MOST = {"seed": 2**32 - 1, "img_size": 4096}
 _PROBABILITY = ("mixup_prob", "mixup_switch_prob", "hflip", "reprob")
 _RATE = ("smoothing", "drop_path", "drop")  # in [0, 1)
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
@@ -170,6 +173,9 @@ def check(cfg: TrainConfig) -> None:
     for name, low in _AT_LEAST.items():
         if getattr(cfg, name) < low:
             raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)!r}")
+    for name, high in _AT_MOST.items():
+        if getattr(cfg, name) > high:
+            raise ConfigError(name, f"must be <= {high}, got {getattr(cfg, name)!r}")
     for name in _PROBABILITY:
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(name, f"is a probability: it must lie in [0, 1], got {getattr(cfg, name)!r}")

@@ -194,6 +194,8 @@ def make_tiny(train: bool, seed: int = 0, size: int = 32) -> TensorImages:
 
 
 def _check_folder(root: Path, hint: str) -> None:
+    if root.exists() and not root.is_dir():
+        raise SpachError(f"data path {root} is a file, not a folder; {hint}")
     if not root.is_dir():
         raise SpachError(f"data folder {root} does not exist; {hint}")
     if not any(root.iterdir()):

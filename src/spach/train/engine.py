@@ -122,7 +122,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
 
     # --- where the run starts: fresh, from its last checkpoint, or already finished
     resume_path = checkpoint.resume_point(cfg, out)
-    ckpt = checkpoint.load(resume_path) if resume_path else None
+    ckpt = checkpoint.load_resumable(resume_path) if resume_path else None
     if ckpt is not None:
         checkpoint.check_same_model(ckpt, cfg, resume_path)
         summary = read_json(out / "summary.json")
