@@ -3,6 +3,7 @@ overrides), or any timm model as an outside baseline."""
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 
 import timm
@@ -35,7 +36,7 @@ def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int
     spach_model = cfg.model == "spach" or cfg.model in list_models() or cfg.model not in timm.list_models()
     classifier = "head" if spach_model else getattr(timm.models.get_pretrained_cfg(cfg.model), "classifier", None) or "head"
     head = _head_classes(cfg.pretrained, classifier) if cfg.pretrained else None
-    if head is not None and head != num_classes:
+    if head is not None and head != num_classes and os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"fine-tuning: {cfg.pretrained} has a {head}-class head; {classifier} starts freshly initialised for "
               f"{num_classes} classes", file=sys.stderr, flush=True)
     if spach_model:
