@@ -77,7 +77,8 @@ class TouchesAFile:
 
 
 @pytest.mark.parametrize("content, match", [
-    (lambda marker: {b"data": TouchesAFile(str(marker)), b"labels": [0]}, "names (builtins|io).open, which a CIFAR file never holds"),
+    (lambda marker: {b"data": TouchesAFile(str(marker)), b"labels": [0]},
+     "names (builtins|io).open, which a CIFAR file never holds"),
     (lambda marker: {b"images": np.zeros((1, 3072), np.uint8), b"labels": [0]}, "holds no data"),
     (lambda marker: [1, 2], "holds no data, labels .a list."),
     (lambda marker: {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "holds 2 images but 1 labels"),

@@ -185,7 +185,8 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
     # the training subset follows the seed; the validation subset does not: every run scores the same images
     train, val = pick(train, cfg.train_subset, cfg.seed, "train-subset", "training"), \
         pick(val, cfg.val_subset, 1, "val-subset", "validation")
-    train_eval = pick(train, cfg.eval_train_subset, cfg.seed + 2, "eval-train-subset", "training") if cfg.eval_train_subset else None
+    train_eval = pick(train, cfg.eval_train_subset, cfg.seed + 2, "eval-train-subset", "training") \
+        if cfg.eval_train_subset else None
     tensor_path = isinstance(train_full, TensorImages) and not _needs_pil(cfg)
 
     ebs = cfg.eval_batch_size or cfg.batch_size

@@ -134,7 +134,8 @@ _NUMPY_GLOBALS = {  # what a pickled numpy array or scalar names (numpy 1 wrote 
     "_frombuffer": np.zeros(1).__reduce_ex__(5)[0], "ndarray": np.ndarray, "dtype": np.dtype,
 }
 _ALLOWED_GLOBALS = {
-    **{(m, n): _NUMPY_GLOBALS[n] for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")},
+    **{(m, n): _NUMPY_GLOBALS[n] for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for n in ("_reconstruct", "scalar")},
     **{(m, "_frombuffer"): _NUMPY_GLOBALS["_frombuffer"] for m in ("numpy.core.numeric", "numpy._core.numeric")},
     ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,  # bytes in protocol 2 (Python 2's files): encode(text, "latin1")

@@ -20,7 +20,8 @@ def check_model_name(name: str) -> None:
     data is read or worker started), suggesting close names."""
     if name == "spach" or name in list_models() or name in timm.list_models():
         return
-    close = difflib.get_close_matches(name, ["spach", *list_models()], n=3) or difflib.get_close_matches(name, timm.list_models(), n=3)
+    close = difflib.get_close_matches(name, ["spach", *list_models()], n=3) \
+        or difflib.get_close_matches(name, timm.list_models(), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "see 'spach models' or timm.list_models()"
     raise SpachError(f"unknown model {name!r}; {hint}")
 
