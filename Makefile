@@ -1,6 +1,10 @@
 # The two commands a new user needs (see README):
 #   make battle   - set everything up, run the default study, print where the report is
 #   make test     - set everything up (the browser test's Chromium included), run the test suite
+# Dependencies install at the versions the suite last passed with (constraints.txt), so a new release
+# of torch, timm, Pillow, ... cannot break a fresh install. Newer ones:
+#   make setup LATEST=1  - upgrade this venv to the newest releases (then make test, and make constraints to record them)
+#   make test-latest     - try the newest releases in a separate venv (.venv-latest), leaving .venv alone
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +12,12 @@ STAMP  := $(VENV)/.spach-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: battle test setup data browser
+CONSTRAINTS := constraints.txt
+LATEST_VENV := .venv-latest
+# LATEST=1: no constraints, every package upgraded, and the install runs even when the venv is set up
+PIN := $(if $(LATEST),--upgrade --upgrade-strategy eager,-c $(CONSTRAINTS))
+
+.PHONY: battle test setup data browser constraints test-latest FORCE
 
 battle: setup data
 	$(BIN)/spach battle $(ARGS)
@@ -18,12 +27,28 @@ test: setup browser
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(if $(LATEST),FORCE)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch torchvision
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(PIN) torch torchvision
+	$(BIN)/pip install -q $(PIN) -e '.[test]'
 	touch $(STAMP)
+
+# Record the versions installed now (run it after 'make setup LATEST=1' and a passing 'make test').
+constraints: setup
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | grep -v '^spach'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+# The newest releases in a venv of their own: does the suite still pass? (.venv and constraints.txt stay as they are)
+test-latest: browser
+	test -d $(LATEST_VENV) || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager torch torchvision
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable | diff $(CONSTRAINTS) - | grep '^[<>] [^#]' || true
+	$(LATEST_VENV)/bin/python -m pytest -q $(ARGS)
+
+FORCE:
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (no downloads at run time).
 data: $(FMNIST)

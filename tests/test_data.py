@@ -57,6 +57,41 @@ def test_cifar_pickle(tmp_path):
     assert len(load_cifar(root, 10, False)) == 4
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_files_of_every_pickle_protocol(tmp_path, protocol):
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:  # as the real files: numpy arrays, lists, bytes, str, numbers
+        batch = {b"data": rng.integers(0, 255, (2, 3072), dtype=np.uint8), b"labels": [np.int64(1), 2],
+                 b"batch_label": b"training batch", b"filenames": [b"a.png", "b.png"], b"n": 1.5}
+        (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c"] * 10}, protocol=protocol))
+    assert load_cifar(tmp_path, 10, True).labels.tolist() == [1, 2] * 5
+
+
+class TouchesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("content, match", [
+    (lambda marker: {b"data": TouchesAFile(str(marker)), b"labels": [0]},
+     "names (builtins|io).open, which a CIFAR file never holds"),
+    (lambda marker: {b"images": np.zeros((1, 3072), np.uint8), b"labels": [0]}, "holds no data"),
+    (lambda marker: [1, 2], "holds no data, labels .a list."),
+    (lambda marker: {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "holds 2 images but 1 labels"),
+])
+def test_a_crafted_cifar_file_runs_nothing(tmp_path, content, match):
+    marker = tmp_path / "touched"
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps(content(marker)))
+    with pytest.raises(SpachError, match=match) as e:
+        load_cifar(tmp_path, 10, True)
+    assert not marker.exists() and str(tmp_path / "data_batch_1") in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
 def test_tiny_is_deterministic():
     a, b = make_tiny(True, seed=1), make_tiny(True, seed=1)
     assert torch.equal(a.images, b.images) and a.images.shape == (256, 1, 32, 32)

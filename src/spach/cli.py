@@ -26,6 +26,7 @@ from spach.train.config import ConfigError, TrainConfig
 from spach.train.engine import train
 from spach.train.evaluate import evaluate_checkpoint
 from spach.train.presets import PRESETS, resolve
+from spach.train.runtime import default_workers
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -126,7 +127,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="imagefolder", help="imagefolder, fashion-mnist (fmnist), cifar10, cifar100 or tiny (default: imagefolder)")
     p.add_argument("--model-kwargs", help="architecture overrides as JSON (default: the checkpoint's own)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes for image folders (default: 4)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"data loader processes for image folders (default: {default_workers()}: at most 4, no more than the CPUs)")
     p.add_argument("--img-size", type=int, default=0, help="resolution (default: the checkpoint's or the model's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision (default: auto, GPU only)")

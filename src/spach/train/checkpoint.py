@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from spach.errors import CheckpointError, SpachError
-from spach.files import LOCK_FILE, atomic_save, atomic_save_safetensors, read_json, safetensors_metadata
+from spach.files import LOCK_FILE, atomic_save, atomic_save_safetensors, is_safetensors, read_json, safetensors_metadata
 from spach.models.convert import load_file
 from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
 
@@ -20,6 +20,18 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = load_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a training checkpoint")
+    return ckpt
+
+
+def load_resumable(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint to resume from (weights, optimizer state, where the run stood); weights
+    alone (best.pth, a safetensors file, a bare state dict) are refused, saying how to start from them."""
+    ckpt = None if is_safetensors(path) else load(path)
+    if ckpt is None or not isinstance(ckpt.get("optimizer"), dict) or not isinstance(ckpt.get("model"), dict) \
+            or not isinstance(ckpt.get("epoch"), int):
+        raise CheckpointError(f"--resume {path} is not a resumable training checkpoint (it holds model weights only, no "
+                              f"optimizer state); start from its weights with --pretrained {path}, or resume a run "
+                              "with its checkpoint.pth (--resume auto)")
     return ckpt
 
 

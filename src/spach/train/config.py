@@ -16,6 +16,7 @@ from timm.optim import list_optimizers
 from spach.device import AMP_CHOICES
 from spach.errors import SpachError
 from spach.train.logs import parse_log
+from spach.train.runtime import default_workers
 
 
 class ConfigError(SpachError):
@@ -52,7 +53,8 @@ class TrainConfig:
     train_subset: int = _knob(0, "train on this many training images only, a fixed random subset (0: all)", group="data")
     val_subset: int = _knob(0, "validate on this many validation images only, a fixed random subset (0: all)", group="data")
     eval_train_subset: int = _knob(0, "also evaluate each epoch on this many training images, un-augmented (train_eval_loss/top1; 0: off)", group="data")
-    workers: int = _knob(4, "data loader worker processes for image folders (in-memory sets load in the main process)", group="data")
+    workers: int = _knob(default_workers(), "data loader worker processes for image folders (in-memory sets load in the main "
+                                            "process; default: at most 4, no more than this machine's CPUs)", group="data")
     skip_bad_images: bool = _knob(False, "count and skip unreadable images instead of failing", group="data")
     # recipe
     epochs: int = _knob(300, "training epochs", group="recipe")
@@ -123,6 +125,9 @@ _AT_LEAST = {"epochs": 1, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log
              "train_subset": 0, "val_subset": 0, "eval_train_subset": 0, "img_size": 0, "eval_batch_size": 0,
              "lr_base_size": 0, "warmup_epochs": 0, "min_lr": 0, "warmup_lr": 0, "weight_decay": 0, "clip_grad": 0,
              "mixup": 0, "cutmix": 0, "color_jitter": 0, "momentum": 0}
+# Upper bounds no run reaches on purpose: the seed is numpy's and torch's (32 bits); an image side
+# beyond 4096 pixels is a typo that would only run out of memory.
+_AT_MOST = {"seed": 2**32 - 1, "img_size": 4096}
 _PROBABILITY = ("mixup_prob", "mixup_switch_prob", "hflip", "reprob")
 _RATE = ("smoothing", "drop_path", "drop")  # in [0, 1)
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
@@ -136,6 +141,27 @@ def _type_ok(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
+# Model arguments with a flag of their own (or derived from the data): --model-kwargs may not set them.
+MODEL_KWARGS_FLAGS = {"num_classes": "it comes from the dataset", "in_chans": "it comes from the dataset",
+                      "img_size": "use --img-size", "drop_path_rate": "use --drop-path", "drop_rate": "use --drop"}
+# Model arguments that would make building a model read, download or reshape other things than the
+# architecture: refused in any stored or given model_kwargs (settings must not widen what a file can do).
+MODEL_KWARGS_REFUSED = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path",
+                        "cache_dir", "features_only", "feature_cfg", "feature_cls", "out_indices", "output_stride")
+
+
+def check_model_kwargs(kwargs: dict) -> None:
+    """A ConfigError for a model_kwargs key that has its own flag or would widen what building the model does."""
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise ConfigError("model_kwargs", f"keys must be strings, got {key!r}")
+        if key in MODEL_KWARGS_FLAGS:
+            raise ConfigError("model_kwargs", f"may not set {key} ({MODEL_KWARGS_FLAGS[key]})")
+        if key in MODEL_KWARGS_REFUSED:
+            raise ConfigError("model_kwargs", f"may not set {key}: it would make building the model load or change more "
+                                              "than its architecture (start from weights with --pretrained CKPT)")
+
+
 def check(cfg: TrainConfig) -> None:
     """Raise a ConfigError for the first value no run could use (checked without touching data or devices)."""
     for f in dataclasses.fields(cfg):
@@ -147,6 +173,9 @@ def check(cfg: TrainConfig) -> None:
     for name, low in _AT_LEAST.items():
         if getattr(cfg, name) < low:
             raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)!r}")
+    for name, high in _AT_MOST.items():
+        if getattr(cfg, name) > high:
+            raise ConfigError(name, f"must be <= {high}, got {getattr(cfg, name)!r}")
     for name in _PROBABILITY:
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(name, f"is a probability: it must lie in [0, 1], got {getattr(cfg, name)!r}")
@@ -185,6 +214,7 @@ def check(cfg: TrainConfig) -> None:
         parse_log(cfg.log)
     except ValueError as e:
         raise ConfigError("log", str(e)) from None
+    check_model_kwargs(cfg.model_kwargs)
     _check_opt(cfg.opt)
     _check_aa(cfg.aa)
     _check_device(cfg.device)

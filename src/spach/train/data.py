@@ -21,7 +21,8 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from spach.errors import SpachError
+from spach.errors import SpachError, first_line
+from spach.train.augment import safe_transform
 from spach.train.config import TrainConfig
 from spach.train.datasets import (
     TensorImages,
@@ -172,16 +173,20 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
     if len(train) == 0 or len(val) == 0:
         raise SpachError(f"dataset {name} at {cfg.data_path} holds no {'training' if len(train) == 0 else 'validation'} images")
 
-    def pick(ds: Any, k: int, seed: int) -> Any:
+    def pick(ds: Any, k: int, seed: int, flag: str, split: str) -> Any:
         if not k:
             return ds
+        if k > len(ds):
+            raise SpachError(f"--{flag} {k} is more than the {len(ds)} {split} images of {name}; lower it (0: all)")
         idx = _fixed_subset(len(ds), k, seed)
         return ds.subset(idx) if isinstance(ds, TensorImages) else Subset(ds, idx.tolist())
 
     train_full = train
     # the training subset follows the seed; the validation subset does not: every run scores the same images
-    train, val = pick(train, cfg.train_subset, cfg.seed), pick(val, cfg.val_subset, 1)
-    train_eval = pick(train, cfg.eval_train_subset, cfg.seed + 2) if cfg.eval_train_subset else None
+    train, val = pick(train, cfg.train_subset, cfg.seed, "train-subset", "training"), \
+        pick(val, cfg.val_subset, 1, "val-subset", "validation")
+    train_eval = pick(train, cfg.eval_train_subset, cfg.seed + 2, "eval-train-subset", "training") \
+        if cfg.eval_train_subset else None
     tensor_path = isinstance(train_full, TensorImages) and not _needs_pil(cfg)
 
     ebs = cfg.eval_batch_size or cfg.batch_size
@@ -206,18 +211,23 @@ def build_data(cfg: TrainConfig, pretrained_cfg: dict[str, Any], device: torch.d
         def make(sampler: Sampler) -> Any:
             return TensorLoader(train, sampler, cfg.batch_size, train_tf, device, drop_last=True)
     else:
-        train_tf = create_transform(
-            (in_chans, size, size), is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter, auto_augment=cfg.aa if cfg.aa and cfg.aa != "none" else None,
-            interpolation=cfg.train_interpolation, mean=mean, std=std,
-            re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
-        train_t = _with_transform(train, train_tf)
+        train_t = _with_transform(train, pil_train_transform(cfg, in_chans, size, mean, std))
 
         def make(sampler: Sampler) -> Any:
             return _image_loader(train_t, sampler, cfg, cfg.batch_size, True)
 
     return Data(len(classes), in_chans, size, list(classes), len(train), len(val), tensor_path, make, val_loader, te_loader,
                 generator)
+
+
+def pil_train_transform(cfg: TrainConfig, in_chans: int, size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """timm's per-image training transform for `cfg` (crop, flip, RandAugment, jitter, erasing), its
+    augmentation ops made safe for the installed Pillow (see `spach.train.augment`)."""
+    return safe_transform(create_transform(
+        (in_chans, size, size), is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter, auto_augment=cfg.aa if cfg.aa and cfg.aa != "none" else None,
+        interpolation=cfg.train_interpolation, mean=mean, std=std,
+        re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount))
 
 
 class _Transformed(Dataset):
@@ -231,7 +241,21 @@ class _Transformed(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         item = self.ds[i]
-        return None if item is None else (self.transform(item[0]), item[1])
+        if item is None:
+            return None
+        try:
+            return self.transform(item[0]), item[1]
+        except Exception as e:  # in a worker process: the error names the image, on one line
+            raise SpachError(f"transforming {_source(self.ds, i)} failed ({type(e).__name__}: {first_line(e)}); if every "
+                             "image fails, the installed timm/Pillow may not match constraints.txt (make setup)") from None
+
+
+def _source(ds: Dataset, i: int) -> str:
+    """The file behind `ds[i]` (image folders, through any Subset), else its index."""
+    while isinstance(ds, Subset):
+        ds, i = ds.dataset, ds.indices[i]
+    samples = getattr(ds, "samples", None)
+    return f"image {samples[i][0]}" if samples else f"image {i} of the dataset"
 
 
 def _with_transform(ds: Dataset, transform: Callable) -> Dataset:

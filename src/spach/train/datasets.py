@@ -3,6 +3,7 @@ its IDX files, CIFAR-10/100 from the python-pickle folders, the built-in `tiny` 
 ImageNet-style image folders whose unreadable images fail naming the file (or are skipped)."""
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
 import pickle
@@ -15,8 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from spach.errors import SpachError
+from spach.errors import SpachError, first_line
 
 FMNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -110,23 +112,60 @@ def load_cifar(root: str | os.PathLike, num_classes: int, train: bool) -> Tensor
         files, meta, names_key, labels_key = ["train" if train else "test"], "meta", "fine_label_names", "fine_labels"
     parts, labels = [], []
     for name in files:
-        d = _unpickle(root / name)
-        parts.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels += list(d[labels_key.encode()])
-    classes = [c.decode() for c in _unpickle(root / meta)[names_key.encode()]]
+        d = _unpickle(root / name, (b"data", labels_key.encode()))
+        try:
+            images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            part = [int(v) for v in d[labels_key.encode()]]
+        except (TypeError, ValueError) as e:
+            raise SpachError(f"CIFAR file {root / name} holds malformed data ({first_line(e)}); re-extract the dataset") from None
+        if len(part) != len(images):
+            raise SpachError(f"CIFAR file {root / name} holds {len(images)} images but {len(part)} labels; re-extract the dataset")
+        parts.append(images)
+        labels += part
+    names = _unpickle(root / meta, (names_key.encode(),))[names_key.encode()]
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
     mean, std = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if num_classes == 10 else \
         ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
     return TensorImages(torch.from_numpy(np.concatenate(parts)), torch.tensor(labels, dtype=torch.int64), classes, mean, std)
 
 
-def _unpickle(path: Path) -> dict:
+_NUMPY_GLOBALS = {  # what a pickled numpy array or scalar names (numpy 1 wrote numpy.core, numpy 2 numpy._core)
+    "_reconstruct": np.zeros(1).__reduce__()[0], "scalar": np.float64(0).__reduce__()[0],
+    "_frombuffer": np.zeros(1).__reduce_ex__(5)[0], "ndarray": np.ndarray, "dtype": np.dtype,
+}
+_ALLOWED_GLOBALS = {
+    **{(m, n): _NUMPY_GLOBALS[n] for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for n in ("_reconstruct", "scalar")},
+    **{(m, "_frombuffer"): _NUMPY_GLOBALS["_frombuffer"] for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # bytes in protocol 2 (Python 2's files): encode(text, "latin1")
+}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR file holds: dicts, lists, bytes, str, numbers and numpy arrays. Any other
+    global (a class, a function: what a crafted `__reduce__` would call) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR file never holds")
+
+
+def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
+    """A CIFAR python-format file as a dict holding `keys`, read without running anything it names."""
     if not path.is_file():
         raise SpachError(f"{path} is missing; pass --data-path to a CIFAR folder in the python-pickle format")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            d = _DataUnpickler(f, encoding="bytes").load()
     except Exception as e:
-        raise SpachError(f"cannot read CIFAR file {path}: {e}") from None
+        raise SpachError(f"cannot read CIFAR file {path}: {first_line(e)}; it is not a CIFAR python-format file") from None
+    missing = [k.decode() for k in keys if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise SpachError(f"CIFAR file {path} holds no {', '.join(missing)} (a {type(d).__name__}); "
+                         f"it is not a CIFAR python-format file")
+    return d
 
 
 TINY_CLASSES = ["bar", "column", "ring", "disk"]
@@ -156,10 +195,21 @@ def make_tiny(train: bool, seed: int = 0, size: int = 32) -> TensorImages:
 
 
 def _check_folder(root: Path, hint: str) -> None:
+    if root.exists() and not root.is_dir():
+        raise SpachError(f"data path {root} is a file, not a folder; {hint}")
     if not root.is_dir():
         raise SpachError(f"data folder {root} does not exist; {hint}")
     if not any(root.iterdir()):
         raise SpachError(f"data folder {root} is empty; {hint}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB; 16-bit and 32-bit integer greyscale (a 16-bit PNG opens as I;16 or I) is
+    scaled to 8 bits first (Pillow's convert would clip every value above 255 to white)."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 class CheckedImageFolder(ImageFolder):
@@ -172,12 +222,42 @@ class CheckedImageFolder(ImageFolder):
         except FileNotFoundError as e:
             raise SpachError(f"{root}: {e}; expected class folders holding images") from None
 
+    @staticmethod
+    def make_dataset(directory: str | os.PathLike, class_to_idx: dict[str, int] | None = None,
+                     extensions: tuple[str, ...] | None = None, is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's walk (symlinks followed), but a folder reached twice (a symlink loop, or a link to
+        another class folder: images counted again, under another label) is refused, naming the link."""
+        root = Path(directory)
+        classes = sorted((class_to_idx or {}).items())
+        seen = {os.path.realpath(root), *(os.path.realpath(root / c) for c, _ in classes)}
+        valid = is_valid_file or (lambda p: has_file_allowed_extension(p, extensions or IMG_EXTENSIONS))
+        samples, empty = [], []
+        for name, index in classes:
+            found = 0
+            for folder, dirs, files in os.walk(root / name, followlinks=True):
+                for d in sorted(dirs):
+                    real = os.path.realpath(os.path.join(folder, d))
+                    if real in seen:
+                        raise SpachError(f"{os.path.join(folder, d)} leads to {real}, a folder already read (a symlink loop "
+                                         "or a second copy would count its images again); remove the link")
+                    seen.add(real)
+                dirs.sort()
+                for f in sorted(files):
+                    if valid(os.path.join(folder, f)):
+                        samples.append((os.path.join(folder, f), index))
+                        found += 1
+            if not found:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"found no image in class folder(s) {', '.join(empty[:3])}")
+        return samples
+
     def __getitem__(self, i: int) -> tuple[Any, int] | None:
         path, target = self.samples[i]
         try:
             with open(path, "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")
+                img = to_rgb(Image.open(f))
         except Exception as e:
             if self.skip_bad:
                 return None
@@ -200,6 +280,9 @@ def load_folders(root: str | os.PathLike | None, skip_bad: bool) -> tuple[Checke
         if not (root / split).is_dir():
             raise SpachError(f"{root} has no {split}/ folder; expected ImageNet-style train/ and val/ class folders")
     train, val = (CheckedImageFolder(root / s, None, skip_bad) for s in ("train", "val"))
+    if len(train.classes) < 2:
+        raise SpachError(f"{root}/train holds {len(train.classes)} class folder ({', '.join(train.classes)}): training "
+                         "a classifier needs >= 2 classes; add a folder per class")
     if train.classes != val.classes:
         only_t = sorted(set(train.classes) - set(val.classes))[:3]
         only_v = sorted(set(val.classes) - set(train.classes))[:3]

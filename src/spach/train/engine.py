@@ -52,7 +52,7 @@ from spach.train.data import (
     train_sampler,
 )
 from spach.train.evaluate import PREDICTIONS_FILE, checked, evaluate, save_predictions
-from spach.train.factory import build_model
+from spach.train.factory import build_model, check_model_name
 from spach.train.logs import open_logs, resolve_log
 from spach.train.progress import Progress
 from spach.train.runtime import (
@@ -105,6 +105,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | Non
     Safe to call many times in one process: it leaves no process group, signal handler, lock or global
     setting behind (the random generators are reseeded, as a training run must)."""
     canonical_dataset(cfg.dataset)
+    check_model_name(cfg.model)
     d = setup(cfg.device)
     out = Path(cfg.output)
     try:
@@ -121,11 +122,14 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
 
     # --- where the run starts: fresh, from its last checkpoint, or already finished
     resume_path = checkpoint.resume_point(cfg, out)
-    ckpt = checkpoint.load(resume_path) if resume_path else None
+    ckpt = checkpoint.load_resumable(resume_path) if resume_path else None
     if ckpt is not None:
         checkpoint.check_same_model(ckpt, cfg, resume_path)
         summary = read_json(out / "summary.json")
         if ckpt["epoch"] >= cfg.epochs and isinstance(summary, dict):
+            if d.main:
+                print(f"{out} already finished its {ckpt['epoch']} epoch(s) (best top-1 {summary.get('best_top1', 0):.2f}); "
+                      f"nothing to train: raise --epochs to continue it", file=sys.stderr, flush=True)
             return summary
 
     # --- data and model
@@ -244,14 +248,14 @@ def _epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: int, s
                 x, y = x[:-1], y[:-1]
             x, y = p.mixup(x, y)
         # forward, and a stop for a non-finite loss or a signal, agreed by every rank
-        with autocast(d.device, p.amp):
-            loss = p.criterion(p.ddp(x), y)
+        loss = step_loss(p.ddp, p.criterion, x, y, d.device, p.amp)
         loss_value = loss.item()
         flags = d.all_max(torch.tensor([0.0 if math.isfinite(loss_value) else 1.0, float(stop.set)], device=d.device))
         if flags[0] > 0:
-            last = f"epoch {state.epoch}" + (f" step {state.step}" if state.step else "")
-            raise SpachError(f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, the last good checkpoint "
-                             f"({last}) is kept in {out}; lower --lr, set --clip-grad or use --amp off")
+            kept = f"the last good checkpoint (epoch {state.epoch}{f' step {state.step}' if state.step else ''}) is kept in " \
+                f"{out}" if (out / "checkpoint.pth").is_file() else f"no checkpoint had been written to {out} yet"
+            raise SpachError(f"loss became {loss_value} at epoch {epoch + 1} step {step + 1}; stopped, {kept}; "
+                             "lower --lr, set --clip-grad or use --amp off")
         # backward and update (the scaler is a no-op unless fp16)
         p.optimizer.zero_grad(set_to_none=True)
         p.scaler.scale(loss).backward()
@@ -273,6 +277,15 @@ def _epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: int, s
     progress.close()
     sums[2] += time.time() - t0
     return sums
+
+
+def step_loss(model: nn.Module, criterion: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+              amp: torch.dtype | None) -> torch.Tensor:
+    """The training loss of one batch: the forward pass under autocast, the loss in fp32 (a bf16 loss
+    keeps 8 bits: the logged losses, and the battle's statistics on them, would be rounded)."""
+    with autocast(device, amp):
+        out = model(x)
+    return criterion(out.float(), y)
 
 
 def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: int, sums: list[float], out: Path,

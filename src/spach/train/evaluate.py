@@ -21,7 +21,7 @@ from spach.errors import CheckpointError, SpachError, first_line
 from spach.files import atomic_write_bytes
 from spach.models.convert import check_fits, checkpoint_filter_fn, read_checkpoint
 from spach.train import checkpoint
-from spach.train.config import TrainConfig
+from spach.train.config import MODEL_KWARGS_FLAGS, ConfigError, TrainConfig
 from spach.train.data import canonical_dataset, eval_loader_for
 from spach.train.factory import build_model
 from spach.train.runtime import Dist, setup
@@ -83,11 +83,19 @@ def save_predictions(d: Dist, val: dict[str, Any], path: Path) -> None:
 
 
 def checked(loader: Any) -> Iterator[Any]:
-    """Iterate a loader, turning a worker's multi-line re-raised SpachError back into one line."""
+    """Iterate a loader, turning an error in a data-loader worker (re-raised by torch with the worker's
+    traceback in its message) into one line."""
     try:
         yield from loader
     except SpachError as e:
         raise type(e)(first_line(e)) from None
+    except Exception as e:
+        msg = str(e)
+        if "DataLoader worker" not in msg:
+            raise
+        if msg.startswith("Caught "):  # "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback ..."
+            raise SpachError(f"a data-loader worker failed: {type(e).__name__}: {first_line(e)}") from None
+        raise SpachError(f"{first_line(e)}; try fewer --workers (or --workers 0)") from None  # a worker killed
 
 
 def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | None, dataset: str = "imagefolder",
@@ -115,8 +123,7 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     d = setup(device)
     amp_dtype = parse_amp(amp, d.device)
     dataset = canonical_dataset(dataset)
-    cfg = TrainConfig(model=model, model_kwargs=model_kwargs if model_kwargs is not None else args.get("model_kwargs", {}),
-                      pretrained="", drop_path=0.0)
+    cfg = _eval_config(model, model_kwargs, args, pretrained)
     size = img_size or args.get("img_size", 0)
     mean, std = args.get("mean") or None, args.get("std") or None
     with torch.device("meta"):  # a free probe, for the model's pretrained config (resize, crop, mean/std)
@@ -133,6 +140,22 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
         result["throughput"] = measure_throughput(net, batch_size=batch_size, img_size=first_x.shape[-1], device=d.device,
                                                   dtype=amp_dtype, warmup=50, repeats=30)
     return result
+
+
+def _eval_config(model: str, model_kwargs: dict | None, args: dict[str, Any], path: str) -> TrainConfig:
+    """The model's settings: `--model-kwargs`, else the checkpoint's own (which may not widen what loading does)."""
+    stored = model_kwargs is None
+    kwargs = args.get("model_kwargs", {}) if stored else model_kwargs
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"checkpoint {path} stores model_kwargs {kwargs!r}, not a dict; pass --model-kwargs")
+    if stored:  # arguments earlier versions let through, which the data and flags set anyway
+        kwargs = {k: v for k, v in kwargs.items() if k not in MODEL_KWARGS_FLAGS}
+    try:
+        return TrainConfig(model=model, model_kwargs=kwargs, pretrained="", drop_path=0.0)
+    except ConfigError as e:
+        if stored:
+            raise CheckpointError(f"checkpoint {path} stores model_kwargs that {e.problem}; it was refused") from None
+        raise SpachError(f"--model-kwargs {e.problem}") from None
 
 
 def _dataset_classes(loader: Any) -> int:

@@ -67,6 +67,14 @@ def setup(device: str) -> Dist:
     return Dist(rank, world, dev, owns)
 
 
+def default_workers(most: int = 4) -> int:
+    """Data-loader workers per process: at most `most`, and no more than the CPUs this process may use
+    shared by the processes torchrun starts on this machine (more makes torch warn that loading may
+    run slow or freeze, and it would)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(most, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
 # ------------------------------------------------------------------------------------ randomness
 def seed_all(seed: int, epoch: int, rank: int, data: torch.Generator | None = None) -> None:
     """Seed every generator for one epoch of one rank. `data` (the augmentation's own stream) gets a
