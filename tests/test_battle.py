@@ -213,3 +213,45 @@ def test_dry_run_times_a_cpu_study_here_and_estimates_gpu_hours_for_imagenet():
     log = io.StringIO()
     assert battle_command(list_presets=True, stream=log) is None
     assert "default" in log.getvalue() and "paper" in log.getvalue()
+
+
+def test_data_paths_are_absolute_given_again_win_and_a_dry_run_checks_them(tmp_path, monkeypatch, capsys):
+    from spach.battle import command
+    seen = []
+    monkeypatch.setattr(command, "run_battle", lambda study, out, **kw: seen.append((study, out)) or out)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(tiny().replace('dataset = "tiny"', 'dataset = "imagefolder"'))
+    battle_command("s.toml", output="b", data="imgs", report=False)
+    assert seen[-1][0].data["data_path"] == str(tmp_path / "imgs")  # relative: recorded absolute
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "study.json").write_text(json.dumps(seen[-1][0].to_dict()))
+    monkeypatch.chdir(tmp_path / "b")
+    battle_command(output=str(tmp_path / "b"), data="../moved", report=False)  # a resume, elsewhere
+    assert seen[-1][0].data["data_path"] == str(tmp_path / "moved")
+    for args, flag in [(["--preset", "paper"], "pass --data DIR"), (["--preset", "medium-cifar10"], "needs --data (")]:
+        with pytest.raises(SystemExit) as e:
+            main(["battle", *args, "--dry-run"])
+        err = capsys.readouterr()
+        assert e.value.code == 2 and flag in err.err and "--data-path" not in err.err and not err.out
+        assert len(err.err.strip().splitlines()) == 1
+
+
+def test_a_folder_keeps_its_study(tmp_path, capsys):
+    from spach.battle.plan import open_study
+    out = tmp_path / "b"
+    out.mkdir()
+    first = parse_study(tiny(), source="first.toml")
+    (out / "study.json").write_text(json.dumps(first.to_dict()))
+    grown = parse_study(tiny(second="mlp", mixer="mlp").replace("seeds = [0, 1]", "seeds = [0, 1, 2]"), source="first.toml")
+    assert open_study(out, grown) is grown  # the same study extended: contestants and seeds added
+    other = parse_study(tiny().replace('name = "tiny-test"', 'name = "other"'), source="other.toml")
+    stranger = parse_study(tiny(second="x", mixer="mlp").replace('name = "conv"', 'name = "y"'), source="s.toml")
+    for study in (other, stranger):
+        with pytest.raises(SpachError, match="holds the study 'tiny-test' .from first.toml., not .* a folder keeps one "
+                                             "study; choose another folder with --output"):
+            run_battle(study, out, stream=io.StringIO())
+    assert json.loads((out / "study.json").read_text())["name"] == "tiny-test"
+    (tmp_path / "o.toml").write_text(tiny().replace('name = "tiny-test"', 'name = "other"'))
+    with pytest.raises(SystemExit) as e:
+        main(["battle", str(tmp_path / "o.toml"), "--output", str(out)])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -260,6 +260,14 @@ def test_slurms_refusal_is_one_line_and_nothing_is_submitted(tmp_path, capsys, f
     (["--launcher", "submitit-local", "--nodes", "2"], ("--nodes: --launcher submitit-local runs on this machine; got 2 "
                                                         "nodes, use 1")),
     (["--launcher", "submitit-local", "--slurm", "qos"], "--slurm expects KEY=VALUE"),
+    (["--launcher", "submitit-local", "--slurm", "nodes=0"], "--slurm nodes: is set by --nodes, which checks it against "
+                                                              "the study; use --nodes instead"),
+    (["--launcher", "submitit-local", "--slurm", "gpus_per_node=2"], "--slurm gpus_per_node: is set by --gpus-per-node"),
+    (["--launcher", "submitit-local", "--slurm", "ntasks_per_node=4"], ("--slurm ntasks_per_node: is set by "
+                                                                        "--gpus-per-node (one task per GPU)")),
+    (["--launcher", "submitit-local", "--slurm", "timeout_min=-5"], "use --timeout-min instead"),
+    (["--launcher", "submitit-local", "--slurm", "slurm_cpus_per_task=0"], "use --cpus-per-task instead"),
+    (["--launcher", "submitit-local", "--slurm", "time=60"], "--slurm time: is set by --timeout-min"),
     (["--launcher", "submitit-local", "--slurm", "colour=blue"], ("submitit refuses slurm_colour = 'blue': Unknown "
                                                                   "argument 'colour' for executor 'slurm'")),
 ])
@@ -285,7 +293,10 @@ def test_the_slurm_table_is_checked_by_field():
     for table, message in (("gpu_per_node = 2", "slurm.gpu_per_node: unknown key; did you mean 'gpus_per_node'?"),
                            ("nodes = \"two\"", "slurm.nodes: expected an integer, got 'two'"),
                            ("timeout_min = 0", "slurm.timeout_min: must be >= 1, got 0"),
-                           ("extra = 3", "slurm.extra: expected a table, got 3")):
+                           ("extra = 3", "slurm.extra: expected a table, got 3"),
+                           ("extra = { nodes = 0 }", "slurm.extra.nodes: is set by slurm.nodes, which checks it"),
+                           ("extra = { ntasks_per_node = 4 }", "slurm.extra.ntasks_per_node: is set by "
+                                                               "slurm.gpus_per_node .one task per GPU.")):
         with pytest.raises(SpachError, match=message):
             parse_study(STUDY + f"\n[slurm]\n{table}\n", source="s.toml")
     study = parse_study(STUDY + "\n[slurm]\ngpus_per_node = 8\nextra = { qos = \"high\" }\n")

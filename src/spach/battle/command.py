@@ -3,13 +3,14 @@ and the launcher (the local pool, or a batch job per run), then run it, or print
 estimate (`--dry-run`)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from spach.battle.estimate import print_plan
 from spach.battle.launchers import make_launcher
-from spach.battle.plan import open_study
+from spach.battle.plan import check_data, open_study
 from spach.battle.resources import parse_pairs, resolve
 from spach.battle.results import STUDY_FILE
 from spach.battle.runner import run_battle
@@ -34,11 +35,14 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
         return None
     if jobs is not None and jobs < 1:
         raise SpachError(f"--jobs must be >= 1, got {jobs}")
+    if output is not None and Path(output).exists() and not Path(output).is_dir():
+        raise SpachError(f"--output {output} is a file, not a folder; give a new folder or a battle's folder")
     resuming = study_file is None and preset is None and output is not None and (Path(output) / STUDY_FILE).is_file()
     study = None if resuming else load_study(study_file, preset)
-    if study is not None and data:
-        study.data["data_path"] = data
-    if budget is not None:
+    if data:  # recorded absolute (a resume may start elsewhere); given again on a resume, it wins
+        study = study or open_study(Path(output), None)
+        study.data["data_path"] = os.path.abspath(os.path.expanduser(data))
+    if budget is not None:  # given again on a resume, it wins too
         study = study or open_study(Path(output), None)
         study.budget = budget
         check_looks(study, _budget_flag_error)
@@ -49,6 +53,7 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
     batch = make_launcher(launcher, out, flags, jobs)
     if dry_run:
         dry_run_study = study or open_study(Path(output), None)
+        check_data(dry_run_study)
         print_plan(dry_run_study, stream)
         if batch is not None:
             print(f"each run: one job of {resolve(dry_run_study, batch.flags).describe()}", file=stream)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from spach.battle.results import load_study_folder, run_dir
+from spach.battle.results import STUDY_FILE, load_study_folder, run_dir
 from spach.battle.study import Contestant, Study, import_plugins
 from spach.errors import SpachError
 from spach.files import read_json
@@ -49,7 +49,21 @@ def open_study(out: Path, study: Study | None) -> Study:
     if study is None:
         study = load_study_folder(out)
         import_plugins(study.imports, study.source)
+    else:
+        check_same_study(out, study)
     return study
+
+
+def check_same_study(out: Path, study: Study) -> None:
+    """A folder keeps one study: the one it records, or that study extended (contestants or seeds added)."""
+    old = read_json(out / STUDY_FILE, warn=False) if out.is_dir() else None
+    if not isinstance(old, dict):
+        return  # a new folder (or a corrupt record, which the new study rewrites)
+    old_contestants = {c.get("name") for c in old.get("contestants", []) if isinstance(c, dict)}
+    if old.get("name") != study.name or not old_contestants & {c.name for c in study.contestants}:
+        raise SpachError(f"{out} holds the study {old.get('name')!r} (from {old.get('source') or 'unknown'}), not "
+                         f"{study.name!r} (from {study.source}): a folder keeps one study; choose another folder "
+                         f"with --output (e.g. --output battles/{study.name})")
 
 
 def check_compatible(runs: list[Run]) -> None:
@@ -62,12 +76,15 @@ def check_compatible(runs: list[Run]) -> None:
         differ = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
         if differ:
             k = differ[0]
+            if k == "data_path":
+                raise SpachError(f"{run.folder} was trained on the data at {old.get(k)!r}, --data (or data.data_path) now "
+                                 f"says {new[k]!r}; pass --data {old.get(k)} to continue it, or use another --output")
             raise SpachError(f"{run.folder} was trained with {k} = {old.get(k)!r}, the study now says {new[k]!r}; "
                              f"use another --output (or delete that run folder to redo it)")
 
 
 def check_data(study: Study) -> None:
-    """Fail before any training when the study's dataset is not there."""
+    """Fail before any training when the study's dataset is not there (naming the battle's flag, --data)."""
     name = canonical_dataset(study.data.get("dataset", "imagefolder"))
     path = study.data.get("data_path", "")
     if name == "imagefolder":
@@ -75,7 +92,10 @@ def check_data(study: Study) -> None:
             raise SpachError(f"data.data_path: {path or '(not set)'} is not a folder with train/ and val/ class folders; "
                              "pass --data DIR")
     elif name != "tiny":
-        load_dataset(name, path or None, train=False)
+        try:
+            load_dataset(name, path or None, train=False)
+        except SpachError as e:  # the loaders speak to `spach train`, whose flag is --data-path
+            raise SpachError(str(e).replace("--data-path", "--data")) from None
 
 
 def data_shape(study: Study) -> tuple[int, int, int]:

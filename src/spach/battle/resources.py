@@ -72,6 +72,8 @@ def resolve(study: Study, flags: dict[str, Any]) -> Resources:
     flag_check = Validator("")
     for key, value in flags.items():
         flag_check.resource(flag_name(key), key, value)
+    for key in flags.get("extra", {}):
+        flag_check.passthrough(f"--slurm {key}", key, "--{}")
     table = study.slurm
     res = Resources(**{**table, **flags, "extra": {**table.get("extra", {}), **flags.get("extra", {})}})
     where = "--gpus-per-node" if "gpus_per_node" in flags else f"{study.source}: slurm.gpus_per_node"

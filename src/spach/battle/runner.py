@@ -1,6 +1,7 @@
 """The battle runner: every (contestant, seed) of a study trained by `spach.train.train`, each in its
-own run folder, by a launcher: one after another or N at a time in a local process pool (`LocalPool`,
-the default), or as batch jobs (`spach.battle.launchers`: Slurm through submitit).
+own run folder, by a launcher: one after another or N at a time in worker processes the battle owns
+(`LocalPool`, the default; `spach.battle.pool`), or as batch jobs (`spach.battle.launchers`: Slurm
+through submitit). A stop signal starts no new run and lets the runs in flight save (see `pool`).
 
 Resumable by construction: a run whose `summary.json` covers the study's epochs is skipped, any other
 is (re)started with `resume="auto"`, so an interrupted run continues from its last checkpoint. A run
@@ -13,13 +14,11 @@ import dataclasses
 import functools
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
 import traceback
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -28,14 +27,16 @@ import torch
 from spach.battle.costs import measure_costs
 from spach.battle.looks import Clock, describe, run_looks
 from spach.battle.plan import Run, check_compatible, check_data, epoch_images, open_study, plan
+from spach.battle.pool import NOT_STARTED, Workers, catching_stops
 from spach.battle.report import write_report
 from spach.battle.results import LEDGER_FILE, STUDY_FILE, Ledger, read_jsonl
 from spach.battle.sequential import parse_budget
 from spach.battle.study import Study, check_runnable, import_plugins
 from spach.errors import SpachError, first_line
-from spach.files import FolderLock, atomic_write_text, read_json
+from spach.files import FolderLock, atomic_write_text, os_error, read_json
 from spach.humanize import hms
 from spach.train.engine import train
+from spach.train.runtime import StopFlag
 
 
 def ledger_record(run: Run, summary: dict | None, error: str | None, started: float) -> dict[str, Any]:
@@ -155,6 +156,7 @@ class LocalPool(Launcher):
 
     def __init__(self, jobs: int, imports: list[str]):
         self.jobs, self.imports = jobs, imports
+        self.halt = Halt()
 
     def check(self, study: Study) -> None:
         check_runnable(study)
@@ -163,14 +165,14 @@ class LocalPool(Launcher):
         return self.jobs
 
     def run(self, runs: list[Run], progress: Progress, ledger: Ledger) -> None:
+        self.halt = Halt()
         if self.jobs <= 1:
-            _run_serial(runs, progress, ledger, progress.stream)
+            _run_serial(runs, progress, ledger, progress.stream, self.halt)
         else:
-            _run_parallel(runs, progress, ledger, self.jobs, self.imports)
+            _run_parallel(runs, progress, ledger, self.jobs, self.imports, self.halt)
 
     def stopped(self, out: Path) -> str:
-        return (f"battle interrupted: finished runs are kept and the current one saved its checkpoint; "
-                f"resume with: spach battle --output {out}")
+        return self.halt.message(out)
 
 
 def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, report: bool = True,
@@ -252,40 +254,113 @@ def reconcile(runs: list[Run], ledger: Ledger) -> list[dict[str, Any]]:
     return added
 
 
-def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, stream: TextIO) -> None:
+def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, stream: TextIO, halt: Halt) -> None:
     bar = "bar" if sys.stderr.isatty() else "lines"  # the engine's within-epoch bar on a terminal, else its log lines
-    for run in runs:
-        progress.say(run, f"training ({'resuming' if progress.epochs_done[id(run)] else 'starting'}, "
-                          f"{run.config.epochs} epochs)")
-        outcome = execute(run, lambda rec, run=run: progress.epoch(run, rec), progress=bar)
+    with catching_stops() as stop:  # between runs; inside one, the engine's own handler saves and stops it
+        for i, run in enumerate(runs):
+            if stop:
+                halt.unstarted = len(runs) - i
+                raise KeyboardInterrupt
+            progress.say(run, f"training ({'resuming' if progress.epochs_done[id(run)] else 'starting'}, "
+                              f"{run.config.epochs} epochs)")
+            started = time.time()
+            try:
+                outcome = execute(run, lambda rec, run=run: progress.epoch(run, rec), progress=bar)
+            except KeyboardInterrupt as e:
+                halt.record(run, cut_short(run, e, started), progress, ledger)
+                halt.unstarted = len(runs) - i - 1
+                raise
+            halt.record(run, outcome, progress, ledger)
+
+
+def _run_parallel(runs: list[Run], progress: Progress, ledger: Ledger, jobs: int, imports: list[str],
+                  halt: Halt) -> None:
+    """`jobs` runs at a time in worker processes sharing the cores; progress is read from their metrics files.
+    A stop signal (see `spach.battle.pool`) starts nothing new and lets the runs in flight save."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    started: dict[int, float] = {}
+
+    def start(run: Run) -> None:
+        started[id(run)] = time.time()
+        progress.say(run, "training")
+
+    def tick() -> None:
+        for run in runs:
+            if id(run) in started and not run.finished:
+                for rec in read_jsonl(run.folder / "metrics.jsonl")[progress.epochs_done[id(run)]:]:
+                    progress.epoch(run, rec)
+
+    def done(run: Run, outcome: dict[str, Any]) -> None:
+        tick()
+        if outcome["status"] == "lost":
+            if stop:  # killed while stopping (a second Ctrl-C)
+                outcome = {"status": "interrupted", "saved": False}
+            else:
+                outcome = ledger_record(run, None, outcome["error"], started[id(run)])
+                atomic_write_text(run.error_file, outcome["error"] + "\n")
+        halt.record(run, outcome, progress, ledger)
+
+    workers = Workers(jobs, functools.partial(_worker_init, threads, imports), _attempt)
+    with catching_stops() as stop:
+        halt.unstarted += len(workers.run(runs, stop, start, done, tick))
+    if stop:
+        raise KeyboardInterrupt
+
+
+def _attempt(run: Run) -> dict[str, Any]:
+    """One run in a worker process (its stderr, too, goes to the run's log)."""
+    started = time.time()
+    try:
+        run.folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(run.log_file, "a") as log, contextlib.redirect_stderr(log):
+            return execute(run)
+    except OSError as e:
+        return ledger_record(run, None, first_line(os_error(e, run.log_file)), started)
+    except KeyboardInterrupt as e:
+        return cut_short(run, e, started)
+
+
+def cut_short(run: Run, e: KeyboardInterrupt, started: float) -> dict[str, Any]:
+    """The outcome of a run a stop signal ended: done (it had just finished), or interrupted, `saved`
+    unless the engine was aborted (a second SIGINT, raised by its handler) before it saved."""
+    if run.is_done():
+        return ledger_record(run, read_json(run.folder / "summary.json"), None, started)
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    aborted = tb is not None and tb.tb_frame.f_code is StopFlag.__call__.__code__
+    return {"status": "interrupted", "saved": not aborted}
+
+
+@dataclasses.dataclass
+class Halt:
+    """What the runs of a local battle became, for a true message when a stop signal ends it."""
+
+    finished: int = 0
+    saved: list[str] = dataclasses.field(default_factory=list)
+    unsaved: list[str] = dataclasses.field(default_factory=list)
+    unstarted: int = 0
+
+    def record(self, run: Run, outcome: dict[str, Any], progress: Progress, ledger: Ledger) -> None:
+        if outcome == NOT_STARTED:
+            self.unstarted += 1
+            progress.say(run, "stopped before it started")
+            return
+        if outcome["status"] == "interrupted":
+            (self.saved if outcome["saved"] else self.unsaved).append(run.name)
+            progress.say(run, "stopped: its checkpoint is saved" if outcome["saved"] else
+                         "stopped before saving: it resumes from its last checkpoint")
+            return
         ledger.append(outcome)
         progress.finish(run, outcome)
+        self.finished += 1
 
-
-def _run_parallel(runs: list[Run], progress: Progress, ledger: Ledger, jobs: int, imports: list[str]) -> None:
-    """`jobs` runs at a time in spawned processes sharing the cores; progress is read from their metrics files."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads, imports)) as pool:
-        futures: dict[Future, Run] = {pool.submit(execute, r): r for r in runs}
-        announced: set[int] = set()
-        try:
-            while futures:
-                for fut, run in list(futures.items()):
-                    # running() is also true for the few calls queued ahead for the workers: announce
-                    # (in submission order, as they start) no more runs than there are workers
-                    if fut.running() and id(run) not in announced and len(announced & set(map(id, futures.values()))) < jobs:
-                        announced.add(id(run))
-                        progress.say(run, "training")
-                    recs = read_jsonl(run.folder / "metrics.jsonl")
-                    for rec in recs[progress.epochs_done[id(run)]:]:
-                        progress.epoch(run, rec)
-                    if fut.done():
-                        outcome = fut.result()
-                        ledger.append(outcome)
-                        progress.finish(run, outcome)
-                        del futures[fut]
-                time.sleep(0.5)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    def message(self, out: Path) -> str:
+        parts = [f"{self.finished} run(s) finished in this battle and are recorded"]
+        if self.saved:
+            parts.append(f"{', '.join(self.saved)} saved a checkpoint when stopped")
+        if self.unsaved:
+            parts.append(f"{', '.join(self.unsaved)} stopped without saving (they resume from their last checkpoint)")
+        if self.unstarted:
+            parts.append(f"{self.unstarted} run(s) did not start")
+        return f"battle interrupted: {'; '.join(parts)}; resume with: spach battle --output {out}"

@@ -39,6 +39,12 @@ SLURM_KEYS: dict[str, tuple[type, int | None]] = {
     "nodes": (int, 1), "gpus_per_node": (int, 0), "cpus_per_task": (int, 1), "timeout_min": (int, 1),
     "partition": (str, None), "account": (str, None), "constraint": (str, None), "extra": (dict, None)}
 
+# submitit slurm_* parameters that a resource above (or the one-task-per-GPU rule) already sets: passing them
+# through `extra` / --slurm would skip its checks and make the summary lie, so they are refused for it.
+SLURM_TAKEN = {**{k: k for k in SLURM_KEYS if k != "extra"}, "time": "timeout_min", "ntasks_per_node": "gpus_per_node",
+               "tasks_per_node": "gpus_per_node", "ntasks": "nodes", "gpus": "gpus_per_node",
+               "gpus_per_task": "gpus_per_node", "num_gpus": "gpus_per_node", "cpus_per_gpu": "cpus_per_task"}
+
 
 def train_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -112,7 +118,18 @@ class Validator:
         self.keys(table, set(SLURM_KEYS), "slurm")
         for key, value in table.items():
             self.resource(f"slurm.{key}", key, value)
+        for key in table.get("extra", {}):
+            self.passthrough(f"slurm.extra.{key}", key, "slurm.{}")
         return dict(table)
+
+    def passthrough(self, where: str, key: str, fix: str) -> None:
+        """A submitit parameter passed through (`extra`, --slurm KEY=VALUE) that a resource of its own sets
+        is refused in favour of that resource (`fix`: how to name it, e.g. "--{}" or "slurm.{}")."""
+        if key in SLURM_TAKEN:
+            own = SLURM_TAKEN[key]
+            name = fix.format(own.replace("_", "-") if fix.startswith("--") else own)
+            rule = " (one task per GPU)" if "tasks" in key else ""
+            self.fail(where, f"is set by {name}{rule}, which checks it against the study; use {name} instead")
 
     def resource(self, where: str, key: str, value: Any) -> None:
         """One batch-job resource (a [slurm] key or its command-line flag) of the right type and size."""
