@@ -78,7 +78,7 @@ def cli_error(capsys, *argv):
 def test_export_errors(tmp_path, capsys, monkeypatch):
     out = tmp_path / "x.onnx"
     mlp = ["--model-kwargs", json.dumps(TINY)]
-    assert "unknown export format 'tflite'; choose onnx or torchscript" in cli_error(
+    assert "unknown export format 'tflite'; choose onnx, torchscript or timm" in cli_error(
         capsys, FAMILIES["conv"], "--format", "tflite", "--output", str(out))
     err = cli_error(capsys, FAMILIES["mlp"], *mlp, "--img-size", "32", "--format", "torchscript", "--output", str(out))
     assert "is tied to 64x64 by its weights" in err and "--img-size 64" in err
