@@ -2,6 +2,7 @@
 its own runtime against the PyTorch model; and the one-line errors."""
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,68 @@ def test_a_failed_check_writes_no_file(tmp_path, monkeypatch):
     with pytest.raises(SpachError, match="differs from PyTorch by .* was not written"):
         export(FAMILIES["conv"], out, "torchscript", pretrained=str(weights), model_kwargs=TINY)
     assert not out.exists()
+
+
+def scratch_left(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".spach-export-tmp-"))
+
+
+SLOW_EXPORT = """
+import sys, time
+import spach.export as e
+real = e._EXPORTERS["torchscript"]
+def slow(net, example, path):
+    path.write_bytes(b"half a file")
+    print("exporting", flush=True)
+    time.sleep(60)
+    real(net, example, path)
+e._EXPORTERS["torchscript"] = slow
+from spach.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_mid_export_leaves_nothing(tmp_path):
+    """The export works beside its output (not in /tmp) and a SIGTERM there removes its scratch folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out" / "conv.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(spach.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", FAMILIES["conv"], "--model-kwargs", json.dumps(TINY),
+                             "--format", "torchscript", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "exporting\n"
+        assert len(scratch_left(out.parent)) == 1  # beside the output, holding the half-written file
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err == "spach export: interrupted\n"
+    assert not out.exists() and scratch_left(out.parent) == []
+
+
+def test_ctrl_c_and_a_killed_export_leave_nothing(tmp_path, monkeypatch):
+    from spach import export as export_module
+    from spach.files import FolderLock
+
+    out = tmp_path / "conv.pt"
+    # a scratch folder of an export killed with SIGKILL (nobody holds its lock) and one of a running export
+    dead = tmp_path / ".spach-export-tmp-999999-dead"
+    dead.mkdir()
+    (dead / "model.torchscript").write_bytes(b"x" * 100)
+    running = FolderLock(tmp_path / ".spach-export-tmp-1-running").acquire()
+
+    def interrupted(net, example, path):
+        path.write_bytes(b"half")
+        assert scratch_left(tmp_path) == [".spach-export-tmp-1-running", path.parent.name]  # the dead one is gone
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(export_module._EXPORTERS, "torchscript", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(FAMILIES["conv"], out, "torchscript", model_kwargs=TINY)
+    assert scratch_left(tmp_path) == [".spach-export-tmp-1-running"] and not out.exists()
+    running.release()
