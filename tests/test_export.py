@@ -167,3 +167,37 @@ def test_ctrl_c_and_a_killed_export_leave_nothing(tmp_path, monkeypatch):
         export(FAMILIES["conv"], out, "torchscript", model_kwargs=TINY)
     assert scratch_left(tmp_path) == [".spach-export-tmp-1-running"] and not out.exists()
     running.release()
+
+
+def test_bad_output_and_sizes_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from spach import export as export_module
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(export_module, "build", no_work)
+    conv = [FAMILIES["conv"], "--format"]
+    assert f"--output {tmp_path} is a folder; pass the path of the file to write, e.g. {tmp_path / 'model.torchscript'}" \
+        in cli_error(capsys, *conv, "torchscript", "--output", str(tmp_path))
+    (tmp_path / "notes.txt").write_text("mine")
+    assert f"--output {tmp_path} already holds files; the timm format writes a folder of its own" in cli_error(
+        capsys, *conv, "timm", "--output", str(tmp_path))
+    assert "notes.txt is a file; the timm format writes a folder: pass a new or empty folder" in cli_error(
+        capsys, *conv, "timm", "--output", str(tmp_path / "notes.txt"))
+    assert "is a file, not a folder" in cli_error(capsys, *conv, "torchscript", "--output", str(tmp_path / "notes.txt" / "m.pt"))
+    assert "--img-size must lie in 1..4096 (0: the model's own), got 100000" in cli_error(
+        capsys, *conv, "torchscript", "--img-size", "100000", "--output", str(tmp_path / "m.pt"))
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    # crafted settings stored in a checkpoint: one line naming the file and the value
+    weights = tmp_path / "w.safetensors"
+    for key, value in (("img_size", "big"), ("model_kwargs", 5), ("img_size", 100000), ("model", ["x"])):
+        args = {"model": FAMILIES["conv"], key: value}
+        save_file({"head.weight": torch.zeros(7, 8)}, str(weights), {"format": "pt", "args": json.dumps(args)})
+        err = cli_error(capsys, "--pretrained", str(weights), "--format", "torchscript", "--output", str(tmp_path / "m.pt"))
+        assert f"checkpoint {weights} stores {key} = {value!r}" in err and "damaged or crafted" in err
+    err = cli_error(capsys, FAMILIES["conv"], "--model-kwargs", '{"hidden_dim": "wide"}', "--format", "torchscript",
+                    "--output", str(tmp_path / "m.pt"))
+    assert "hidden_dim must be an integer" in err
