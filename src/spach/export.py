@@ -214,11 +214,11 @@ def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[s
 
 def _checked_args(args: dict[str, Any], path: str) -> dict[str, Any]:
     """A checkpoint's stored training settings, as far as export reads them, of the right types."""
-    expected = {"model": str, "model_kwargs": dict, "img_size": int}
-    for key, kind in expected.items():
+    expected = {"model": (str, "a model name"), "model_kwargs": (dict, "a JSON object"), "img_size": (int, "an integer")}
+    for key, (kind, what) in expected.items():
         value = args.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise CheckpointError(f"checkpoint {path} stores {key} = {value!r}, not a {kind.__name__}; "
+            raise CheckpointError(f"checkpoint {path} stores {key} = {value!r}, not {what}; "
                                   "it is damaged or crafted: re-save it from its run")
     if not 0 <= args.get("img_size", 0) <= MAX_IMG_SIZE:
         raise CheckpointError(f"checkpoint {path} stores img_size = {args['img_size']}, outside 0..{MAX_IMG_SIZE}; "
