@@ -72,6 +72,7 @@ def test_trained_battle_contestant_exports_from_its_run_folder(tmp_path, capsys)
     assert pcfg["input_size"] == [1, 32, 32] and pcfg["num_classes"] == 4
     card = (out / "README.md").read_text()
     assert f"Top-1 {summary['best_top1']:.2f}%" in card and "Trained with spach on tiny for 1 epoch(s)" in card
+    assert "A custom SPACH model (`net_arch` [[[\"conv\", 1]], [[\"conv\", 1]], [[\"attn\", 1]]]), battle contestant `hybrid-ms` (seed0)" in card
     original = spach.create_model("spach", **HYBRID_MS, num_classes=4, in_chans=1, img_size=32, pretrained=run / "best.pth").eval()
     same_outputs(original, load_back(out), 1, 32)
     # the contestant's folder holds one run per seed: it says which to pass

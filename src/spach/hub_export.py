@@ -132,8 +132,11 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
     arch = config.get("model_args", {}).get("net_arch")
     lines = ["---", "library_name: timm", "pipeline_tag: image-classification", "tags:", "- image-classification",
              "- timm", "- spach", "---", "", f"# {config['architecture']}", ""]
-    what = f"`{name}`" + (f" with `net_arch` {json.dumps(arch)}" if arch and name == "spach" else "")
-    lines.append(f"A {what} model, {params / 1e6:.2f}M parameters, {config['num_classes']} classes, exported by "
+    what = f"A custom SPACH model (`net_arch` {json.dumps(arch)})" if arch and name == "spach" else f"A `{name}` model"
+    run = Path(pretrained).parent if pretrained else Path()
+    if run.parent.parent.name == "runs" and run.name.startswith("seed"):  # a battle's runs/<contestant>/seed<k>
+        what += f", battle contestant `{run.parent.name}` ({run.name})"
+    lines.append(f"{what}, {params / 1e6:.2f}M parameters, {config['num_classes']} classes, exported by "
                  f"`spach export --format timm` from `{pretrained or 'freshly initialised weights'}`.")
     lines.append("")
     if "dataset" in args:
