@@ -90,3 +90,28 @@ def test_shared_weights_contestant_round_trips(tmp_path):
     assert json.loads((out / "config.json").read_text())["model_args"]["shared_spatial_func"] is True
     assert "Top-1 61.50% on the validation split of tiny (these weights, epoch 3)" in (out / "README.md").read_text()
     same_outputs(model, load_back(out), 1, 32)
+
+
+def test_the_folder_loads_as_a_hub_repository(tmp_path, monkeypatch):
+    """Uploaded as it is, the folder loads with `hf-hub:`: here from the Hub client's cache layout, offline,
+    with the network blocked (what `hf_hub_download` finds after an upload and a first download)."""
+    import shutil
+    import socket
+
+    import huggingface_hub.constants
+
+    def no_network(*a, **k):
+        raise OSError("a test tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = randomize_(spach.create_model("spach", **HYBRID_MS, num_classes=4, in_chans=1, img_size=32)).eval()
+    weights = save_weights(model.state_dict(), {}, tmp_path / "weights", "safetensors")
+    export("spach", tmp_path / "hub", "timm", pretrained=str(weights), model_kwargs={**HYBRID_MS, "img_size": 32})
+    repo = tmp_path / "cache" / "models--someone--spach-hybrid"
+    shutil.copytree(tmp_path / "hub", repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    loaded = timm.create_model("hf-hub:someone/spach-hybrid", pretrained=True, cache_dir=str(tmp_path / "cache")).eval()
+    assert loaded.pretrained_cfg["hf_hub_id"] == "someone/spach-hybrid"
+    same_outputs(model, loaded, 1, 32)
