@@ -115,3 +115,14 @@ def test_the_folder_loads_as_a_hub_repository(tmp_path, monkeypatch):
     loaded = timm.create_model("hf-hub:someone/spach-hybrid", pretrained=True, cache_dir=str(tmp_path / "cache")).eval()
     assert loaded.pretrained_cfg["hf_hub_id"] == "someone/spach-hybrid"
     same_outputs(model, loaded, 1, 32)
+
+
+def test_a_timm_baseline_round_trips(tmp_path):
+    """A battle may pit a timm model against SPACH: timm's factory recorded its arguments."""
+    cfg = resolve("tiny", model="test_vit", output=str(tmp_path / "run"), img_size=32)
+    model = randomize_(timm.create_model("test_vit", num_classes=4, in_chans=1, img_size=32)).eval()
+    weights = save_weights(model.state_dict(), {"args": config_dict(cfg)}, tmp_path / "run" / "best", "safetensors")
+    export(str(tmp_path / "run"), tmp_path / "hub", "timm")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert config["architecture"] == "test_vit" and config["model_args"]["img_size"] == [32, 32] and weights.is_file()
+    same_outputs(model, load_back(tmp_path / "hub"), 1, 32)
