@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from spach.errors import CheckpointError, SpachError, first_line
-from spach.files import FolderLock, make_dirs, read_json
+from spach.files import FolderLock, make_dirs, os_error, read_json
 from spach.hub_export import TIMM_FILES, write_timm_folder
 from spach.models.convert import read_checkpoint
 from spach.models.mixers import TokenMLP
@@ -74,7 +74,7 @@ def export(model: str | None, output: str | Path, fmt: str, pretrained: str | No
             r = write_timm_folder(net, name, pretrained, size, tmp / "model", TOLERANCE)
             make_dirs(output)
             for f in TIMM_FILES:  # config.json, what timm reads first, last
-                os.replace(tmp / "model" / f, output / f)
+                _move(tmp / "model" / f, output / f)
         return {"model": name, "format": fmt, "output": str(output), "source": pretrained,
                 "bytes": sum((output / f).stat().st_size for f in TIMM_FILES), "input_shape": ["batch", _in_chans(net), *size],
                 "runtime": "timm.create_model('local-dir:...')", "max_abs_error": r["max_abs_error"]}
@@ -97,7 +97,9 @@ def export(model: str | None, output: str | Path, fmt: str, pretrained: str | No
             raise SpachError(f"the exported {name} differs from PyTorch by {error:.2e} (max abs, more than {TOLERANCE:g}); "
                              f"{output} was not written")
         size_bytes = path.stat().st_size
-        os.replace(path, output)
+        with open(path, "rb+") as f:  # the exporters' own writes: on disk before the rename makes it the output
+            os.fsync(f.fileno())
+        _move(path, output)
     return {"model": name, "format": fmt, "output": str(output), "source": pretrained, "bytes": size_bytes,
             "input_shape": ["batch", _in_chans(net), *size], "checked_batches": list(CHECK_BATCHES),
             "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit.load", "max_abs_error": error}
@@ -155,6 +157,13 @@ def scratch_beside(output: Path) -> Iterator[Path]:
     finally:
         lock.release()
         shutil.rmtree(lock.folder, ignore_errors=True)
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        raise os_error(e, dst) from None
 
 
 def remove_if_abandoned(folder: Path) -> bool:
