@@ -131,7 +131,8 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     import sys
 
     out = tmp_path / "out" / "conv.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(spach.__file__).parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    src = str(Path(spach.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", FAMILIES["conv"], "--model-kwargs", json.dumps(TINY),
                              "--format", "torchscript", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)

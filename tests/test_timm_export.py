@@ -41,7 +41,8 @@ def test_zoo_model_round_trips_through_local_dir(tmp_path):
     weights = save_weights(model.state_dict(), {}, tmp_path / "weights", "safetensors")
     out = tmp_path / "hub"
     r = export(ZOO, out, "timm", pretrained=str(weights), model_kwargs={"img_size": 32})
-    assert r["max_abs_error"] <= 1e-5 and sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert r["max_abs_error"] <= 1e-5
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == ZOO and config["num_classes"] == 10 and config["num_features"] == model.num_features
     assert config["model_args"]["in_chans"] == 1 and config["model_args"]["img_size"] == [32, 32]
@@ -72,8 +73,10 @@ def test_trained_battle_contestant_exports_from_its_run_folder(tmp_path, capsys)
     assert pcfg["input_size"] == [1, 32, 32] and pcfg["num_classes"] == 4
     card = (out / "README.md").read_text()
     assert f"Top-1 {summary['best_top1']:.2f}%" in card and "Trained with spach on tiny for 1 epoch(s)" in card
-    assert "A custom SPACH model (`net_arch` [[[\"conv\", 1]], [[\"conv\", 1]], [[\"attn\", 1]]]), battle contestant `hybrid-ms` (seed0)" in card
-    original = spach.create_model("spach", **HYBRID_MS, num_classes=4, in_chans=1, img_size=32, pretrained=run / "best.pth").eval()
+    arch = json.dumps(HYBRID_MS["net_arch"])
+    assert f"A custom SPACH model (`net_arch` {arch}), battle contestant `hybrid-ms` (seed0)" in card
+    original = spach.create_model("spach", **HYBRID_MS, num_classes=4, in_chans=1, img_size=32, pretrained=run / "best.pth")
+    original.eval()
     same_outputs(original, load_back(out), 1, 32)
     # the contestant's folder holds one run per seed: it says which to pass
     with pytest.raises(SpachError, match=r"holds the runs seed0: pass one, e\.g\. .*seed0"):
@@ -84,7 +87,8 @@ def test_shared_weights_contestant_round_trips(tmp_path):
     """One spatial MLP shared by all blocks: tensors sharing memory, which safetensors refuses as they are."""
     cfg = resolve("tiny", model="spach", model_kwargs=MLP_SHARED, output=str(tmp_path / "run"), img_size=32)
     model = randomize_(spach.create_model("spach", **MLP_SHARED, num_classes=4, in_chans=1, img_size=32)).eval()
-    weights = save_weights(model.state_dict(), {"args": config_dict(cfg), "epoch": 3, "top1": 61.5}, tmp_path / "run" / "best", "torch")
+    info = {"args": config_dict(cfg), "epoch": 3, "top1": 61.5}
+    weights = save_weights(model.state_dict(), info, tmp_path / "run" / "best", "torch")
     out = tmp_path / "hub"
     export(None, out, "timm", pretrained=str(weights))
     assert json.loads((out / "config.json").read_text())["model_args"]["shared_spatial_func"] is True

@@ -156,10 +156,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    "fixed resolution. The exported file is run (onnxruntime / torch.jit.load) against the "
                                    "PyTorch model and written only when they agree (max abs error <= 1e-4). --format timm "
                                    "writes a folder timm loads (timm.create_model('local-dir:FOLDER', pretrained=True) after "
-                                   "import spach; upload it to the Hugging Face Hub for 'hf-hub:USER/REPO'), checked the same way.")
+                                   "import spach; upload it to the Hugging Face Hub for 'hf-hub:USER/REPO'), checked the "
+                                   "same way.")
     p.add_argument("model", nargs="?", help="model name, or a run folder (spach train's --output, a battle's "
                    "runs/<contestant>/seed<k>) whose best weights to export (default: the model a checkpoint names)")
-    p.add_argument("--pretrained", metavar="CKPT", help="weights to export (.pth or .safetensors; official or spach; or a run folder)")
+    p.add_argument("--pretrained", metavar="CKPT",
+                   help="weights to export (.pth or .safetensors; official or spach; or a run folder)")
     p.add_argument("--model-kwargs", help="architecture overrides as JSON (default: the checkpoint's own)")
     p.add_argument("--img-size", type=int, default=0, help="input resolution (default: the model's; MLP models: only their own)")
     p.add_argument("--format", required=True, help=f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]} (a folder in timm's Hub layout)")
@@ -174,7 +176,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         if r["format"] == "timm":
             print(f"exported {r['model']}{source} to {r['output']}/ (timm: config.json, model.safetensors, README.md; "
                   f"{r['bytes'] / 1e6:.1f} MB, input {'x'.join(map(str, r['input_shape'][1:]))}); loaded back with "
-                  f"timm.create_model('local-dir:{r['output']}', pretrained=True): max abs error {r['max_abs_error']:.1e} vs PyTorch")
+                  f"timm.create_model('local-dir:{r['output']}', pretrained=True): "
+                  f"max abs error {r['max_abs_error']:.1e} vs PyTorch")
             return
         print(f"exported {r['model']} to {r['output']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, input batch x "
               f"{'x'.join(map(str, r['input_shape'][1:]))}, dynamic batch); {r['runtime']} at batch sizes "

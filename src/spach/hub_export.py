@@ -149,8 +149,9 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
             val = f"{args['val_subset']} validation images" if args.get("val_subset") else "the validation split"
             lines.append(f"- Top-1 {info['top1']:.2f}% on {val} of {data} (these weights, epoch {info.get('epoch', '?')}).")
         if isinstance(summary.get("best_top1"), (int, float)):
-            lines.append(f"- The run's summary: best top-1 {summary['best_top1']:.2f}%, final "
-                         f"{summary.get('final_top1') if summary.get('final_top1') is None else format(summary['final_top1'], '.2f')}%.")
+            final = summary.get("final_top1")
+            final_text = f"{final:.2f}%" if isinstance(final, (int, float)) else "not recorded"
+            lines.append(f"- The run's summary: best top-1 {summary['best_top1']:.2f}%, final {final_text}.")
     else:
         lines.append("- Not a spach training checkpoint: what it was trained on is not recorded here.")
     lines.append(f"- Input {'x'.join(map(str, pcfg['input_size']))}, mean {list(pcfg.get('mean', []))}, std "
