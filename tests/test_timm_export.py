@@ -130,3 +130,19 @@ def test_a_timm_baseline_round_trips(tmp_path):
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert config["architecture"] == "test_vit" and config["model_args"]["img_size"] == [32, 32] and weights.is_file()
     same_outputs(model, load_back(tmp_path / "hub"), 1, 32)
+
+
+def test_an_image_folder_run_keeps_the_models_preprocessing_and_its_class_folders(tmp_path):
+    data = tmp_path / "data"
+    for name in ("dog", "cat", "ant"):
+        (data / "train" / name).mkdir(parents=True)
+    small = dict(hidden_dim=16, num_heads=2)
+    cfg = resolve(None, model=ZOO, model_kwargs=small, data_path=str(data), img_size=64, output=str(tmp_path / "run"))
+    model = randomize_(spach.create_model(ZOO, num_classes=3, img_size=64, **small)).eval()
+    weights = save_weights(model.state_dict(), {"args": config_dict(cfg)}, tmp_path / "run" / "best", "safetensors")
+    export(None, tmp_path / "hub", "timm", pretrained=str(weights))
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    pcfg = config["pretrained_cfg"]
+    assert config["label_names"] == ["ant", "cat", "dog"] and pcfg["input_size"] == [3, 64, 64]
+    assert (pcfg["interpolation"], pcfg["crop_pct"], pcfg["mean"]) == ("bicubic", 0.875, list(model.pretrained_cfg["mean"]))
+    same_outputs(model, load_back(tmp_path / "hub"), 3, 64)
