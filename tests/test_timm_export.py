@@ -87,12 +87,14 @@ def test_shared_weights_contestant_round_trips(tmp_path):
     """One spatial MLP shared by all blocks: tensors sharing memory, which safetensors refuses as they are."""
     cfg = resolve("tiny", model="spach", model_kwargs=MLP_SHARED, output=str(tmp_path / "run"), img_size=32)
     model = randomize_(spach.create_model("spach", **MLP_SHARED, num_classes=4, in_chans=1, img_size=32)).eval()
-    info = {"args": config_dict(cfg), "epoch": 3, "top1": 61.5}
+    info = {"args": {**config_dict(cfg), "lr": "[x](javascript:alert(1))\x1b[2J"}, "epoch": 3, "top1": 61.5}
     weights = save_weights(model.state_dict(), info, tmp_path / "run" / "best", "torch")
     out = tmp_path / "hub"
     export(None, out, "timm", pretrained=str(weights))
     assert json.loads((out / "config.json").read_text())["model_args"]["shared_spatial_func"] is True
-    assert "Top-1 61.50% on the validation split of tiny (these weights, epoch 3)" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Top-1 61.50% on the validation split of tiny (these weights, epoch 3)" in card
+    assert "](" not in card and "\x1b" not in card  # text read from a file stays plain text
     same_outputs(model, load_back(out), 1, 32)
 
 

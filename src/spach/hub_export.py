@@ -140,14 +140,17 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
                  f"`spach export --format timm` from `{pretrained or 'freshly initialised weights'}`.")
     lines.append("")
     if "dataset" in args:
-        data = args["dataset"]
-        subset = f", {args['train_subset']} training images" if args.get("train_subset") else ""
-        lines.append(f"- Trained with spach on {data}{subset} for {summary.get('epochs', args.get('epochs', '?'))} "
-                     f"epoch(s) (of {args.get('epochs', '?')}), batch {args.get('batch_size', '?')}, lr {args.get('lr', '?')}, "
-                     f"seed {args.get('seed', '?')}.")
+        def arg(key: str) -> str:
+            return _plain(args.get(key, "?"))
+
+        data = arg("dataset")
+        subset = f", {arg('train_subset')} training images" if args.get("train_subset") else ""
+        lines.append(f"- Trained with spach on {data}{subset} for {_plain(summary.get('epochs', args.get('epochs', '?')))} "
+                     f"epoch(s) (of {arg('epochs')}), batch {arg('batch_size')}, lr {arg('lr')}, seed {arg('seed')}.")
         if isinstance(info.get("top1"), (int, float)):
-            val = f"{args['val_subset']} validation images" if args.get("val_subset") else "the validation split"
-            lines.append(f"- Top-1 {info['top1']:.2f}% on {val} of {data} (these weights, epoch {info.get('epoch', '?')}).")
+            val = f"{arg('val_subset')} validation images" if args.get("val_subset") else "the validation split"
+            epoch = _plain(info.get("epoch", "?"))
+            lines.append(f"- Top-1 {info['top1']:.2f}% on {val} of {data} (these weights, epoch {epoch}).")
         if isinstance(summary.get("best_top1"), (int, float)):
             final = summary.get("final_top1")
             final_text = f"{final:.2f}%" if isinstance(final, (int, float)) else "not recorded"
@@ -163,3 +166,9 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
               "cfg = timm.data.resolve_data_config({}, model=model)",
               "transform = timm.data.create_transform(**cfg)", "```", ""]
     return "\n".join(lines)
+
+
+def _plain(value: Any) -> str:
+    """A value read from a checkpoint, as short plain text for the card (no control characters, no Markdown)."""
+    text = "".join(c if c.isprintable() else " " for c in str(value))[:60]
+    return text.translate(str.maketrans({c: " " for c in "[]()`<>*_|#"}))
