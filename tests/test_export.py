@@ -2,6 +2,7 @@
 its own runtime against the PyTorch model; and the one-line errors."""
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def cli_error(capsys, *argv):
 def test_export_errors(tmp_path, capsys, monkeypatch):
     out = tmp_path / "x.onnx"
     mlp = ["--model-kwargs", json.dumps(TINY)]
-    assert "unknown export format 'tflite'; choose onnx or torchscript" in cli_error(
+    assert "unknown export format 'tflite'; choose onnx, torchscript or timm" in cli_error(
         capsys, FAMILIES["conv"], "--format", "tflite", "--output", str(out))
     err = cli_error(capsys, FAMILIES["mlp"], *mlp, "--img-size", "32", "--format", "torchscript", "--output", str(out))
     assert "is tied to 64x64 by its weights" in err and "--img-size 64" in err
@@ -101,3 +102,103 @@ def test_a_failed_check_writes_no_file(tmp_path, monkeypatch):
     with pytest.raises(SpachError, match="differs from PyTorch by .* was not written"):
         export(FAMILIES["conv"], out, "torchscript", pretrained=str(weights), model_kwargs=TINY)
     assert not out.exists()
+
+
+def scratch_left(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".spach-export-tmp-"))
+
+
+SLOW_EXPORT = """
+import sys, time
+import spach.export as e
+real = e._EXPORTERS["torchscript"]
+def slow(net, example, path):
+    path.write_bytes(b"half a file")
+    print("exporting", flush=True)
+    time.sleep(60)
+    real(net, example, path)
+e._EXPORTERS["torchscript"] = slow
+from spach.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_mid_export_leaves_nothing(tmp_path):
+    """The export works beside its output (not in /tmp) and a SIGTERM there removes its scratch folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out" / "conv.pt"
+    src = str(Path(spach.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", FAMILIES["conv"], "--model-kwargs", json.dumps(TINY),
+                             "--format", "torchscript", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "exporting\n"
+        assert len(scratch_left(out.parent)) == 1  # beside the output, holding the half-written file
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err == "spach export: interrupted\n"
+    assert not out.exists() and scratch_left(out.parent) == []
+
+
+def test_ctrl_c_and_a_killed_export_leave_nothing(tmp_path, monkeypatch):
+    from spach import export as export_module
+    from spach.files import FolderLock
+
+    out = tmp_path / "conv.pt"
+    # a scratch folder of an export killed with SIGKILL (nobody holds its lock) and one of a running export
+    dead = tmp_path / ".spach-export-tmp-999999-dead"
+    dead.mkdir()
+    (dead / "model.torchscript").write_bytes(b"x" * 100)
+    running = FolderLock(tmp_path / ".spach-export-tmp-1-running").acquire()
+
+    def interrupted(net, example, path):
+        path.write_bytes(b"half")
+        assert scratch_left(tmp_path) == [".spach-export-tmp-1-running", path.parent.name]  # the dead one is gone
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(export_module._EXPORTERS, "torchscript", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(FAMILIES["conv"], out, "torchscript", model_kwargs=TINY)
+    assert scratch_left(tmp_path) == [".spach-export-tmp-1-running"] and not out.exists()
+    running.release()
+
+
+def test_bad_output_and_sizes_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from spach import export as export_module
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was built before the output was checked")
+
+    monkeypatch.setattr(export_module, "build", no_work)
+    conv = [FAMILIES["conv"], "--format"]
+    assert f"--output {tmp_path} is a folder; pass the path of the file to write, e.g. {tmp_path / 'model.torchscript'}" \
+        in cli_error(capsys, *conv, "torchscript", "--output", str(tmp_path))
+    (tmp_path / "notes.txt").write_text("mine")
+    assert f"--output {tmp_path} already holds files; the timm format writes a folder of its own" in cli_error(
+        capsys, *conv, "timm", "--output", str(tmp_path))
+    assert "notes.txt is a file; the timm format writes a folder: pass a new or empty folder" in cli_error(
+        capsys, *conv, "timm", "--output", str(tmp_path / "notes.txt"))
+    assert "is a file, not a folder" in cli_error(capsys, *conv, "torchscript", "--output", str(tmp_path / "notes.txt" / "m.pt"))
+    assert "--img-size must lie in 1..4096 (0: the model's own), got 100000" in cli_error(
+        capsys, *conv, "torchscript", "--img-size", "100000", "--output", str(tmp_path / "m.pt"))
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    # crafted settings stored in a checkpoint: one line naming the file and the value
+    weights = tmp_path / "w.safetensors"
+    for key, value in (("img_size", "big"), ("model_kwargs", 5), ("img_size", 100000), ("model", ["x"])):
+        args = {"model": FAMILIES["conv"], key: value}
+        save_file({"head.weight": torch.zeros(7, 8)}, str(weights), {"format": "pt", "args": json.dumps(args)})
+        err = cli_error(capsys, "--pretrained", str(weights), "--format", "torchscript", "--output", str(tmp_path / "m.pt"))
+        assert f"checkpoint {weights} stores {key} = {value!r}" in err and "damaged or crafted" in err
+    err = cli_error(capsys, FAMILIES["conv"], "--model-kwargs", '{"hidden_dim": "wide"}', "--format", "torchscript",
+                    "--output", str(tmp_path / "m.pt"))
+    assert "hidden_dim must be an integer" in err

@@ -153,21 +153,34 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a model to ONNX or TorchScript, checked by running the exported file",
+    p = sub.add_parser("export", help="export a model to ONNX, TorchScript or a timm model folder, checked against PyTorch",
                        description="Export a model for deployment: one input (batch, C, H, W) with a dynamic batch axis at a "
                                    "fixed resolution. The exported file is run (onnxruntime / torch.jit.load) against the "
-                                   "PyTorch model and written only when they agree (max abs error <= 1e-4).")
-    p.add_argument("model", nargs="?", help="model name (default: the one a spach training checkpoint names)")
-    p.add_argument("--pretrained", metavar="CKPT", help="weights to export (.pth or .safetensors; official or spach)")
+                                   "PyTorch model and written only when they agree (max abs error <= 1e-4). --format timm "
+                                   "writes a folder timm loads (timm.create_model('local-dir:FOLDER', pretrained=True) after "
+                                   "import spach; upload it to the Hugging Face Hub for 'hf-hub:USER/REPO'), checked the "
+                                   "same way.")
+    p.add_argument("model", nargs="?", help="model name, or a run folder (spach train's --output, a battle's "
+                   "runs/<contestant>/seed<k>) whose best weights to export (default: the model a checkpoint names)")
+    p.add_argument("--pretrained", metavar="CKPT",
+                   help="weights to export (.pth or .safetensors; official or spach; or a run folder)")
     p.add_argument("--model-kwargs", help="architecture overrides as JSON (default: the checkpoint's own)")
     p.add_argument("--img-size", type=int, default=0, help="input resolution (default: the model's; MLP models: only their own)")
-    p.add_argument("--format", required=True, help=f"{' or '.join(FORMATS)}")
-    p.add_argument("--output", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--format", required=True, help=f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]} (a folder in timm's Hub layout)")
+    p.add_argument("--output", required=True, metavar="PATH", help="the file to write (the timm format: a new or empty folder)")
 
     def run(args: argparse.Namespace) -> None:
         if not args.model and not args.pretrained:
-            raise SpachError("name the model to export (spach export MODEL; see 'spach models') or pass --pretrained CKPT")
+            raise SpachError("name the model to export (spach export MODEL; see 'spach models'), or pass a run folder "
+                             "or --pretrained CKPT")
         r = export(args.model, args.output, args.format, args.pretrained, _json_arg(args.model_kwargs), args.img_size)
+        source = f" ({r['source']})" if r["source"] else ""
+        if r["format"] == "timm":
+            print(f"exported {r['model']}{source} to {r['output']}/ (timm: config.json, model.safetensors, README.md; "
+                  f"{r['bytes'] / 1e6:.1f} MB, input {'x'.join(map(str, r['input_shape'][1:]))}); loaded back with "
+                  f"timm.create_model('local-dir:{r['output']}', pretrained=True): "
+                  f"max abs error {r['max_abs_error']:.1e} vs PyTorch")
+            return
         print(f"exported {r['model']} to {r['output']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, input batch x "
               f"{'x'.join(map(str, r['input_shape'][1:]))}, dynamic batch); {r['runtime']} at batch sizes "
               f"{' and '.join(map(str, r['checked_batches']))}: max abs error {r['max_abs_error']:.1e} vs PyTorch")

@@ -1,4 +1,5 @@
-"""`spach export`: a model as ONNX or TorchScript for deployment, checked by running the exported file.
+"""`spach export`: a model as ONNX or TorchScript for deployment, or as a timm model folder (see
+`spach.hub_export`), checked by running (or loading back) what was exported.
 
 The model is built the way `spach eval` builds it: a zoo name, `spach` with architecture overrides,
 or any timm model; a spach training checkpoint (torch or safetensors) brings its own model name,
@@ -9,13 +10,22 @@ the model's own), and always the model's own for models whose weights are tied t
 MLPs, learned position embeddings). Before the file is written, it is run (onnxruntime for ONNX,
 `torch.jit.load` for TorchScript) at two batch sizes other than the one traced, and its outputs must
 match the PyTorch model's within `TOLERANCE` (fp32, max abs error).
+
+A run folder (of `spach train`, or a battle's `runs/<contestant>/seed<k>`) stands for its best weights.
+The output is checked before any work; the export is written in a hidden `.spach-export-tmp-*` folder
+beside it (same file system: moved into place at the end), removed on Ctrl-C and SIGTERM, and one left by
+a killed export (its lock is free) is removed by the next export into that folder.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import io
-import tempfile
+import os
+import secrets
+import shutil
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,7 +34,8 @@ import torch
 import torch.nn as nn
 
 from spach.errors import CheckpointError, SpachError, first_line
-from spach.files import atomic_write_bytes, read_json
+from spach.files import FolderLock, make_dirs, os_error, read_json
+from spach.hub_export import TIMM_FILES, write_timm_folder
 from spach.models.convert import read_checkpoint
 from spach.models.mixers import TokenMLP
 from spach.train import checkpoint
@@ -32,27 +43,41 @@ from spach.train.config import TrainConfig
 from spach.train.evaluate import load_strict
 from spach.train.factory import build_model
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "timm")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its op library, the runtime that checks the file
 TOLERANCE = 1e-4
 TRACE_BATCH, CHECK_BATCHES = 2, (1, 3)  # checked at batch sizes other than the traced one: the batch axis is dynamic
+MAX_IMG_SIZE = 4096  # the check runs the model on a few images of this size
+RUN_WEIGHTS = ("best.safetensors", "best.pth", "final.safetensors", "checkpoint.pth")  # a run folder's, best first
+SCRATCH_PREFIX = ".spach-export-tmp-"
 
 
 def export(model: str | None, output: str | Path, fmt: str, pretrained: str | None = None,
            model_kwargs: dict[str, Any] | None = None, img_size: int = 0) -> dict[str, Any]:
-    """Export `model` (see the module docstring) to `output` as `fmt` ('onnx' or 'torchscript'), check
-    the file against the PyTorch model and return what was done (`max_abs_error` included). The file
-    is written only once it passed the check."""
+    """Export `model` (see the module docstring; a name, or a run folder) to `output` as `fmt`: a file for
+    'onnx' and 'torchscript', a new or empty folder for 'timm'. Checks what it exported against the
+    PyTorch model and returns what was done (`max_abs_error` included); writes only once that passed."""
     if fmt not in FORMATS:
-        raise SpachError(f"unknown export format {fmt!r}; choose onnx or torchscript")
+        raise SpachError(f"unknown export format {fmt!r}; choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}")
     if fmt == "onnx":
         missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
         if missing:
             raise SpachError(f"ONNX export needs {', '.join(missing)}: pip install 'spach[onnx]'")
-    if img_size < 0:
-        raise SpachError(f"--img-size must be > 0, got {img_size}")
+    if not 0 <= img_size <= MAX_IMG_SIZE:
+        raise SpachError(f"--img-size must lie in 1..{MAX_IMG_SIZE} (0: the model's own), got {img_size}")
+    output = check_output(output, fmt)
+    model, pretrained = run_source(model, pretrained)
     net, name = build(model, pretrained, model_kwargs)
     size = resolution(net, name, img_size)
+    if fmt == "timm":
+        with scratch_beside(output) as tmp:
+            r = write_timm_folder(net, name, pretrained, size, tmp / "model", TOLERANCE)
+            make_dirs(output)
+            for f in TIMM_FILES:  # config.json, what timm reads first, last
+                _move(tmp / "model" / f, output / f)
+        return {"model": name, "format": fmt, "output": str(output), "source": pretrained,
+                "bytes": sum((output / f).stat().st_size for f in TIMM_FILES), "input_shape": ["batch", _in_chans(net), *size],
+                "runtime": "timm.create_model('local-dir:...')", "max_abs_error": r["max_abs_error"]}
     g = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, _in_chans(net), *size, generator=g) for b in (TRACE_BATCH, *CHECK_BATCHES)}
     try:
@@ -60,8 +85,8 @@ def export(model: str | None, output: str | Path, fmt: str, pretrained: str | No
             expected = {b: net(x) for b, x in inputs.items()}
     except Exception as e:  # a size the strides do not divide, ...
         raise SpachError(f"{name} does not run at {size[0]}x{size[1]} ({first_line(e)}); choose another --img-size") from None
-    with tempfile.TemporaryDirectory(prefix="spach-export-") as tmp:
-        path = Path(tmp) / f"model.{fmt}"
+    with scratch_beside(output) as tmp:
+        path = tmp / f"model.{fmt}"
         try:
             _EXPORTERS[fmt](net, inputs[TRACE_BATCH], path)
         except Exception as e:  # the exporters raise many types
@@ -71,16 +96,108 @@ def export(model: str | None, output: str | Path, fmt: str, pretrained: str | No
         if not error <= TOLERANCE:
             raise SpachError(f"the exported {name} differs from PyTorch by {error:.2e} (max abs, more than {TOLERANCE:g}); "
                              f"{output} was not written")
-        data = path.read_bytes()
-    atomic_write_bytes(output, data)
-    return {"model": name, "format": fmt, "output": str(output), "bytes": len(data),
+        size_bytes = path.stat().st_size
+        with open(path, "rb+") as f:  # the exporters' own writes: on disk before the rename makes it the output
+            os.fsync(f.fileno())
+        _move(path, output)
+    return {"model": name, "format": fmt, "output": str(output), "source": pretrained, "bytes": size_bytes,
             "input_shape": ["batch", _in_chans(net), *size], "checked_batches": list(CHECK_BATCHES),
             "runtime": "onnxruntime" if fmt == "onnx" else "torch.jit.load", "max_abs_error": error}
 
 
+def check_output(output: str | Path, fmt: str) -> Path:
+    """The output path, refused before any work when the export could not be written there: a folder
+    for a file format; a file, or a folder holding files, for the timm format."""
+    output = Path(output)
+    parent = next((p for p in output.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise SpachError(f"--output {output}: {parent} is a file, not a folder; choose another --output")
+    if fmt == "timm":
+        if output.exists() and not output.is_dir():
+            raise SpachError(f"--output {output} is a file; the timm format writes a folder: pass a new or empty folder")
+        if output.is_dir() and any(output.iterdir()):
+            raise SpachError(f"--output {output} already holds files; the timm format writes a folder of its own: "
+                             "pass a new or empty folder")
+    elif output.is_dir():
+        raise SpachError(f"--output {output} is a folder; pass the path of the file to write, e.g. {output / ('model.' + fmt)}")
+    return output
+
+
+def run_source(model: str | None, pretrained: str | None) -> tuple[str | None, str | None]:
+    """(model name, checkpoint file): a run folder, given as the model or as --pretrained, stands for its
+    best weights; a battle contestant's folder holding one run per seed asks for one of them."""
+    if model and Path(model).is_dir():
+        if pretrained:
+            raise SpachError(f"{model} is a run folder: pass either it or --pretrained {pretrained}, not both")
+        model, pretrained = None, model
+    if pretrained and Path(pretrained).is_dir():
+        folder = Path(pretrained)
+        found = next((folder / n for n in RUN_WEIGHTS if (folder / n).is_file()), None)
+        if found is None:
+            seeds = sorted(p.name for p in folder.iterdir() if p.is_dir() and any((p / n).is_file() for n in RUN_WEIGHTS))
+            hint = f"it holds the runs {', '.join(seeds)}: pass one, e.g. {folder / seeds[0]}" if seeds else \
+                "pass a run folder of spach train (or a battle's runs/<contestant>/seed<k>) or a checkpoint file"
+            raise SpachError(f"{folder} holds no trained weights ({', '.join(RUN_WEIGHTS)}); {hint}")
+        pretrained = str(found)
+    return model, pretrained
+
+
+@contextlib.contextmanager
+def scratch_beside(output: Path) -> Iterator[Path]:
+    """A private, locked folder beside `output` for the export in progress (the same file system, so the
+    result is moved into place); removed when the block ends, also on Ctrl-C and SIGTERM. Scratch
+    folders that killed exports left there (nobody holds their lock) are removed first."""
+    parent = make_dirs(output.absolute().parent)
+    for old in parent.glob(f"{SCRATCH_PREFIX}*"):
+        remove_if_abandoned(old)
+    lock = FolderLock(parent / f"{SCRATCH_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", "export scratch folder").acquire()
+    try:
+        with _sigterm_interrupts():
+            yield lock.folder
+    finally:
+        lock.release()
+        shutil.rmtree(lock.folder, ignore_errors=True)
+
+
+def _move(src: Path, dst: Path) -> None:
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        raise os_error(e, dst) from None
+
+
+def remove_if_abandoned(folder: Path) -> bool:
+    """Remove a scratch folder whose export is gone (its lock is free); True when removed."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    try:
+        FolderLock(folder, "export scratch folder").acquire().release()
+    except SpachError:  # held by a running export, or not ours to touch
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) ends the export as Ctrl-C does, so the scratch folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
     """The model to export, in eval mode, with the checkpoint's weights loaded strictly; and its name."""
-    args = checkpoint.read_args(pretrained) if pretrained else {}
+    args = _checked_args(checkpoint.read_args(pretrained), pretrained) if pretrained else {}
     if model and args.get("model") and model != args["model"]:
         raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; "
                               "drop the model name or pass the right one")
@@ -95,10 +212,27 @@ def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[s
         with torch.device("meta"):  # a free probe, for where the model keeps its classifier and first conv
             probe = build_model(cfg, 1000, 3)
         num_classes, in_chans = _classes_and_channels(read_checkpoint(pretrained), getattr(probe, "pretrained_cfg", {}))
-    net = build_model(cfg, num_classes, in_chans, size)
+    try:
+        net = build_model(cfg, num_classes, in_chans, size)
+    except (TypeError, ValueError) as e:  # a value of the wrong type in stored or given settings
+        raise SpachError(f"cannot build {name} with {kwargs} ({first_line(e)}); fix the model kwargs") from None
     if pretrained:
         load_strict(net, pretrained)
     return net.eval(), name
+
+
+def _checked_args(args: dict[str, Any], path: str) -> dict[str, Any]:
+    """A checkpoint's stored training settings, as far as export reads them, of the right types."""
+    expected = {"model": (str, "a model name"), "model_kwargs": (dict, "a JSON object"), "img_size": (int, "an integer")}
+    for key, (kind, what) in expected.items():
+        value = args.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CheckpointError(f"checkpoint {path} stores {key} = {value!r}, not {what}; "
+                                  "it is damaged or crafted: re-save it from its run")
+    if not 0 <= args.get("img_size", 0) <= MAX_IMG_SIZE:
+        raise CheckpointError(f"checkpoint {path} stores img_size = {args['img_size']}, outside 0..{MAX_IMG_SIZE}; "
+                              "it is damaged or crafted: re-save it from its run")
+    return args
 
 
 def resolution(net: nn.Module, name: str, img_size: int = 0) -> tuple[int, int]:
@@ -136,7 +270,8 @@ def _run_img_size(pretrained: str | None) -> int:
         return 0
     config = read_json(Path(pretrained).parent / "config.json")
     resolved = config.get("resolved") if isinstance(config, dict) else None
-    return int(resolved.get("img_size") or 0) if isinstance(resolved, dict) else 0
+    size = resolved.get("img_size") if isinstance(resolved, dict) else 0
+    return size if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= MAX_IMG_SIZE else 0
 
 
 def _in_chans(net: nn.Module) -> int:

@@ -259,7 +259,8 @@ def build_blocks(study: Study, entries: list[ContestantResult], findings: list[F
     for name, path in figures.items():
         blocks += [("img", (name, path)), ("p", FIGURE_CAPTIONS[name])]
     blocks.append(("p", "Regenerate this report with `spach report DIR`; resume or extend the battle with "
-                        "`spach battle --output DIR`. Per-run files: `runs/<contestant>/seed<k>/`."))
+                        "`spach battle --output DIR`. Per-run files: `runs/<contestant>/seed<k>/` (a timm model folder of "
+                        "one: `spach export DIR/runs/<contestant>/seed<k> --format timm --output FOLDER`)."))
     return blocks
 
 

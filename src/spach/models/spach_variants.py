@@ -6,11 +6,11 @@ grid at 224, multi-stage ones on 7x7; MLP models are tied to their input size.
 from typing import Any
 
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 
 from spach.models.backbone import SpachConfig, SpachNet
 from spach.models.convert import checkpoint_filter_fn
-from spach.models.registry import Family, build, register_family, zoo_cfgs
+from spach.models.registry import Family, build, family_cfg, register_family, zoo_cfgs
 
 FAMILY = register_family(Family(
     name="spach", title="SPACH", model_cls=SpachNet, config_cls=SpachConfig, filter_fn=checkpoint_filter_fn,
@@ -172,3 +172,16 @@ def spach_ms_s_plus_patch4_224_hybrid(pretrained: bool = False, **kwargs: Any) -
     """Hybrid-MS-S+: Hybrid-MS-S with the LV-ViT 4-conv stem."""
     return _ms("spach_ms_s_plus_patch4_224_hybrid", pretrained, kwargs, hidden_dim=128, num_heads=4,
                channel_ratio=3.0, stem_type="conv4", net_arch=_HYBRID_S)
+
+
+# --- "spach": any SPACH model, from its config alone ------------------------------------------
+# As `spach.create_model("spach", **config)`. Registered with timm (not a zoo variant: `spach models`
+# does not list it) so that a trained custom architecture exported by `spach export --format timm`
+# (config.json: architecture "spach" and the full config as model_args) loads with
+# `timm.create_model("local-dir:FOLDER" or "hf-hub:user/repo", pretrained=True)`.
+default_cfgs.update(generate_default_cfgs({"spach": family_cfg(FAMILY)}))
+
+
+@register_model
+def spach(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    return build(FAMILY, "spach", pretrained, **kwargs)
