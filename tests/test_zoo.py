@@ -143,3 +143,12 @@ def test_every_smlpnet_and_shiftvit_name_uses_the_official_constructor(layout_2b
         ours = {arg: getattr(config, _OFFICIAL_ARG.get(arg, arg)) for arg in entry["official_constructor"]}
         ours = {arg: list(v) if isinstance(v, tuple) else v for arg, v in ours.items()}
         assert ours == entry["official_constructor"], key
+
+
+def test_token_mlp_too_small_for_its_grid_is_one_line_naming_the_fix(recwarn):
+    # a 1x1 grid at the last stage: int(1 * 0.5) = 0 hidden units, which torch builds with only a warning
+    with pytest.raises(spach.SpachError, match=r"1x1 token grid has int\(1 \* 0.5\) = 0 hidden units; .*larger img_size "
+                                               r"or a token_ratio of at least 1$") as e:
+        spach.create_model("spach_ms_xxs_patch4_224_mlp", img_size=32)
+    assert "\n" not in str(e.value) and not recwarn.list
+    assert spach.create_model("spach_ms_xxs_patch4_224_mlp", img_size=32, token_ratio=1.0).stages[3].blocks[0].mixer.fc1.out_features == 1
