@@ -109,6 +109,9 @@ def load_file(path: str | os.PathLike) -> Any:
             raise CheckpointError(f"cannot read checkpoint {path}: it is a PyTorch checkpoint named .safetensors; "
                                   "rename it to .pth")
         raise CheckpointError(f"cannot read checkpoint {path}: its safetensors header is missing or corrupt (a truncated file?)")
+    if _is_web_page(path):  # torch would call it an unsafe pickle
+        raise CheckpointError(f"cannot read checkpoint {path}: it is a web page (HTML), not a checkpoint (a failed or "
+                              "blocked download?); download it again")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -128,6 +131,12 @@ def _is_torch_file(path: str | os.PathLike) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _is_web_page(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(256).lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"))
 
 
 def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
