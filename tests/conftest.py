@@ -5,7 +5,10 @@ import pathlib
 import pytest
 import torch
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+# shared/ beside the clone; SPACH_REFERENCE_DIR points elsewhere (a git worktree nested one level deeper)
+REFERENCE = pathlib.Path(
+    os.environ.get("SPACH_REFERENCE_DIR") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+)
 LAYOUT_FILE = REFERENCE / "official_checkpoint_layout.json"
 LAYOUT_FILE_2B = REFERENCE / "official_checkpoint_layout_smlp_shiftvit.json"
 

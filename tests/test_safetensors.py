@@ -77,3 +77,58 @@ def test_bad_files_and_values(tmp_path):
     with pytest.raises(ConfigError, match="must be one of torch, safetensors"):
         TrainConfig(save_format="pickle")
     assert json.dumps(TrainConfig(save_format="safetensors").save_format) == '"safetensors"'
+
+
+def _small_weights(tmp_path, tensors=None, **meta) -> tuple[Path, dict]:
+    arch = dict(net_arch=[("conv", 1)], hidden_dim=8, patch_size=8)
+    kw = dict(arch, img_size=32, in_chans=1, num_classes=4)  # as the tiny data set
+    sd = spach.create_model("spach", **kw).state_dict()
+    path = checkpoint.save_weights(tensors(sd) if tensors else sd, {"args": {"model": "spach", "model_kwargs": arch}, **meta},
+                                   tmp_path / "w", "safetensors")
+    return path, kw
+
+
+def test_integer_tensors_for_float_weights_are_refused_in_one_line(tmp_path):
+    # the float32 bytes relabelled as int32: the same shapes and sizes, so only the dtype tells
+    path, kw = _small_weights(tmp_path, lambda sd: {k: v.view(torch.int32) if v.is_floating_point() else v for k, v in sd.items()})
+    expected = r"not floating point: stem\.proj\.weight is int32, expected floating point \(float32\), .*re-save it"
+    for load in (lambda: spach.create_model("spach", pretrained=str(path), **kw),
+                 lambda: evaluate_checkpoint(None, str(path), None, "tiny")):
+        with pytest.raises(CheckpointError, match=expected) as e:
+            load()
+        assert "\n" not in str(e.value)
+    import timm
+    zoo = dict(hidden_dim=8, num_heads=1)
+    sd = spach.create_model("spach_ms_xxs_patch4_224_conv", **zoo).state_dict()
+    relabelled = checkpoint.save_weights({k: v.view(torch.int32) for k, v in sd.items()}, {}, tmp_path / "zoo", "safetensors")
+    with pytest.raises(CheckpointError, match=expected):
+        timm.create_model("spach_ms_xxs_patch4_224_conv", pretrained=True, pretrained_cfg_overlay=dict(file=str(relabelled)), **zoo)
+    # half precision is a floating point: loaded (cast) as before
+    half, _ = _small_weights(tmp_path, lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()})
+    spach.create_model("spach", pretrained=str(half), **kw)
+
+
+@pytest.mark.parametrize("stored, problem", [
+    ({"img_size": "big"}, "img_size (it must be int, got 'big')"),
+    ({"img_size": [32, "x"]}, "img_size (it must be int, got [32, 'x'])"),
+    ({"mean": "x"}, "mean (it must be list, got 'x')"),
+    ({"model": 5}, "model (it must be str, got 5)"),
+])
+def test_crafted_metadata_is_one_line(tmp_path, stored, problem):
+    path, kw = _small_weights(tmp_path)
+    meta = read_safetensors(path)[1]
+    checkpoint.save_weights(read_checkpoint(path), {"args": {**meta["args"], **stored}}, path.with_suffix(""), "safetensors")
+    with pytest.raises(CheckpointError) as e:
+        evaluate_checkpoint(None, str(path), None, "tiny")
+    assert str(e.value) == (f"checkpoint {path} stores an invalid {problem}: the file was altered or not written by spach; "
+                            "re-save it from the trained model")
+
+
+def test_a_torch_file_named_safetensors_says_so(tmp_path):
+    path, kw = _small_weights(tmp_path)
+    torch.save({"model": read_checkpoint(path)}, tmp_path / "t.safetensors")
+    message = f"cannot read checkpoint {tmp_path / 't.safetensors'}: it is a PyTorch checkpoint named .safetensors; rename it to .pth"
+    for load in (lambda: read_checkpoint(tmp_path / "t.safetensors"), lambda: evaluate_checkpoint(None, str(tmp_path / "t.safetensors"), None, "tiny")):
+        with pytest.raises(CheckpointError) as e:
+            load()
+        assert str(e.value) == message

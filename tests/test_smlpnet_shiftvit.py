@@ -157,3 +157,16 @@ def test_shiftvit_init_is_truncated_normal_with_zero_biases():
     w = v.layers[0].blocks[0].mlp.fc1.weight  # timm's trunc_normal_ (std 0.02, cut at +-2: the official init)
     assert 0.018 < w.std() < 0.022 and abs(w.mean()) < 0.002
     assert torch.all(v.layers[0].blocks[0].mlp.fc1.bias == 0) and torch.all(v.norm.weight == 1)
+
+
+@pytest.mark.parametrize("name", ["shiftvit_light_base", "shiftvit_r4_base", "shiftvit_r2_base"])
+def test_shiftvit_base_models_shift_c_over_16_channels_per_group(name):
+    # widths 48..384: C // 16 and C // 12 differ in every stage, so the outputs tell the two apart
+    kw = dict(embed_dim=48, depths=(1, 1, 1, 1), img_size=32, num_classes=5)
+    model = randomize_(spach.create_model(name, **kw)).eval()
+    assert [b.g for layer in model.layers for b in layer.blocks] == [3, 6, 12, 24]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, shiftvit_forward(model.state_dict(), x, n_div=16), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(out, shiftvit_forward(model.state_dict(), x, n_div=12), rtol=1e-2, atol=1e-2)

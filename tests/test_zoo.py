@@ -122,10 +122,33 @@ def test_timm_create_model_builds_registered_names():
 def test_official_defaults_and_overrides():
     with torch.device("meta"):
         assert spach.create_model("smlpnet_small").config.drop_path_rate == 0.2
-        assert spach.create_model("shiftvit_r2_base").config.drop_path_rate == 0.5
+        assert spach.create_model("shiftvit_r2_base").config.drop_path_rate == 0.6
         tiny = spach.create_model("shiftvit_light_tiny", drop_path_rate=0.0, num_classes=10)
     assert tiny.config.drop_path_rate == 0.0 and tiny.head.out_features == 10
     with pytest.raises(spach.SpachError, match="unknown model option.*hidden_dim.*ShiftViT"):
         spach.create_model("shiftvit_light_tiny", hidden_dim=3)
     with pytest.raises(spach.SpachError, match="not divisible by its total stride 32"):
         spach.create_model("smlpnet_tiny", img_size=100)
+
+
+# official constructor argument -> ours, where the names differ
+_OFFICIAL_ARG = {"dp_rate": "drop_path_rate"}
+
+
+def test_every_smlpnet_and_shiftvit_name_uses_the_official_constructor(layout_2b):
+    assert len(layout_2b) == 12
+    for key, entry in layout_2b.items():
+        with torch.device("meta"):
+            config = spach.create_model(entry["factory"], **entry["factory_kwargs"]).config
+        ours = {arg: getattr(config, _OFFICIAL_ARG.get(arg, arg)) for arg in entry["official_constructor"]}
+        ours = {arg: list(v) if isinstance(v, tuple) else v for arg, v in ours.items()}
+        assert ours == entry["official_constructor"], key
+
+
+def test_token_mlp_too_small_for_its_grid_is_one_line_naming_the_fix(recwarn):
+    # a 1x1 grid at the last stage: int(1 * 0.5) = 0 hidden units, which torch builds with only a warning
+    with pytest.raises(spach.SpachError, match=r"1x1 token grid has int\(1 \* 0.5\) = 0 hidden units; .*larger img_size "
+                                               r"or a token_ratio of at least 1$") as e:
+        spach.create_model("spach_ms_xxs_patch4_224_mlp", img_size=32)
+    assert "\n" not in str(e.value) and not recwarn.list
+    assert spach.create_model("spach_ms_xxs_patch4_224_mlp", img_size=32, token_ratio=1.0).stages[3].blocks[0].mixer.fc1.out_features == 1

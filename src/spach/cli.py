@@ -22,6 +22,7 @@ from spach.errors import SpachError
 from spach.export import FORMATS, export
 from spach.files import atomic_write_text
 from spach.models.table import print_models
+from spach.models.weights import MIRROR_ENV, official_weights
 from spach.train.config import ConfigError, TrainConfig
 from spach.train.engine import train
 from spach.train.evaluate import evaluate_checkpoint
@@ -30,7 +31,7 @@ from spach.train.runtime import default_workers
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo: params, MACs, official ImageNet top-1")
+    p = sub.add_parser("models", help="list the model zoo: params, MACs, official ImageNet top-1, published weights")
     p.add_argument("pattern", nargs="?", default="*", help="glob over model names (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -122,7 +123,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a checkpoint with the model's pretrained config (resize, crop, mean/std); "
                                    "a spach training checkpoint brings its own model, architecture and normalisation.")
     p.add_argument("--model", help="model name (default: the one a spach training checkpoint names)")
-    p.add_argument("--pretrained", required=True, metavar="PATH", help="checkpoint to evaluate (official or spach)")
+    p.add_argument("--pretrained", required=True, nargs="?", const=True, metavar="PATH",
+                   help="checkpoint to evaluate (official or spach); without PATH: the official weights of --model "
+                        f"(downloaded once into the cache; {MIRROR_ENV} points at a mirror URL or folder)")
     p.add_argument("--data-path", help="data folder (image folders: holding val/; fashion-mnist has a default)")
     p.add_argument("--dataset", default="imagefolder", help="imagefolder, fashion-mnist (fmnist), cifar10, cifar100 or tiny (default: imagefolder)")
     p.add_argument("--model-kwargs", help="architecture overrides as JSON (default: the checkpoint's own)")
@@ -139,6 +142,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': stdout only as JSON)")
 
     def run(args: argparse.Namespace) -> None:
+        if args.pretrained is True:
+            if not args.model:
+                raise SpachError("--pretrained without a path evaluates the official weights of --model NAME; name the "
+                                 "model, or pass the path of a checkpoint")
+            args.pretrained = str(official_weights(args.model))
         r = evaluate_checkpoint(args.model, args.pretrained, args.data_path, args.dataset, args.batch_size, args.workers,
                                 args.device, args.img_size, args.amp, _json_arg(args.model_kwargs), args.use_ema, args.skip_bad_images, args.throughput, args.compile)
         if args.json == "-":

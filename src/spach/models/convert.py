@@ -104,6 +104,14 @@ def load_file(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"checkpoint {path} is a folder; pass the path of a checkpoint file inside it")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
+    if str(path).endswith(".safetensors"):  # torch.load reads such a name as safetensors, whatever it holds
+        if _is_torch_file(path):
+            raise CheckpointError(f"cannot read checkpoint {path}: it is a PyTorch checkpoint named .safetensors; "
+                                  "rename it to .pth")
+        raise CheckpointError(f"cannot read checkpoint {path}: its safetensors header is missing or corrupt (a truncated file?)")
+    if _is_web_page(path):  # torch would call it an unsafe pickle
+        raise CheckpointError(f"cannot read checkpoint {path}: it is a web page (HTML), not a checkpoint (a failed or "
+                              "blocked download?); download it again")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -116,6 +124,19 @@ def load_file(path: str | os.PathLike) -> Any:
             reason = (f"the file is truncated or not a PyTorch checkpoint ({type(e).__name__}: "
                       f"{first_line(e)[:80]}); re-save or re-download it")
         raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+
+
+def _is_torch_file(path: str | os.PathLike) -> bool:
+    """Whether a file starts as `torch.save` writes one: a zip archive, or a pickle (the legacy format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _is_web_page(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(256).lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"))
 
 
 def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -131,8 +152,6 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
             ckpt = read_safetensors(path)[0]
         except SpachError as e:
             raise CheckpointError(str(e)) from None
-    elif str(path).endswith(".safetensors") and os.path.isfile(path):
-        raise CheckpointError(f"cannot read checkpoint {path}: its safetensors header is missing or corrupt (a truncated file?)")
     else:
         ckpt = load_file(path)
     if not isinstance(ckpt, dict):
@@ -150,12 +169,17 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
 
 def check_fits(state_dict: dict[str, torch.Tensor], model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> None:
     """Raise one clear line when `state_dict` (spach names) does not match `model` exactly."""
-    own = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(skip_prefixes)}
+    mine = model.state_dict()
+    own = {k: v.shape for k, v in mine.items() if not k.startswith(skip_prefixes)}
     theirs = {k: v.shape for k, v in state_dict.items() if not k.startswith(skip_prefixes)}
     missing = [k for k in own if k not in theirs]
     unexpected = [k for k in theirs if k not in own]
     shapes = [f"{k} {tuple(theirs[k])} vs model {tuple(own[k])}" for k in own if k in theirs and theirs[k] != own[k]]
-    if not (missing or unexpected or shapes):
+    # load_state_dict would cast integers into float weights without a word (garbage, then NaN losses)
+    # (the head too, even where timm drops it: integer weights mean a damaged or mislabelled file)
+    kinds = [f"{k} is {_dtype(state_dict[k])}, expected floating point ({_dtype(v)})" for k, v in mine.items()
+             if k in state_dict and v.is_floating_point() and not state_dict[k].is_floating_point()]
+    if not (missing or unexpected or shapes or kinds):
         return
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
 
@@ -169,12 +193,20 @@ def check_fits(state_dict: dict[str, torch.Tensor], model: nn.Module, skip_prefi
         parts.append(f"unexpected keys: {few(unexpected)}")
     if shapes:
         parts.append(f"shape mismatches: {few(shapes)}")
+    if kinds:
+        parts.append(f"not floating point: {few(kinds)}")
     theirs_family, own_family = family_of_checkpoint(state_dict), family_of_model(model)
     if theirs_family is not None and theirs_family is not own_family:
         hint = f"it is a {theirs_family.title} checkpoint"
+    elif kinds and not (missing or unexpected or shapes):
+        hint = "the file is damaged or mislabels its tensors; re-save it from the trained model"
     else:
         hint = "is it a checkpoint of another model or img_size?"
     raise CheckpointError(f"checkpoint does not fit model {name} ({'; '.join(parts)}); {hint}")
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -138,6 +138,11 @@ class TokenMLP(nn.Module):
         self.grid_size = tuple(grid_size)
         num_tokens = self.num_tokens = grid_size[0] * grid_size[1]
         hidden = int(num_tokens * token_ratio)
+        if hidden < 1:  # torch would build zero-width layers with only a warning
+            raise SpachError(
+                f"the token-mixing MLP on a {grid_size[0]}x{grid_size[1]} token grid has int({num_tokens} * {token_ratio}) = 0 "
+                f"hidden units; build the model with a larger img_size or a token_ratio of at least {1 / num_tokens:g}"
+            )
         self.fc1 = nn.Linear(num_tokens, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, num_tokens)

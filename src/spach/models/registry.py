@@ -36,6 +36,26 @@ OFFICIAL_TOP1 = {
 }
 
 
+# The official checkpoints (microsoft/SPACH release v1.0, every file its README links; no hashes are
+# published): the `url` of each model's pretrained config. `spach.models.weights` downloads them.
+OFFICIAL_RELEASE = "https://github.com/microsoft/SPACH/releases/download/v1.0/"
+OFFICIAL_WEIGHTS = {name: OFFICIAL_RELEASE + file for name, file in {
+    "spach_ms_xxs_patch4_224_conv": "spach_ms_conv_xxs.pth",
+    "spach_ms_xxs_patch4_224_attn": "spach_ms_trans_xxs.pth",
+    "spach_ms_xxs_patch4_224_mlp": "spach_ms_mlp_xxs.pth",
+    "spach_ms_s_patch4_224_conv": "spach_ms_conv_s.pth",
+    "spach_ms_s_patch4_224_attn": "spach_ms_trans_s.pth",
+    "spach_ms_s_patch4_224_mlp": "spach_ms_mlp_s.pth",
+    "spach_ms_s_patch4_224_hybrid": "spach_ms_hybrid_s.pth",
+    "spach_ms_s_plus_patch4_224_hybrid": "spach_ms_hybrid_s+.pth",
+    "smlpnet_small": "smlp_s.pth",
+    "smlpnet_base": "smlp_b.pth",
+    "shiftvit_light_tiny": "shiftvit_tiny_light.pth",
+    "shiftvit_r2_tiny": "shiftvit_tiny_r2.pth",
+    "shiftvit_light_small": "shiftvit_small_light.pth",
+    "shiftvit_r2_small": "shiftvit_small_r2.pth",
+}.items()}
+
 
 @dataclass(frozen=True)
 class Family:
@@ -85,7 +105,15 @@ def zoo_cfgs(family: Family, cfgs: dict[str, dict[str, Any]]) -> dict:
     `family_cfg`); also lists the names in the zoo."""
     for key in cfgs:
         _VARIANTS[key.split(".")[0]] = family
-    return generate_default_cfgs({key: family_cfg(family, **cfg) for key, cfg in cfgs.items()})
+    return generate_default_cfgs({key: family_cfg(family, **_release(key.split(".")[0]), **cfg) for key, cfg in cfgs.items()})
+
+
+def _release(name: str) -> dict[str, Any]:
+    """The pretrained-config entries of a variant's official checkpoint: its source and released top-1."""
+    if name not in OFFICIAL_WEIGHTS:
+        return {}
+    return dict(url=OFFICIAL_WEIGHTS[name], origin_url="https://github.com/microsoft/SPACH",
+                notes=(f"official checkpoint, ImageNet-1k top-1 {OFFICIAL_TOP1[name]}",))
 
 
 def variant_names() -> list[str]:
@@ -132,10 +160,17 @@ def feature_net(model: nn.Module, out_indices: int | tuple[int, ...] | None = No
 def build(family: Family, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """timm's builder for a family variant (pretrained loading through the family's filter);
     `features_only=True` wraps the result with `feature_net`."""
+    from spach.models import weights  # it loads through convert, which needs this module
+
     features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
     kwargs.pop("feature_cls", None)  # always the getter: every family has forward_intermediates
+    # the official checkpoints download through spach (validated before they enter the cache) and load
+    # through its one loader; other sources (file=, state_dict=, the Hub) take timm's way
+    official = weights.official_source(variant, kwargs) if pretrained else None
     model = build_model_with_cfg(
-        family.model_cls, variant, pretrained, pretrained_filter_fn=family.filter_fn, **kwargs,
+        family.model_cls, variant, pretrained and official is None, pretrained_filter_fn=family.filter_fn, **kwargs,
     )
+    if official is not None:
+        weights.load_official(model, variant, official, kwargs.get("cache_dir"))
     sync_cfg(model, variant)
     return feature_net(model, out_indices) if features_only else model

@@ -265,6 +265,7 @@ FAMILY = register_family(Family(
 ))
 
 # --- variants ------------------------------------------------------------------------------------
+# The official registrations: the base models split channels in 16 groups, not 12.
 default_cfgs = zoo_cfgs(FAMILY, {
     f"shiftvit_{kind}_{size}.in1k": {} for kind in ("light", "r4", "r2") for size in ("tiny", "small", "base")
 })
@@ -320,6 +321,7 @@ def shiftvit_r2_small(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
 def shiftvit_light_base(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
     return _create(
         "shiftvit_light_base", pretrained, kwargs, embed_dim=128, depths=(2, 2, 18, 2), mlp_ratio=4, drop_path_rate=0.5,
+        n_div=16,
     )
 
 
@@ -327,11 +329,13 @@ def shiftvit_light_base(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
 def shiftvit_r4_base(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
     return _create(
         "shiftvit_r4_base", pretrained, kwargs, embed_dim=128, depths=(4, 6, 22, 4), mlp_ratio=4, drop_path_rate=0.5,
+        n_div=16,
     )
 
 
 @register_model
 def shiftvit_r2_base(pretrained: bool = False, **kwargs: Any) -> ShiftViT:
     return _create(
-        "shiftvit_r2_base", pretrained, kwargs, embed_dim=128, depths=(10, 18, 36, 10), mlp_ratio=2, drop_path_rate=0.5,
+        "shiftvit_r2_base", pretrained, kwargs, embed_dim=128, depths=(10, 18, 36, 10), mlp_ratio=2, drop_path_rate=0.6,
+        n_div=16,
     )

@@ -1,4 +1,5 @@
-"""`spach models`: the zoo as a table (name, family, layout, params, GMACs, official top-1)."""
+"""`spach models`: the zoo as a table (name, family, layout, params, GMACs, official top-1, whether the
+official weights are published: `pretrained=True` loads them)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import torch
 
 from spach.errors import SpachError
 from spach.models.flops import count_macs, count_params
-from spach.models.registry import OFFICIAL_TOP1
+from spach.models.registry import OFFICIAL_TOP1, OFFICIAL_WEIGHTS
 from spach.models.zoo import create_model, list_models
 
 
@@ -27,6 +28,7 @@ def model_rows(pattern: str = "*") -> list[dict]:
             params=count_params(model),
             macs=count_macs(model),
             top1=OFFICIAL_TOP1.get(name),
+            weights=OFFICIAL_WEIGHTS.get(name),
         ))
     return rows
 
@@ -36,9 +38,9 @@ def print_models(pattern: str = "*", as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    header = f"{'model':36s} {'family':7s} {'layout':12s} {'params (M)':>10s} {'GMACs':>7s} {'IN-1k top-1':>11s}"
+    header = f"{'model':36s} {'family':7s} {'layout':12s} {'params (M)':>10s} {'GMACs':>7s} {'IN-1k top-1':>11s} {'weights':>7s}"
     print(header)
     print("-" * len(header))
     for r in rows:
         top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
-        print(f"{r['name']:36s} {r['family']:7s} {r['layout']:12s} {r['params'] / 1e6:10.2f} {r['macs'] / 1e9:7.2f} {top1:>11s}")
+        print(f"{r['name']:36s} {r['family']:7s} {r['layout']:12s} {r['params'] / 1e6:10.2f} {r['macs'] / 1e9:7.2f} {top1:>11s} {'yes' if r['weights'] else '-':>7s}")

@@ -1,8 +1,7 @@
 """The official model zoo of every family, by name: `create_model` and `list_models`.
 
 Importing this module registers all variants with timm (SPACH, sMLPNet, ShiftViT), so
-`timm.create_model("spach_ms_s_patch4_224_hybrid", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`
-loads official weights too.
+`timm.create_model("spach_ms_s_patch4_224_hybrid", pretrained=True)` loads the official weights too.
 """
 from __future__ import annotations
 
@@ -37,13 +36,15 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def create_model(
     name: str,
-    pretrained: str | os.PathLike | None = None,
+    pretrained: bool | str | os.PathLike | None = None,
     use_ema: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build a model by zoo name (or `"spach"`: a SPACH model from config overrides only).
 
-    `pretrained` is the path of an official or spach checkpoint, loaded strictly and safely; a head
+    `pretrained=True` loads the official weights (downloaded once into the cache, see
+    `spach.models.weights`); otherwise `pretrained` is the path of an official or spach checkpoint.
+    Either is loaded strictly and safely; a head
     for another `num_classes` is left freshly initialised (fine-tuning). `features_only=True`
     (with `out_indices`) returns the feature maps as `(B, C, H, W)`.
     """
@@ -60,12 +61,16 @@ def create_model(
             f"unknown model option(s) {', '.join(sorted(unknown))} for {family.title} models; options are: "
             f"{', '.join(family.options)}"
         )
+    official = pretrained is True
+    if official and name == "spach":
+        raise SpachError("pretrained=True loads the official weights of a zoo model; name one (see 'spach models'), "
+                         "or pass the path of a checkpoint")
     if name == "spach":
         model: nn.Module = SpachNet(SpachConfig(**overrides))
         model.pretrained_cfg = family_cfg(family)
         sync_cfg(model, "spach")
-    else:
-        model = timm.create_model(name, pretrained=False, **overrides)
-    if pretrained:
+    else:  # pretrained=True: timm's builder downloads and loads the official weights (spach.models.weights)
+        model = timm.create_model(name, pretrained=official, **overrides)
+    if pretrained and not official:
         load_checkpoint(model, pretrained, use_ema=use_ema)
     return feature_net(model, out_indices) if features_only else model

@@ -12,7 +12,7 @@ import torch
 from spach.errors import CheckpointError, SpachError
 from spach.files import LOCK_FILE, atomic_save, atomic_save_safetensors, is_safetensors, read_json, safetensors_metadata
 from spach.models.convert import load_file
-from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
+from spach.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_dict
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -50,12 +50,23 @@ def save_weights(state_dict: dict[str, torch.Tensor], info: dict[str, Any], path
     return path
 
 
+_USED_ARGS = ("model", "model_kwargs", "img_size", "mean", "std")
+
+
 def read_args(path: str | os.PathLike) -> dict[str, Any]:
     """The training config a spach checkpoint carries (`args`; {} for official or bare weights), from a
     torch checkpoint or a safetensors file's metadata."""
     metadata = safetensors_metadata(path)
     args = (metadata if metadata is not None else load(path)).get("args")
-    return args if isinstance(args, dict) else {}
+    if not isinstance(args, dict):
+        return {}
+    stored = {k: args[k] for k in _USED_ARGS if k in args}
+    try:  # the settings `spach eval` and `spach export` take from the file get the flags' checks
+        TrainConfig(**stored)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} stores an invalid {e.field} (it {e.problem}): the file was altered "
+                              "or not written by spach; re-save it from the trained model") from None
+    return args
 
 
 def resume_point(cfg: TrainConfig, out: Path) -> Path | None:

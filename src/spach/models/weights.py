@@ -1,0 +1,144 @@
+"""The official checkpoints, one line away: `timm.create_model(name, pretrained=True)` (after `import
+spach`), `spach.create_model(name, pretrained=True)` and `spach eval --model NAME --pretrained`.
+
+Each model whose checkpoint the authors publish has it as the `url` of its pretrained config
+(`registry.OFFICIAL_WEIGHTS`). It is downloaded once into timm's and torch hub's cache
+(`torch.hub.get_dir()/checkpoints`: `$TORCH_HOME/hub/checkpoints`, or timm's `cache_dir=`) with torch's
+downloader (a progress bar on a terminal only), into a temporary file beside its place there, and
+moved into place only once it reads as this model's checkpoint (the official-to-spach conversion
+and the strict fit pass): a cut transfer, an HTML error page or another model's file is one line
+and leaves nothing behind, so the next call downloads again. It then loads through spach's one
+loader (`convert.load_checkpoint`: weights_only, the official `argparse.Namespace` allowed, strict).
+
+`SPACH_WEIGHTS_URL` redirects every download to a mirror (`https://host/path/`) or a local folder:
+the file of the same name there is fetched (and cached) instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+
+from spach.errors import CheckpointError, SpachError
+from spach.models.convert import check_fits, load_checkpoint, read_checkpoint
+from spach.models.registry import OFFICIAL_WEIGHTS, family_of_variant
+
+MIRROR_ENV = "SPACH_WEIGHTS_URL"
+_FILE_WAY = "or load a copy with pretrained_cfg_overlay=dict(file=PATH) (spach eval: --pretrained PATH)"
+
+
+def cache_path(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the checkpoint of `url` is cached: timm's and torch hub's folder (`torch.hub.get_dir()/checkpoints`,
+    which follows TORCH_HOME and XDG_CACHE_HOME), or `cache_dir`; named as in the URL."""
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / os.path.basename(urlparse(url).path)
+
+
+def source_url(url: str) -> str:
+    """`url`, or the file of the same name on the mirror or in the folder `SPACH_WEIGHTS_URL` names."""
+    base = os.environ.get(MIRROR_ENV, "").strip()
+    if not base:
+        return url
+    name = os.path.basename(urlparse(url).path)
+    if "://" in base:
+        return base.rstrip("/") + "/" + name
+    return (Path(base).expanduser().resolve() / name).as_uri()
+
+
+def with_weights() -> list[str]:
+    return sorted(OFFICIAL_WEIGHTS)
+
+
+def _no_weights(name: str) -> SpachError:
+    return SpachError(f"no official weights are published for {name}; these models have them: {', '.join(with_weights())}; "
+                      "load weights of your own with pretrained=PATH (timm: pretrained_cfg_overlay=dict(file=PATH))")
+
+
+def official_source(variant: str, kwargs: dict[str, Any]) -> str | None:
+    """The URL `pretrained=True` downloads for this `timm.create_model` call, or None when its pretrained
+    config names another source (`file=`, `state_dict=`, the Hub), which timm loads its own way."""
+    from timm.models import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    if cfg.state_dict or cfg.file or cfg.hf_hub_id or cfg.source in ("hf-hub", "local-dir"):
+        return None
+    if not cfg.url:
+        raise _no_weights(variant)
+    return cfg.url
+
+
+def _reference(name: str) -> nn.Module:
+    """The model the official checkpoint of `name` belongs to, with its default arguments (no memory)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(name)
+
+
+def validate(path: Path, name: str) -> None:
+    """Raise a CheckpointError unless `path` reads as a checkpoint of model `name` (converted, strict fit)."""
+    model = _reference(name)
+    family = family_of_variant(name)
+    check_fits(family.filter_fn(read_checkpoint(path), model), model)
+
+
+def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached checkpoint of model `name` from `url` (or its mirror), downloaded and validated first
+    when it is not cached yet."""
+    target = cache_path(url, cache_dir)
+    if target.is_file():
+        return target
+    src = source_url(url)
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")  # beside its place: the rename is atomic
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part.open("xb").close()
+    except OSError as e:
+        raise SpachError(f"cannot write to the weights cache {target.parent} ({e.strerror or e}); point TORCH_HOME at a "
+                         f"writable folder (the cache is $TORCH_HOME/hub/checkpoints), {_FILE_WAY}") from None
+    try:
+        try:
+            torch.hub.download_url_to_file(src, str(part), progress=sys.stderr.isatty())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise SpachError(f"cannot download the official weights of {name} from {src} ({_reason(e)}); copy {url} "
+                             f"to {target}, set {MIRROR_ENV} to a mirror URL or a folder holding {target.name}, "
+                             f"{_FILE_WAY}") from None
+        try:
+            validate(part, name)
+        except CheckpointError as e:
+            reason = str(e).replace(f"checkpoint {part}", "the file")
+            raise SpachError(f"the file downloaded from {src} is not the official checkpoint of {name} ({reason}); "
+                             f"nothing was cached: try again, or copy the right file to {target}") from None
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
+    return target
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return str(e.reason)
+    return str(e) or type(e).__name__
+
+
+def load_official(model: nn.Module, name: str, url: str, cache_dir: str | os.PathLike | None = None) -> nn.Module:
+    """Download (once) and load the official checkpoint of `name` into `model` (which may differ in
+    its head: a head for another class count stays freshly initialised)."""
+    return load_checkpoint(model, fetch(name, url, cache_dir))
+
+
+def official_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached official checkpoint of zoo model `name` (downloaded and validated on first use)."""
+    if family_of_variant(name) is None:
+        raise SpachError(f"unknown model {name!r}; run 'spach models' for the list")
+    if name not in OFFICIAL_WEIGHTS:
+        raise _no_weights(name)
+    return fetch(name, OFFICIAL_WEIGHTS[name], cache_dir)
