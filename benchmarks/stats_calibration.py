@@ -12,8 +12,10 @@ design is judged with the test-set term (per-image predictions) and without it (
     MDD                         median minimal detectable difference (80% power, level 0.05/3)
 
 The last block breaks pooling's assumption: one pair, judged alone (no Holm), is noisier than the
-study's six other contestants (sd 0.3). "pooled" is the default; "own" judges the pair with its own
-paired noise (seed_noise of its two rows: the paired t-test, S - 1 df, plus the test-set term).
+study's six other contestants (sd 0.3). "pooled" is the pooled noise alone; "own" judges the pair with its own
+paired noise (seed_noise of its two rows: the paired t-test, S - 1 df, plus the test-set term); "moderated" is
+the battle's test (stats.pair_test: the pair's own noise moderated toward the pooled one). The whole
+sequential procedure (looks and allocation) is calibrated in tests/test_sequential.py.
 
     .venv/bin/python benchmarks/stats_calibration.py [--studies 1000] [--seed 0]
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from spach.battle.sequential import decide
-from spach.battle.stats import compare, seed_noise
+from spach.battle.stats import compare, pair_test, seed_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [(0, 1), (2, 3), (4, 5)]
@@ -46,8 +48,11 @@ def judge(studies, mode: str, pairs: list[tuple[int, int]]) -> tuple[np.ndarray,
     verdicts, mdd = [], []
     for acc, correct in studies:
         noise = seed_noise(acc)
-        tests = [compare(acc[a], acc[b], seed_noise(acc[[a, b]]) if mode == "own" else noise,
-                         *((correct[a], correct[b]) if mode != "blind" else ())) for a, b in pairs]
+        if mode == "moderated":  # the battle's test: the pair's own noise moderated toward the pooled one
+            tests = [pair_test(acc, acc[a], acc[b], correct[a], correct[b]) for a, b in pairs]
+        else:
+            tests = [compare(acc[a], acc[b], seed_noise(acc[[a, b]]) if mode == "own" else noise,
+                             *((correct[a], correct[b]) if mode != "blind" else ())) for a, b in pairs]
         found = decide(tests, [True] * len(pairs)).comparisons
         verdicts.append([d.verdict for d in found])
         mdd.append([d.mdd for d in found])
@@ -96,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     print(head.replace("test-set term", "pair's noise"))
     for seeds in (3, 5):
         for sd in (0.3, 0.45, 0.6):
-            found = rates(simulate, rng, args.studies, seeds, [sd] * 2 + [0.3] * 6, ["images", "own"], [(0, 1)])
-            for mode, label in (("images", "pooled"), ("own", "own (paired)")):
+            found = rates(simulate, rng, args.studies, seeds, [sd] * 2 + [0.3] * 6, ["images", "own", "moderated"], [(0, 1)])
+            for mode, label in (("images", "pooled"), ("own", "own (paired)"), ("moderated", "moderated")):
                 print(row(f"{seeds:>5} {sd:>5} {label:>14}", found[mode]))
 
 

@@ -21,10 +21,11 @@ NULL = [0.0] * 8
 SEEDS, FIRST, BUDGET = 8, 3, 50
 
 
-def sequential_verdicts(effects, seed_sd, n, rng_seed, findings=PAIRS, first=FIRST, budget=BUDGET, **kw):
-    """(n, comparisons) verdicts and the mean runs used over n simulated sequential studies."""
+def sequential_verdicts(effects, seed_sd, n, rng_seed, findings=PAIRS, first=FIRST, budget=BUDGET, fixed=False, **kw):
+    """(n, comparisons) verdicts and the mean runs used over n simulated sequential studies (`fixed`: a
+    fixed design of `first` seeds instead, one look with all alpha)."""
     out, used = [], []
-    for acc, correct in simulate(np.random.default_rng(rng_seed), n, effects, SEEDS if first < SEEDS else first, seed_sd):
+    for acc, correct in simulate(np.random.default_rng(rng_seed), n, effects, first if fixed else SEEDS, seed_sd):
         v, u = run_sequential(acc, correct, findings, first, budget, **kw)
         out.append([v[k] for k in sorted(v)])
         used.append(u)
@@ -126,23 +127,21 @@ def test_a_difference_at_the_margin_is_rarely_called_equivalent():
     assert rate <= 0.05
 
 
-@pytest.mark.parametrize("design", ["sequential", "fixed"])
-def test_a_pair_twice_as_noisy_as_its_arm(design):
-    """A pair whose runs are 2x noisier (sd 0.6) than the six others (sd 0.3), judged alone: <= 6%
-    wrongly decided, in the sequential design and in a fixed 3-seed one. The pooled noise alone (the
-    moderation's prior taken as exact) is wrongly decided far more often in the fixed design: the test
-    can tell a miscalibrated noise model."""
+def test_a_pair_twice_as_noisy_as_its_arm():
+    """A pair whose runs are 2x noisier (sd 0.6) than the six others (sd 0.3), judged alone: the
+    sequential procedure decides it wrongly <= 6% of the time. In a fixed 3-seed design (one look, all
+    alpha) the moderated noise halves the pooled noise's error rate but does not reach 5%: a fixed
+    design's few seeds cannot tell the pair is noisier (measured and printed, bounded loosely)."""
     sd = [0.6, 0.6] + [0.3] * 6
-    first = FIRST if design == "sequential" else 3
-    v, _ = sequential_verdicts(NULL, sd, 400, 13, [[(0, 1)]], first=first)
-    rate = wrong(v).mean()
-    print(f"\n2x noisier pair, {design}: wrongly decided {rate:.4f}")
-    assert rate <= 0.06
-    if design == "fixed":
-        pooled = [decide([stats.compare(acc[0], acc[1], stats.seed_noise(acc), correct[0], correct[1])], [True]).verdict
-                  for acc, correct in simulate(np.random.default_rng(13), 400, NULL, 3, sd)]
-        print(f"  the pooled noise alone: {wrong(np.array(pooled)).mean():.4f}")
-        assert wrong(np.array(pooled)).mean() > 0.1
+    v, _ = sequential_verdicts(NULL, sd, 400, 13, [[(0, 1)]])
+    fixed, _ = sequential_verdicts(NULL, sd, 400, 13, [[(0, 1)]], first=3, fixed=True)
+    pooled = [decide([stats.compare(acc[0], acc[1], stats.seed_noise(acc), correct[0], correct[1])], [True]).verdict
+              for acc, correct in simulate(np.random.default_rng(13), 400, NULL, 3, sd)]
+    rates = wrong(v).mean(), wrong(fixed).mean(), wrong(np.array(pooled)).mean()
+    print(f"\n2x noisier pair wrongly decided: sequential {rates[0]:.4f}; fixed 3 seeds {rates[1]:.4f} "
+          f"(the pooled noise alone {rates[2]:.4f})")
+    assert rates[0] <= 0.06
+    assert rates[2] > 0.1 and rates[1] < rates[2]
 
 
 def test_looks_without_spending_are_miscalibrated():
@@ -165,8 +164,8 @@ def test_power_against_the_fixed_design_at_the_same_cost():
     v, used = sequential_verdicts(effects, 0.3, 300, 15)
     seq = (v == "supported").mean()
     seeds = max(3, round(used / 8))
-    fixed_same, _ = sequential_verdicts(effects, 0.3, 300, 15, first=seeds)
-    fixed3, _ = sequential_verdicts(effects, 0.3, 300, 15, first=3)
+    fixed_same, _ = sequential_verdicts(effects, 0.3, 300, 15, first=seeds, fixed=True)
+    fixed3, _ = sequential_verdicts(effects, 0.3, 300, 15, first=3, fixed=True)
     print(f"\npower at 1 point: sequential {seq:.3f} ({used:.1f} runs), fixed {seeds} seeds "
           f"{(fixed_same == 'supported').mean():.3f} ({8 * seeds} runs), fixed 3 seeds {(fixed3 == 'supported').mean():.3f} (24 runs)")
     assert seq >= 0.8 and (v == "contradicted").mean() <= 0.005
