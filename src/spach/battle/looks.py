@@ -99,11 +99,13 @@ def run_looks(study: Study, runs: list[Run], out: Path, train: Callable[[list[Ru
         for r in runs:
             r.finished = id(r) not in wave or id(r) in failed or r.is_done()
         pending = [r for r in runs if not r.finished]
+        t_wave = time.time()
         if pending:
             say(f"look {len(looks) + 1}: {len(pending)} run(s) to go; budget left "
                 f"{clock.budget.show(clock.left(ledger))} of {clock.budget.text}")
             train(pending)
             failed |= {id(r) for r in pending if not r.is_done()}
+        t_look = time.time()
         seen = dict(target)
         findings = judge(load_results(out, study), study, looks + [{"seeds": seen}])
         opens = open_comparisons(findings)
@@ -120,7 +122,8 @@ def run_looks(study: Study, runs: list[Run], out: Path, train: Callable[[list[Ru
         look = {"look": len(looks) + 1, "seeds": seen, "elapsed_s": round(clock.before + time.time() - clock.started, 1),
                 "used": round(clock.used(ledger), 3), "left": round(left, 3), "budget": study.budget,
                 "findings": {f"{f.arm}/{f.key}": f.verdict for f in findings if f.comparisons},
-                "comparisons": records, "next": wave_next, "stop": stop}
+                "comparisons": records, "next": wave_next, "stop": stop,
+                "wave_s": round(t_look - t_wave, 1), "analysis_s": round(time.time() - t_look, 2)}
         append_jsonl(out / LOOKS_FILE, look)
         looks.append(look)
         say(f"look {look['look']}: {len(decided)} of {sum(1 for f in findings if f.comparisons)} findings decided, "

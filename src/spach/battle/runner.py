@@ -197,7 +197,9 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
         say = functools.partial(print, file=stream, flush=True)
         say(f"battle {study.name}: {len(study.contestants)} contestants x {len(study.seeds)} seeds -> {out}")
         # inference speed is measured where the runs train: here for the local pool, not on a login node
+        t_costs = time.time()
         costs = measure_costs(study, out, device, timed=isinstance(launcher, LocalPool))
+        say(f"costs (params, MACs, throughput) measured in {time.time() - t_costs:.1f} s")
         ledger = Ledger(out / LEDGER_FILE)
         for record in reconcile(runs, ledger):
             say(f"recorded {record['contestant']} seed {record['seed']}: it finished before the last battle stopped")
@@ -226,7 +228,10 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
             say(launcher.stopped(out))
             raise
         say(f"battle {study.name}: finished in {hms(time.time() - progress.started)}")
+        t_report = time.time()
         result = write_report(out) if report else out
+        if report:
+            say(f"report written in {time.time() - t_report:.1f} s; the battle took {hms(time.time() - started)} in all")
     failed = [r for r in runs if not r.is_done()]
     if failed and len(failed) == len(runs):
         first = next((rec["error"] for rec in ledger.records() if rec.get("status") == "failed"), "unknown error")
