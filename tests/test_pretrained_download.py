@@ -285,3 +285,19 @@ def test_timm_create_model_pretrained_for_all_14(server, released, tmp_path):
         expected = family_of_variant(name).filter_fn(spach.read_checkpoint(weights.cache_path(entry["url"])), model)
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items()), name
     assert len(server.requests) == 14
+
+
+def test_an_interrupted_download_leaves_nothing(server, monkeypatch, tmp_path):
+    def cut(url, dst, progress=False):
+        Path(dst).write_bytes(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", cut)
+    with pytest.raises(KeyboardInterrupt):
+        spach.create_model(XXS, pretrained=True)
+    assert _cached(tmp_path) == []
+
+
+def test_timm_cache_dir_is_honoured(server, tmp_path):
+    timm.create_model(SHIFT, pretrained=True, cache_dir=tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["shiftvit_tiny_light.pth"] and _cached(tmp_path) == []

@@ -90,7 +90,8 @@ def _small_weights(tmp_path, tensors=None, **meta) -> tuple[Path, dict]:
 
 def test_integer_tensors_for_float_weights_are_refused_in_one_line(tmp_path):
     # the float32 bytes relabelled as int32: the same shapes and sizes, so only the dtype tells
-    path, kw = _small_weights(tmp_path, lambda sd: {k: v.view(torch.int32) if v.is_floating_point() else v for k, v in sd.items()})
+    path, kw = _small_weights(tmp_path, lambda sd: {k: v.view(torch.int32) if v.is_floating_point() else v
+                                                    for k, v in sd.items()})
     expected = r"not floating point: stem\.proj\.weight is int32, expected floating point \(float32\), .*re-save it"
     for load in (lambda: spach.create_model("spach", pretrained=str(path), **kw),
                  lambda: evaluate_checkpoint(None, str(path), None, "tiny")):
@@ -102,7 +103,8 @@ def test_integer_tensors_for_float_weights_are_refused_in_one_line(tmp_path):
     sd = spach.create_model("spach_ms_xxs_patch4_224_conv", **zoo).state_dict()
     relabelled = checkpoint.save_weights({k: v.view(torch.int32) for k, v in sd.items()}, {}, tmp_path / "zoo", "safetensors")
     with pytest.raises(CheckpointError, match=expected):
-        timm.create_model("spach_ms_xxs_patch4_224_conv", pretrained=True, pretrained_cfg_overlay=dict(file=str(relabelled)), **zoo)
+        timm.create_model("spach_ms_xxs_patch4_224_conv", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(relabelled)), **zoo)
     # half precision is a floating point: loaded (cast) as before
     half, _ = _small_weights(tmp_path, lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()})
     spach.create_model("spach", pretrained=str(half), **kw)
@@ -127,8 +129,9 @@ def test_crafted_metadata_is_one_line(tmp_path, stored, problem):
 def test_a_torch_file_named_safetensors_says_so(tmp_path):
     path, kw = _small_weights(tmp_path)
     torch.save({"model": read_checkpoint(path)}, tmp_path / "t.safetensors")
-    message = f"cannot read checkpoint {tmp_path / 't.safetensors'}: it is a PyTorch checkpoint named .safetensors; rename it to .pth"
-    for load in (lambda: read_checkpoint(tmp_path / "t.safetensors"), lambda: evaluate_checkpoint(None, str(tmp_path / "t.safetensors"), None, "tiny")):
+    misnamed = tmp_path / "t.safetensors"
+    message = f"cannot read checkpoint {misnamed}: it is a PyTorch checkpoint named .safetensors; rename it to .pth"
+    for load in (lambda: read_checkpoint(misnamed), lambda: evaluate_checkpoint(None, str(misnamed), None, "tiny")):
         with pytest.raises(CheckpointError) as e:
             load()
         assert str(e.value) == message

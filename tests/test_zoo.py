@@ -151,4 +151,5 @@ def test_token_mlp_too_small_for_its_grid_is_one_line_naming_the_fix(recwarn):
                                                r"or a token_ratio of at least 1$") as e:
         spach.create_model("spach_ms_xxs_patch4_224_mlp", img_size=32)
     assert "\n" not in str(e.value) and not recwarn.list
-    assert spach.create_model("spach_ms_xxs_patch4_224_mlp", img_size=32, token_ratio=1.0).stages[3].blocks[0].mixer.fc1.out_features == 1
+    fixed = spach.create_model("spach_ms_xxs_patch4_224_mlp", img_size=32, token_ratio=1.0)
+    assert fixed.stages[3].blocks[0].mixer.fc1.out_features == 1

@@ -38,9 +38,12 @@ def print_models(pattern: str = "*", as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    header = f"{'model':36s} {'family':7s} {'layout':12s} {'params (M)':>10s} {'GMACs':>7s} {'IN-1k top-1':>11s} {'weights':>7s}"
+    header = (f"{'model':36s} {'family':7s} {'layout':12s} {'params (M)':>10s} {'GMACs':>7s} {'IN-1k top-1':>11s} "
+              f"{'weights':>7s}")
     print(header)
     print("-" * len(header))
     for r in rows:
         top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
-        print(f"{r['name']:36s} {r['family']:7s} {r['layout']:12s} {r['params'] / 1e6:10.2f} {r['macs'] / 1e9:7.2f} {top1:>11s} {'yes' if r['weights'] else '-':>7s}")
+        weights = "yes" if r["weights"] else "-"
+        print(f"{r['name']:36s} {r['family']:7s} {r['layout']:12s} {r['params'] / 1e6:10.2f} {r['macs'] / 1e9:7.2f} "
+              f"{top1:>11s} {weights:>7s}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import urllib.error
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -57,7 +58,8 @@ def with_weights() -> list[str]:
 
 def _no_weights(name: str) -> SpachError:
     return SpachError(f"no official weights are published for {name}; these models have them: {', '.join(with_weights())}; "
-                      "load weights of your own with pretrained=PATH (timm: pretrained_cfg_overlay=dict(file=PATH))")
+                      "load weights of your own with pretrained=PATH (timm: pretrained_cfg_overlay=dict(file=PATH); "
+                      "spach eval: --pretrained PATH)")
 
 
 def official_source(variant: str, kwargs: dict[str, Any]) -> str | None:
@@ -95,7 +97,7 @@ def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Pa
     if target.is_file():
         return target
     src = source_url(url)
-    part = target.with_name(f".{target.name}.{os.getpid()}.part")  # beside its place: the rename is atomic
+    part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")  # beside its place: the rename is atomic
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         part.open("xb").close()

@@ -50,7 +50,8 @@ def save_weights(state_dict: dict[str, torch.Tensor], info: dict[str, Any], path
     return path
 
 
-_USED_ARGS = ("model", "model_kwargs", "img_size", "mean", "std")
+# (model_kwargs are checked where they are used: stored ones may not widen what loading does)
+_USED_ARGS = ("model", "img_size", "mean", "std")
 
 
 def read_args(path: str | os.PathLike) -> dict[str, Any]:
