@@ -19,6 +19,7 @@ import torch
 from spach.battle.costs import measure_costs
 from spach.battle.plan import data_shape, epoch_images
 from spach.battle.study import Contestant, Study
+from spach.bench.command import busy_warning
 from spach.bench.profile import throughput
 from spach.device import amp_dtype, parse_device
 from spach.humanize import hms
@@ -101,4 +102,7 @@ def print_plan(study: Study, stream: TextIO | None = None) -> float:
     wall = total / jobs + STARTUP_S * (1 + math.ceil(runs / max(jobs, 1)) / 10)
     print(f"total: {hms(total)} of training, about {hms(wall)} wall with {jobs} job(s) at a time "
           f"(load average now {os.getloadavg()[0]:.1f}: a busy machine runs slower)", file=stream)
+    busy = busy_warning()
+    if busy:
+        print(f"warning: {busy}", file=stream)
     return wall / 3600
