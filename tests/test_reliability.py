@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 
@@ -198,3 +199,21 @@ def test_train_config_values(tmp_path):
         TrainConfig(ratio=[1.0])
     with pytest.raises(SpachError, match="epochs must be int, got 'ten'"):
         TrainConfig(epochs="ten")
+
+
+@pytest.mark.parametrize("where, code, message", [
+    ("fsync", errno.ENOSPC, "no space left on the device to write "),
+    ("mkstemp", errno.EROFS, "cannot write "),
+])
+def test_report_on_a_full_or_read_only_disk_is_one_line(battle, tmp_path, monkeypatch, capsys, where, code, message):
+    out = tmp_path / "b"
+    shutil.copytree(battle, out)
+    before = (out / "plots" / "pairs.png").read_bytes()
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(files.os if where == "fsync" else files.tempfile, where, fail)
+    err = cli_error(["report", str(out)], capsys)
+    assert message + str(out / "plots") in err
+    assert (out / "plots" / "pairs.png").read_bytes() == before and not list(out.rglob(".*.tmp"))
