@@ -41,3 +41,13 @@ def test_battle_output_that_is_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert "--output " + str(tmp_path / "f") + " is a file, not a folder" in _cli(
         capsys, "battle", "--preset", "tiny", "--output", str(tmp_path / "f"))
+
+
+def test_a_bad_pretrained_of_a_timm_contestant(tmp_path, capsys):
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    for path, message in ((tmp_path / "none.pth", "is not a file; give the path of a checkpoint of model 'resnet10t'"),
+                          (tmp_path / "junk.pth", "cannot be loaded into 'resnet10t' (")):
+        (tmp_path / "s.toml").write_text(f'[study]\nname = "pre"\nbase = "tiny"\nseeds = [0]\n[[contestant]]\n'
+                                         f'name = "resnet"\nmodel = "resnet10t"\nrecipe = {{ pretrained = "{path}" }}\n')
+        err = _cli(capsys, "battle", str(tmp_path / "s.toml"), "--output", str(tmp_path / path.stem), "--no-report")
+        assert f"spach battle: error: contestant 'resnet': recipe.pretrained '{path}' {message}" in err
