@@ -105,6 +105,8 @@ class Study:
     source: str = ""  # the file (or preset) it came from, for messages
     sha256: str = ""  # of the study file's text, recorded in the report
     slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: the batch-job resources of every run
+    # per arm, the images its runs train and are tested on: recorded by the battle from the data (the report's numbers)
+    data_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def config(self, contestant: Contestant | None = None, seed: int | None = None, output: str = "",
                **extra: Any) -> TrainConfig:
