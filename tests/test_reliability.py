@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 
@@ -37,7 +38,9 @@ def cli_error(argv, capsys) -> str:
     ("batch_size = 16", "batch_size = -5", "recipe.batch_size: must be >= 1"),
     ("lr = 3e-3", "lr = -1.0", "recipe.lr: must be > 0"),
     ("workers = 0", "workers = -1", "data.workers: must be >= 0"),
-    ("seeds = [0, 1]", "seeds = [-1]", "study.seeds: expected a non-empty list of integers >= 0"),
+    ("seeds = [0, 1]", "seeds = [-1]", "study.seeds: expected a non-empty list of integers from 0 to 4294967295"),
+    ("seeds = [0, 1]", "seeds = [99999999999999999999]", "study.seeds: expected a non-empty list of integers from 0"),
+    ("seeds = [0, 1]", "seeds = [4294967296]", "study.seeds: expected a non-empty list of integers from 0"),
     ('aa = "none"', 'aa = "bogus"', "recipe.aa: 'bogus' is not an augmentation policy"),
     ('aa = "none"', 'aa = "none"\nopt = "adamz"', "recipe.opt: 'adamz' is not a timm optimizer"),
     ('aa = "none"', 'aa = "none"\namp = "fp8"', "recipe.amp: must be one of auto, bf16, fp16, off"),
@@ -196,3 +199,21 @@ def test_train_config_values(tmp_path):
         TrainConfig(ratio=[1.0])
     with pytest.raises(SpachError, match="epochs must be int, got 'ten'"):
         TrainConfig(epochs="ten")
+
+
+@pytest.mark.parametrize("where, code, message", [
+    ("fsync", errno.ENOSPC, "no space left on the device to write "),
+    ("mkstemp", errno.EROFS, "cannot write "),
+])
+def test_report_on_a_full_or_read_only_disk_is_one_line(battle, tmp_path, monkeypatch, capsys, where, code, message):
+    out = tmp_path / "b"
+    shutil.copytree(battle, out)
+    before = (out / "plots" / "pairs.png").read_bytes()
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(files.os if where == "fsync" else files.tempfile, where, fail)
+    err = cli_error(["report", str(out)], capsys)
+    assert message + str(out / "plots") in err
+    assert (out / "plots" / "pairs.png").read_bytes() == before and not list(out.rglob(".*.tmp"))

@@ -1,5 +1,6 @@
 """The report on a hand-made study folder (no training): tables, findings, figures, both formats."""
 import json
+import re
 
 import pytest
 
@@ -140,3 +141,35 @@ def test_a_pair_noisier_than_the_pooled_noise_is_flagged(tmp_path):
     attn, conv = rows["attn-ms (CPE) &gt; attn-ms-nocpe (no CPE)"], rows["conv-ms &gt; conv-ss"]
     assert "own seed noise is 1.7x the pooled one: the verdict leans on the equal-noise assumption" in attn
     assert "equal-noise" not in conv
+
+
+def test_control_characters_and_markdown_links_are_shown_not_rendered(tmp_path):
+    from spach.battle.render import render_html
+    text = "red\x1b[31m bell\x07 nul\x00 del\x7f csi\x9b [x](javascript:alert(1)) ![i](file:x) [r]: javascript:y"
+    blocks = [("h1", text), ("p", text), ("table", ([text], [[text]]))]
+    for out in (render_markdown(blocks, tmp_path), render_html(blocks, text)):
+        assert not any(ord(ch) < 32 and ch not in "\n\t" or 0x7f <= ord(ch) < 0xa0 for ch in out)
+        assert "red\u241b[31m bell\u2407 nul\u2400 del\u2421 csi\\x9b" in out
+    md = render_markdown(blocks, tmp_path)
+    assert not re.search(r"(?<!\\)\][(\[:]", md)  # no link, image or link definition left
+    assert "[x\\](javascript:alert(1))" in md and "+0.68 [-0.27, +1.64]" in render_markdown([("p", "+0.68 [-0.27, +1.64]")], tmp_path)
+
+
+def test_the_report_says_what_ran_not_what_the_study_file_says(tmp_path):
+    from spach.battle.plan import check_data
+    text = STUDY.replace('dataset = "tiny"', 'dataset = "tiny"\ntrain_subset = 5000')
+    with pytest.raises(SpachError, match=r"^study: data.train_subset = 5,000 but the training set of tiny holds 256 "
+                                         r"images; lower it \(0: all\)$"):
+        check_data(parse_study(text))
+    with pytest.raises(SpachError, match="data.val_subset = 100 but the test set of tiny holds 64 images"):
+        check_data(parse_study(STUDY.replace('dataset = "tiny"', 'dataset = "tiny"\nval_subset = 100')))
+    study = parse_study(STUDY.replace("seeds = [0, 1, 2]", "seeds = [0, 1]"))
+    check_data(study)  # what the battle records in study.json before its runs
+    assert study.data_sizes == {"main": {"train": 256, "test": 64}}
+    out = make_folder(tmp_path, study_text=STUDY.replace("seeds = [0, 1, 2]", "seeds = [0, 1]"))
+    (out / "study.json").write_text(json.dumps(study.to_dict()))
+    write_report(out)
+    md = (out / "report.md").read_text()
+    assert "Each run here sees 768 training images (3 epochs x 256)" in md
+    assert "two seeds alone (1 df)" in md and "only on these 64 test images" in md
+    assert "three seeds" not in md and "10k" not in md

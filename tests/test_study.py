@@ -96,6 +96,39 @@ def test_mistakes_name_the_field(text, expected):
     assert msg.startswith("s.toml: ") and expected in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("table, expected", [
+    ("recipe = 5", "recipe: must be a table ([recipe]), not a int"),
+    ('data = "abc"', "data: must be a table ([data]), not a str"),
+    ("arm = 3", "arm: must be a table ([arm]), not a int"),
+    ("contestant = 5", "contestant: must be a [[contestant]] table with a name, got 5"),
+    ('contestant = ["x"]', "contestant[0]: must be a [[contestant]] table with a name, got 'x'"),
+])
+def test_tables_next_to_a_base_are_tables(table, expected):
+    text = f'{table}\n[study]\nname = "t"\nbase = "tiny"\n'
+    with pytest.raises(SpachError) as e:
+        parse_study(text, source="s.toml")
+    assert str(e.value) == f"s.toml: {expected}"
+
+
+def test_a_plugin_named_like_an_installed_module_is_refused(tmp_path):
+    for name in ("matplotlib.py", "json.py", "bad.py"):
+        (tmp_path / name).write_text("raise ValueError('first line\\nsecond line')\n")
+    text = GOOD.replace('name = "t"', 'name = "t"\nimports = ["matplotlib.py", "bad.py", "json.py"]')
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(SpachError) as e:
+        load_study(tmp_path / "s.toml")
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 's.toml'}: study.imports: a plugin file is imported under its file name, and "
+                          "these names are taken by installed modules: matplotlib (/") and ", json (/" in msg
+    assert "bad" not in msg and "\n" not in msg
+    import matplotlib
+    assert sys.modules["matplotlib"] is matplotlib and not hasattr(matplotlib, "__plugin__")
+    (tmp_path / "s.toml").write_text(GOOD.replace('name = "t"', 'name = "t"\nimports = ["bad.py"]'))
+    with pytest.raises(SpachError) as e:  # a message of two lines stays one line
+        load_study(tmp_path / "s.toml")
+    assert str(e.value).endswith("cannot import '" + str(tmp_path / "bad.py") + "' (ValueError: first line second line)")
+
+
 def test_no_contestants():
     with pytest.raises(SpachError, match="no contestants"):
         parse_study('[study]\nname = "x"\n')

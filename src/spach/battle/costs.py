@@ -38,10 +38,18 @@ def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bo
         if c.name in costs and "error" not in costs[c.name]:
             continue
         cfg = study.config(c)
+        where = f"contestant {c.name!r}: recipe.pretrained {cfg.pretrained!r}"
+        if cfg.pretrained and not Path(cfg.pretrained).is_file():
+            raise SpachError(f"{where} is not a file; give the path of a checkpoint of model {c.model!r}")
         try:
             model = build_model(cfg, classes, chans, size)
         except SpachError as e:
             raise SpachError(f"contestant {c.name!r}: {e}") from None
+        except Exception as e:
+            if not cfg.pretrained:
+                raise
+            raise SpachError(f"{where} cannot be loaded into {c.model!r} ({type(e).__name__}: {first_line(e)}); "
+                             "give a checkpoint of that model") from None
         try:
             img = size or model.pretrained_cfg["input_size"][-1]
             costs[c.name] = {"params": count_params(model), "macs": count_macs(model, img),

@@ -21,6 +21,7 @@ from spach.battle.looks import describe
 from spach.battle.plan import data_shape, epoch_images
 from spach.battle.sequential import parse_budget
 from spach.battle.study import Contestant, Study
+from spach.bench.command import busy_warning
 from spach.bench.profile import throughput
 from spach.device import amp_dtype, parse_device
 from spach.humanize import hms
@@ -102,6 +103,9 @@ def print_plan(study: Study, stream: TextIO | None = None) -> float:
         return hours
     wall = total / jobs + STARTUP_S * (1 + math.ceil(runs / max(jobs, 1)) / 10)
     load = f"(load average now {os.getloadavg()[0]:.1f}: a busy machine runs slower)"
+    busy = busy_warning()
+    if busy:
+        print(f"warning: {busy}", file=stream)
     if study.sequential:
         return _print_looks(study, total, jobs, load, stream)
     print(f"total: {hms(total)} of training, about {hms(wall)} wall with {jobs} job(s) at a time {load}", file=stream)

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spach.battle.results import STUDY_FILE, load_study_folder, run_dir
-from spach.battle.study import Contestant, Study, import_plugins
+from spach.battle.study import Arm, Contestant, Study, import_plugins
 from spach.errors import SpachError
 from spach.files import read_json
 from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
-from spach.train.datasets import DATASETS, canonical_dataset, load_dataset
+from spach.train.datasets import DATASETS, canonical_dataset, load_dataset, load_folders
 
 
 @dataclass
@@ -84,18 +84,50 @@ def check_compatible(runs: list[Run]) -> None:
 
 
 def check_data(study: Study) -> None:
-    """Fail before any training when the study's dataset is not there (naming the battle's flag, --data)."""
+    """Fail before any training when the study's dataset is not there (naming the battle's flag, --data),
+    or when a subset asks for more images than it holds; records in `study.data_sizes` what each arm's
+    runs will train and be tested on."""
     name = canonical_dataset(study.data.get("dataset", "imagefolder"))
     path = study.data.get("data_path", "")
     if name == "imagefolder":
         if not path or not (Path(path) / "train").is_dir() or not (Path(path) / "val").is_dir():
             raise SpachError(f"data.data_path: {path or '(not set)'} is not a folder with train/ and val/ class folders; "
                              "pass --data DIR")
-    elif name != "tiny":
-        try:
-            load_dataset(name, path or None, train=False)
-        except SpachError as e:  # the loaders speak to `spach train`, whose flag is --data-path
-            raise SpachError(str(e).replace("--data-path", "--data")) from None
+    try:
+        study.data_sizes = _arm_sizes(study)
+    except SpachError as e:  # the loaders speak to `spach train`, whose flag is --data-path
+        raise SpachError(str(e).replace("--data-path", "--data")) from None
+
+
+def _arm_sizes(study: Study) -> dict[str, dict[str, int]]:
+    """Per arm: {"train": images a run trains on, "test": images it is tested on}."""
+    full: dict[tuple[str, str], tuple[int, int]] = {}
+    sizes = {}
+    for arm in study.arm_names():
+        members = [c for c in study.contestants if c.arm == arm]
+        if not members:
+            continue
+        cfg = study.config(members[0])
+        key = (canonical_dataset(cfg.dataset), cfg.data_path)
+        if key not in full:
+            full[key] = _full_sizes(*key, cfg.skip_bad_images)
+        n_train, n_test = full[key]
+        for field, n, what in (("train_subset", n_train, "training"), ("eval_train_subset", n_train, "training"),
+                               ("val_subset", n_test, "test")):
+            if getattr(cfg, field) > n:
+                where = f"arm.{arm}.data" if field in study.arms.get(arm, Arm(arm)).data else "data"
+                raise SpachError(f"{study.source}: {where}.{field} = {getattr(cfg, field):,} but the {what} set of "
+                                 f"{key[0]}{' at ' + key[1] if key[1] else ''} holds {n:,} images; lower it (0: all)")
+        sizes[arm] = {"train": min(cfg.train_subset or n_train, n_train), "test": min(cfg.val_subset or n_test, n_test)}
+    return sizes
+
+
+def _full_sizes(name: str, path: str, skip_bad: bool) -> tuple[int, int]:
+    """(training images, test images) the dataset holds."""
+    if name == "imagefolder":
+        train, val = load_folders(path, skip_bad)
+        return len(train), len(val)
+    return len(load_dataset(name, path or None, train=True)), len(load_dataset(name, path or None, train=False))
 
 
 def data_shape(study: Study) -> tuple[int, int, int]:

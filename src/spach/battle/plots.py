@@ -3,6 +3,7 @@ training loss per family (the paper's over-fitting / complementarity figure), le
 paired contestants (single vs multi-stage, with vs without CPE)."""
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np  # noqa: E402
 from spach.battle.findings import Finding  # noqa: E402
 from spach.battle.results import ContestantResult  # noqa: E402
 from spach.bench.plots import color  # noqa: E402
+from spach.files import atomic_write_bytes, make_dirs  # noqa: E402
 
 
 def _style(e: ContestantResult) -> dict:
@@ -23,9 +25,14 @@ def _style(e: ContestantResult) -> dict:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """The figure as a PNG, written atomically (a read-only or full disk is a one-line SpachError)."""
+    try:
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
     return path
 
 
@@ -213,7 +220,7 @@ def make_all(entries: list[ContestantResult], findings: list[Finding], folder: P
     """Every figure, in `folder`; returns {name: path} in reading order. Cost and size plots show the
     main arm (the other arms train under another regime); the accuracy-vs-loss figure shows the arm that
     judges over-fitting and generalisation (findings 3 and 4) when there is one."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     main = [e for e in entries if e.arm == "main"] or entries
     fit_arm = next((f.arm for f in findings if f.number in (3, 4) and f.comparisons), "main")
     fit = [e for e in entries if e.arm == fit_arm] or entries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,25 @@ Block = tuple[str, Any]  # (kind, payload): h1/h2/h3/p: text; table: (headers, r
 VERDICT_CLASSES = ("supported", "CONTRADICTED", "equivalent", "mixed", "inconclusive")
 
 
+# control characters (C0 but newline and tab, DEL, C1): a terminal escape (ESC, BEL ...) in a description or a
+# label is shown as a visible symbol, never written raw into report.md or report.html
+_CONTROL = {c: chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t"}
+_CONTROL.update({0x7F: "\u2421", **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}})
+
+
+_LINK = re.compile(r"\](?=[(\[:])")  # the `]` of `[x](url)`, `[x][ref]` and `[ref]: url`: escaped, no link forms
+
+
+def visible(text: Any) -> str:
+    """`text` with its control characters replaced by visible symbols (ESC shows as U+241B)."""
+    return str(text).translate(_CONTROL)
+
+
 def _md_text(text: str) -> str:
-    """Text for Markdown: HTML in it (a study's description or names) is shown, never rendered; `code`
-    spans are kept as they are."""
-    parts = str(text).split("`")
-    return "`".join(p if i % 2 else html.escape(p, quote=False) for i, p in enumerate(parts))
+    """Text for Markdown: HTML in it (a study's description or names) is shown, never rendered, and so are
+    link and image brackets (`[x](javascript:...)`); `code` spans are kept as they are."""
+    parts = visible(text).split("`")
+    return "`".join(p if i % 2 else _LINK.sub(r"\\]", html.escape(p, quote=False)) for i, p in enumerate(parts))
 
 
 def _md_cell(text: str) -> str:
@@ -35,7 +50,7 @@ def render_markdown(blocks: list[Block], base: Path) -> str:
                                  + ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]))
         elif kind == "img":
             name, path = x
-            out.append(f"![{name}]({Path(path).relative_to(base).as_posix()})")
+            out.append(f"![{_md_cell(name)}]({Path(path).relative_to(base).as_posix()})")
     return "\n\n".join(out) + "\n"
 
 
@@ -47,7 +62,7 @@ th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#
 
 
 def _html_text(text: str) -> str:
-    parts = html.escape(str(text)).split("`")
+    parts = html.escape(visible(text)).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
@@ -57,7 +72,7 @@ def _html_cell(text: str) -> str:
 
 
 def render_html(blocks: list[Block], title: str) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(visible(title))}</title><style>{_CSS}</style></head><body>"]
     for kind, x in blocks:
         if kind in ("h1", "h2", "h3"):
             out.append(f"<{kind}>{_html_text(x)}</{kind}>")
@@ -70,5 +85,5 @@ def render_html(blocks: list[Block], title: str) -> str:
         elif kind == "img":
             name, path = x
             data = base64.b64encode(Path(path).read_bytes()).decode()
-            out.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+            out.append(f'<img alt="{html.escape(visible(name))}" src="data:image/png;base64,{data}">')
     return "\n".join(out + ["</body></html>"]) + "\n"

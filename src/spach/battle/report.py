@@ -34,6 +34,7 @@ REFERENCE_TOP1 = {  # typical test top-1 (%) on these sets, to judge whether a r
                      "the best published models ~96%",
     "cifar10": "a small CNN ~80%, ResNet-18 trained to convergence ~95%",
 }
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 VERDICT_MARK = {"supported": "supported", "contradicted": "CONTRADICTED", "equivalent": "equivalent", "mixed": "mixed",
                 "inconclusive": "inconclusive", "untested": "not testable here", "elsewhere": "tested in another preset"}
 
@@ -65,7 +66,8 @@ def _study_facts(study: Study, entries: list[ContestantResult], elapsed: float) 
     runs = [r for e in entries for r in e.runs]
     done = sum(r.status == "done" for r in runs)
     failed = sum(r.status == "failed" for r in runs)
-    data = cfg.dataset + (f" ({cfg.train_subset} training images)" if cfg.train_subset else "")
+    n_train, _ = data_sizes(study)
+    data = cfg.dataset + (f" ({n_train:,} training images)" if cfg.train_subset else "")
     head = (f"{len(entries)} contestants x {len(study.seeds)} seeds ({', '.join(map(str, study.seeds))}) on {data}, "
             f"{cfg.epochs} epochs each; {done} of {len(runs)} runs finished"
             + (f", {failed} failed" if failed else "") + f". Training time {hms(elapsed)} in all.")
@@ -79,7 +81,7 @@ def _scale_note(study: Study, entries: list[ContestantResult]) -> list[Block]:
     cfg = study.config()
     name = canonical_dataset(cfg.dataset)
     size = data_shape(study)[2] or 224
-    n_train = cfg.train_subset or DATASETS[name][3]
+    n_train, _ = data_sizes(study)
     seen = cfg.epochs * n_train
     params = [e.params for e in entries if e.params]
     blocks: list[Block] = [("h2", "How far this is from the paper")]
@@ -110,12 +112,7 @@ def _findings_blocks(study: Study, findings: list[Finding]) -> list[Block]:
              "; ".join(evidence(c) for c in f.comparisons) if f.comparisons else f.summary] for f in findings]
     blocks: list[Block] = [
         ("h2", "Findings"),
-        ("p", f"{tally} (every comparison supported, contradicted or equivalent). Method: " + METHOD + f". Margin {study.margin:g} "
-              f"points, alpha {study.alpha:g}, both fixed in the study file before it ran (sha256 "
-              f"{study.sha256[:16] or '-'}). Why: three seeds alone (2 df) cannot tell a point from noise; pooling the "
-              "seed noise over the study's contestants gives the tests real degrees of freedom, the shared test set's "
-              "own noise is added so that a difference that holds only on these 10k images is not called real, and "
-              "equivalence makes 'no difference that matters' a decision rather than a shrug."),
+        ("p", method_paragraph(study, tally)),
         ("table", (["#", "finding (paper)", "arm", "verdict", "evidence: a vs b, difference [95% CI], " + _p_name(study)], rows)),
     ]
     for f in findings:
@@ -175,6 +172,30 @@ def _when(study: Study, f: Finding) -> str:
     if not study.sequential or not f.decided:
         return ""
     return f" (look {max(c.decision.look for c in f.comparisons if c.decision)})"
+
+
+def method_paragraph(study: Study, tally: str) -> str:
+    """How the verdicts were reached, with this study's seeds and test-set size (what ran, not a template)."""
+    seeds = study.first_wave if study.sequential else len(study.seeds)
+    _, n_test = data_sizes(study)
+    return (f"{tally} (every comparison supported, contradicted or equivalent). Method: " + METHOD + f". Margin "
+            f"{study.margin:g} points, alpha {study.alpha:g}, both fixed in the study file before it ran (sha256 "
+            f"{study.sha256[:16] or '-'}). Why: {NUMBERS.get(seeds, str(seeds))} seed{'s' * (seeds != 1)} alone "
+            f"({seeds - 1} df) cannot tell a point from noise; moderating each pair's noise toward the noise pooled over "
+            "its arm's contestants gives the tests real degrees of freedom without trusting that every pair is equally "
+            "noisy, the shared test set's own noise is added so that a difference that holds "
+            f"only on these {n_test:,} test images is not called real, and equivalence makes 'no difference that "
+            "matters' a decision rather than a shrug.")
+
+
+def data_sizes(study: Study, arm: str = "main") -> tuple[int, int]:
+    """(training, test) images of a run of `arm`: as the battle found them in the data, else as the study file says."""
+    recorded = study.data_sizes.get(arm)
+    if recorded:
+        return recorded["train"], recorded["test"]
+    cfg = study.config(next((c for c in study.contestants if c.arm == arm), None))
+    n_train, n_test = DATASETS[canonical_dataset(cfg.dataset)][3:]
+    return min(cfg.train_subset or n_train, n_train), min(cfg.val_subset or n_test, n_test)
 
 
 def _seeds(values: list[float]) -> str:

@@ -27,6 +27,7 @@ DATA_FIELDS = {"dataset", "data_path", "img_size", "mean", "std", "train_subset"
 ENGINE_SET = {"num_classes": "it comes from the dataset", "in_chans": "it comes from the dataset",
               "img_size": "set [data].img_size instead", "drop_path_rate": "set recipe.drop_path instead",
               "drop_rate": "set recipe.drop instead"}
+MAX_SEED = 2**32 - 1  # numpy's generators take no larger seed
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 TABLES = {"study", "data", "recipe", "arm", "contestant", "slurm"}
 STUDY_KEYS = {"name", "description", "seeds", "questions", "imports", "jobs", "notes", "base", "margin", "alpha",
@@ -86,8 +87,9 @@ class Validator:
         return name
 
     def seeds(self, seeds: Any) -> list[int]:
-        if not isinstance(seeds, list) or not seeds or not all(_is(s, int) and s >= 0 for s in seeds):
-            self.fail("study.seeds", f"expected a non-empty list of integers >= 0, got {seeds!r}; e.g. seeds = [0, 1]")
+        if not isinstance(seeds, list) or not seeds or not all(_is(s, int) and 0 <= s <= MAX_SEED for s in seeds):
+            self.fail("study.seeds", f"expected a non-empty list of integers from 0 to {MAX_SEED} (the random "
+                      f"generators' range), got {seeds!r}; e.g. seeds = [0, 1]")
         if len(set(seeds)) != len(seeds):
             self.fail("study.seeds", f"seeds repeat in {seeds!r}; each seed is one run per contestant")
         return list(seeds)

@@ -110,6 +110,8 @@ class Study:
     slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: the batch-job resources of every run
     budget: str = ""  # a sequential battle's budget (spach.battle.sequential.parse_budget); "": fixed design
     first_wave: int = 0  # seeds per contestant before the first look (sequential battles)
+    # per arm, the images its runs train and are tested on: recorded by the battle from the data (the report's numbers)
+    data_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def sequential(self) -> bool:
@@ -287,6 +289,13 @@ def _with_base(raw: dict, v: Validator) -> dict:
     base = raw.get("study", {}).get("base") if isinstance(raw.get("study"), dict) else None
     if base is None:
         return raw
+    for name in sorted(TABLES - {"contestant"}):  # merged key by key below: each must be a table
+        v.table(raw, name)
+    entries = raw.get("contestant", [])
+    for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+        if not isinstance(entry, dict):
+            v.fail("contestant" if not isinstance(entries, list) else f"contestant[{i}]",
+                   f"must be a [[contestant]] table with a name, got {entry!r}")
     if not isinstance(base, str) or base not in list_presets():
         v.fail("study.base", f"unknown preset {base!r}; choose one of {', '.join(list_presets())}")
     parent = _with_base(tomllib.loads(preset_text(base)), v)
@@ -299,6 +308,11 @@ def _with_base(raw: dict, v: Validator) -> dict:
 
 def import_plugins(imports: list[str], source: str = "study") -> None:
     """Import the modules or .py files that register custom mixers (`spach.register_mixer`)."""
+    taken = [f"{Path(item).stem} ({taken_by})" for item in imports if item not in _IMPORTED and item.endswith(".py")
+             for taken_by in [_module_taken(item)] if taken_by]
+    if taken:
+        raise SpachError(f"{source}: study.imports: a plugin file is imported under its file name, and these names "
+                         f"are taken by installed modules: {', '.join(taken)}; rename the file(s)")
     for item in imports:
         if item in _IMPORTED:
             continue
@@ -315,8 +329,24 @@ def import_plugins(imports: list[str], source: str = "study") -> None:
         except SpachError:
             raise
         except Exception as e:
-            raise SpachError(f"{source}: study.imports: cannot import {item!r} ({type(e).__name__}: {e})") from None
+            why = " ".join(str(e).split())  # one line, whatever the plugin's message holds
+            raise SpachError(f"{source}: study.imports: cannot import {item!r} ({type(e).__name__}: {why})") from None
         _IMPORTED.add(item)
+
+
+def _module_taken(item: str) -> str:
+    """Where the module named like plugin file `item` comes from, when that is not `item` itself ('' if free)."""
+    name = Path(item).stem
+    try:
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None) if module else getattr(importlib.util.find_spec(name), "origin", None)
+    except (ImportError, ValueError):
+        return ""
+    if origin is None and (module is not None or importlib.util.find_spec(name) is not None):
+        return "a built-in module"
+    if origin is None or Path(origin).resolve() == Path(item).resolve():
+        return ""
+    return origin
 
 
 def _resolve_import(item: Any, base: Path | None) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 from typing import Any, Iterable
 
 import torch
@@ -136,6 +138,18 @@ def write_csv(records: list[dict[str, Any]], path: str) -> None:
             writer.writerow({**r, "extra": json.dumps(r["extra"])})
 
 
+def busy_warning() -> str | None:
+    """A warning when other work loads this machine's CPUs (the 1-minute load average from a quarter of
+    the cores, at least 1): CPU timings then vary several-fold from run to run."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < max(1.0, cores / 4):
+        return None
+    return (f"load average {load:.1f} on {cores} core(s): other processes share the CPU, so times measured now "
+            "can be several times off; measure on an idle machine")
+
+
 def command(
     models: list[str],
     settings: BenchSettings,
@@ -152,6 +166,9 @@ def command(
         if threads < 1:
             raise SpachError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    busy = busy_warning() if parse_device(settings.device).type == "cpu" else None
+    if busy:
+        print(f"spach bench: warning: {busy}", file=sys.stderr)
     records = run(models, settings)
     print(format_table(records))
     sweep_records = []
