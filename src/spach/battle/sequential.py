@@ -33,6 +33,7 @@ from scipy import special
 
 from spach.battle import stats
 from spach.errors import SpachError
+from spach.humanize import hms
 
 
 def obf_spent(t: float, alpha: float) -> float:
@@ -180,7 +181,6 @@ class Budget:
 
     def show(self, value: float) -> str:
         if self.kind == "wall":
-            from spach.humanize import hms
             return hms(max(value, 0.0))
         return f"{value:.1f} GPU-h" if self.kind == "gpu-h" else f"{value:.0f} runs"
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from timm.models._features import FeatureGetterNet
 
 # Released ImageNet-1K top-1 (%) of the official checkpoints (224x224).
@@ -155,22 +155,3 @@ def feature_net(model: nn.Module, out_indices: int | tuple[int, ...] | None = No
     out = FeatureGetterNet(model, out_indices=model.default_out_indices if out_indices is None else out_indices)
     out.pretrained_cfg = out.default_cfg = model.pretrained_cfg
     return out
-
-
-def build(family: Family, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """timm's builder for a family variant (pretrained loading through the family's filter);
-    `features_only=True` wraps the result with `feature_net`."""
-    from spach.models import weights  # it loads through convert, which needs this module
-
-    features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
-    kwargs.pop("feature_cls", None)  # always the getter: every family has forward_intermediates
-    # the official checkpoints download through spach (validated before they enter the cache) and load
-    # through its one loader; other sources (file=, state_dict=, the Hub) take timm's way
-    official = weights.official_source(variant, kwargs) if pretrained else None
-    model = build_model_with_cfg(
-        family.model_cls, variant, pretrained and official is None, pretrained_filter_fn=family.filter_fn, **kwargs,
-    )
-    if official is not None:
-        weights.load_official(model, variant, official, kwargs.get("cache_dir"))
-    sync_cfg(model, variant)
-    return feature_net(model, out_indices) if features_only else model

@@ -21,7 +21,8 @@ from spach.models.blocks import to_nchw, to_nhwc
 from spach.models.checks import check_global_pool
 from spach.models.convert import check_fits
 from spach.models.mixers import shift_channels
-from spach.models.registry import Family, build, register_family, zoo_cfgs
+from spach.models.registry import Family, register_family, zoo_cfgs
+from spach.models.weights import build
 
 
 @dataclass

@@ -26,7 +26,8 @@ from spach.errors import SpachError
 from spach.models.blocks import to_nchw, to_nhwc
 from spach.models.checks import check_global_pool, check_grid
 from spach.models.convert import check_fits
-from spach.models.registry import Family, build, register_family, zoo_cfgs
+from spach.models.registry import Family, register_family, zoo_cfgs
+from spach.models.weights import build
 
 torch.fx.wrap("check_grid")
 

@@ -10,7 +10,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from spach.models.backbone import SpachConfig, SpachNet
 from spach.models.convert import checkpoint_filter_fn
-from spach.models.registry import Family, build, family_cfg, register_family, zoo_cfgs
+from spach.models.registry import Family, family_cfg, register_family, zoo_cfgs
+from spach.models.weights import build
 
 FAMILY = register_family(Family(
     name="spach", title="SPACH", model_cls=SpachNet, config_cls=SpachConfig, filter_fn=checkpoint_filter_fn,

@@ -25,10 +25,12 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
+import timm
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from spach.errors import CheckpointError, SpachError
 from spach.models.convert import check_fits, load_checkpoint, read_checkpoint
-from spach.models.registry import OFFICIAL_WEIGHTS, family_of_variant
+from spach.models.registry import OFFICIAL_WEIGHTS, Family, family_of_variant, feature_net, sync_cfg
 
 MIRROR_ENV = "SPACH_WEIGHTS_URL"
 _FILE_WAY = "or load a copy with pretrained_cfg_overlay=dict(file=PATH) (spach eval: --pretrained PATH)"
@@ -65,8 +67,6 @@ def _no_weights(name: str) -> SpachError:
 def official_source(variant: str, kwargs: dict[str, Any]) -> str | None:
     """The URL `pretrained=True` downloads for this `timm.create_model` call, or None when its pretrained
     config names another source (`file=`, `state_dict=`, the Hub), which timm loads its own way."""
-    from timm.models import resolve_pretrained_cfg
-
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     if cfg.state_dict or cfg.file or cfg.hf_hub_id or cfg.source in ("hf-hub", "local-dir"):
         return None
@@ -77,8 +77,6 @@ def official_source(variant: str, kwargs: dict[str, Any]) -> str | None:
 
 def _reference(name: str) -> nn.Module:
     """The model the official checkpoint of `name` belongs to, with its default arguments (no memory)."""
-    import timm
-
     with torch.device("meta"):
         return timm.create_model(name)
 
@@ -144,3 +142,20 @@ def official_weights(name: str, cache_dir: str | os.PathLike | None = None) -> P
     if name not in OFFICIAL_WEIGHTS:
         raise _no_weights(name)
     return fetch(name, OFFICIAL_WEIGHTS[name], cache_dir)
+
+
+def build(family: Family, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """timm's builder for a family variant (pretrained loading through the family's filter);
+    `features_only=True` wraps the result with `feature_net`. The official checkpoints download through
+    spach (validated before they enter the cache) and load through its one loader; other sources
+    (file=, state_dict=, the Hub) take timm's way."""
+    features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
+    kwargs.pop("feature_cls", None)  # always the getter: every family has forward_intermediates
+    official = official_source(variant, kwargs) if pretrained else None
+    model = build_model_with_cfg(
+        family.model_cls, variant, pretrained and official is None, pretrained_filter_fn=family.filter_fn, **kwargs,
+    )
+    if official is not None:
+        load_official(model, variant, official, kwargs.get("cache_dir"))
+    sync_cfg(model, variant)
+    return feature_net(model, out_indices) if features_only else model
