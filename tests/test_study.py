@@ -54,12 +54,12 @@ def test_default_preset_covers_the_design():
     assert any(c.arch.get("cpe") is False for c in s.contestants)
 
 
-def test_beyond_spends_the_default_main_arm_budget():
-    """The beyond preset's contestants train exactly as the default's main arm does (same data, recipe,
-    seeds and margin), and its conv / attn / mlp contestants are the default's."""
-    d, b = load_study(), load_study(preset="beyond")
-    assert (b.data, b.recipe, b.seeds, b.margin) == (d.data, d.recipe, d.seeds, d.margin)
-    main = {c.name: c.arch for c in d.contestants if c.arm == "main"}
+def test_beyond_trains_as_the_medium_main_arm():
+    """The beyond preset's contestants train as the medium's main arm does (same data and recipe, two
+    epochs instead of five; same margin), and its conv / attn / mlp contestants are the medium's."""
+    m, b = load_study(preset="medium"), load_study(preset="beyond")
+    assert b.data == m.data and {**b.recipe, "epochs": 5} == m.recipe and b.margin == m.margin
+    main = {c.name: c.arch for c in m.contestants if c.arm == "main"}
     assert all(main[n] == c.arch for c in b.contestants if (n := c.name) in ("conv-ms", "attn-ms", "mlp-ms"))
 
 
