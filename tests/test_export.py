@@ -198,7 +198,7 @@ def test_bad_output_and_sizes_are_refused_before_any_work(tmp_path, capsys, monk
         args = {"model": FAMILIES["conv"], key: value}
         save_file({"head.weight": torch.zeros(7, 8)}, str(weights), {"format": "pt", "args": json.dumps(args)})
         err = cli_error(capsys, "--pretrained", str(weights), "--format", "torchscript", "--output", str(tmp_path / "m.pt"))
-        assert f"checkpoint {weights} stores {key} = {value!r}" in err and "damaged or crafted" in err
+        assert f"checkpoint {weights} stores" in err and key in err and "re-save it" in err  # one line (cli_error)
     err = cli_error(capsys, FAMILIES["conv"], "--model-kwargs", '{"hidden_dim": "wide"}', "--format", "torchscript",
                     "--output", str(tmp_path / "m.pt"))
     assert "hidden_dim must be an integer" in err

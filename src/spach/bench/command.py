@@ -166,11 +166,11 @@ def command(
         if threads < 1:
             raise SpachError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    busy = busy_warning() if parse_device(settings.device).type == "cpu" else None
-    if busy:
-        print(f"spach bench: warning: {busy}", file=sys.stderr)
     records = run(models, settings)
     print(format_table(records))
+    busy = busy_warning() if parse_device(settings.device).type == "cpu" else None
+    if busy:  # after the measurement (bad input is one line): the load it ran under
+        print(f"spach bench: warning: {busy}", file=sys.stderr)
     sweep_records = []
     if with_sweep:
         quick = settings.quick
