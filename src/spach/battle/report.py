@@ -5,6 +5,7 @@ Both formats render one list of blocks (headings, paragraphs, tables, figures), 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import torch
 
 from spach.battle.findings import METHOD, SEQUENTIAL_METHOD, Comparison, Finding, judge
 from spach.battle.looks import describe, read_looks
+from spach.battle.sequential import parse_budget
 from spach.battle.plan import data_shape
 from spach.battle.plots import make_all
 from spach.battle.render import Block, render_html, render_markdown
@@ -68,8 +70,9 @@ def _study_facts(study: Study, entries: list[ContestantResult], elapsed: float) 
     failed = sum(r.status == "failed" for r in runs)
     n_train, _ = data_sizes(study)
     data = cfg.dataset + (f" ({n_train:,} training images)" if cfg.train_subset else "")
-    head = (f"{len(entries)} contestants x {len(study.seeds)} seeds ({', '.join(map(str, study.seeds))}) on {data}, "
-            f"{cfg.epochs} epochs each; {done} of {len(runs)} runs finished"
+    seeds = f"up to {len(study.seeds)} seeds" if study.sequential else f"{len(study.seeds)} seeds"
+    head = (f"{len(entries)} contestants x {seeds} ({', '.join(map(str, study.seeds))}) on {data}, "
+            f"{cfg.epochs} epochs each; {done} of {len(runs)} runs {'the looks asked for ' * study.sequential}finished"
             + (f", {failed} failed" if failed else "") + f". Training time {hms(elapsed)} in all.")
     machine = (f"Machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
                + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only")
@@ -140,6 +143,7 @@ def _looks_blocks(study: Study, looks: list[dict[str, Any]]) -> list[Block]:
     if not looks:
         return blocks + [("p", "No look yet: the first wave is running.")]
     rows = []
+    budget = parse_budget(study.budget)
     for look in looks:
         seeds = sorted(set(look["seeds"].values()))
         seen = (f"{seeds[0]} each" if len(seeds) == 1 else
@@ -147,7 +151,7 @@ def _looks_blocks(study: Study, looks: list[dict[str, Any]]) -> list[Block]:
         chosen = ", ".join(f"{n} -> {k}" for n, k in look.get("next", {}).items()) or "-"
         decided = sum(v not in ("inconclusive", "untested") for v in look.get("findings", {}).values())
         rows.append([str(look["look"]), seen, f"{decided} of {len(look.get('findings', {}))}",
-                     f"{look.get('used', 0):g} / {look.get('left', 0):g}", chosen, look.get("stop") or ""])
+                     f"{budget.show(look.get('used', 0))} / {budget.show(look.get('left', 0))}", chosen, look.get("stop") or ""])
     blocks.append(("table", (["look", "seeds per contestant", "findings decided", "budget used / left (after the report "
                               "reserve)", "next seeds (contestant -> seeds)", "stop"], rows)))
     last = looks[-1]
@@ -199,6 +203,8 @@ def data_sizes(study: Study, arm: str = "main") -> tuple[int, int]:
 
 
 def _seeds(values: list[float]) -> str:
+    while values and math.isnan(values[-1]):  # seeds not (yet) run: a sequential battle's later seeds
+        values = values[:-1]
     return ", ".join(_f(v) for v in values)
 
 
@@ -265,6 +271,9 @@ FIGURE_CAPTIONS = {
 def build_blocks(study: Study, entries: list[ContestantResult], findings: list[Finding],
                  figures: dict[str, Path], looks: list[dict[str, Any]] | None = None) -> list[Block]:
     elapsed = sum(r.wall_time_s for e in entries for r in e.runs if r.epochs)
+    if study.sequential:  # the runs the looks asked for: the others were never meant to run
+        asked = {**looks[-1]["seeds"], **looks[-1].get("next", {})} if looks else {}
+        entries = [dataclasses.replace(e, runs=e.runs[:asked.get(e.name, study.first_wave)]) for e in entries]
     blocks: list[Block] = [("h1", f"Battle report: {study.name}")]
     blocks += _study_facts(study, entries, elapsed)
     blocks += _arms(study)
