@@ -134,3 +134,16 @@ def test_budget_flag_and_study_fields_are_checked(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "sequential: a first wave of 2 seed(s) per contestant" in said and "first wave: 2 seed(s) x 2 contestants" in said
     assert json.loads(json.dumps(parse_study(SEQUENTIAL).to_dict()))["budget"] == "12 runs"
+
+
+def test_a_look_that_is_not_one_ends_the_replay(tmp_path, capsys):
+    """looks.jsonl edited by hand: the looks from the first bad one on are ignored, with one warning line."""
+    good = {"look": 1, "seeds": {"conv": 2}, "next": {"conv": 3}, "comparisons": [], "stop": ""}
+    lines = [good, {**good, "look": 2, "seeds": "all"}, {**good, "look": 3}]
+    (tmp_path / "looks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert read_looks(tmp_path) == [good]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "look 2 is not a look the battle wrote" in err
+    for bad in ({"conv": -1}, {"conv": True}, {"conv": 2.5}, {}, [2]):
+        (tmp_path / "looks.jsonl").write_text(json.dumps({**good, "seeds": bad}) + "\n")
+        assert read_looks(tmp_path) == []

@@ -13,6 +13,7 @@ wave that was cut off).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,23 @@ REPORT_RESERVE_S = 30.0  # wall seconds kept for the report (plots included) at 
 
 
 def read_looks(out: Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(out) / LOOKS_FILE)
+    """The recorded looks, in order; a look that is not one (edited, or another program's line) ends the
+    list there with a one-line warning: the looks after it cannot be replayed without it."""
+    looks = []
+    for rec in read_jsonl(Path(out) / LOOKS_FILE):
+        if not (_counts(rec.get("seeds")) and _counts(rec.get("next", {}), empty=True)
+                and isinstance(rec.get("comparisons", []), list) and isinstance(rec.get("stop", ""), str)):
+            print(f"spach: {Path(out) / LOOKS_FILE}: look {len(looks) + 1} is not a look the battle wrote; "
+                  f"the looks from it on are ignored (rerun the battle to look again)", file=sys.stderr)
+            break
+        looks.append(rec)
+    return looks
+
+
+def _counts(value: Any, empty: bool = False) -> bool:
+    """A {contestant: seeds} table as looks.jsonl holds it."""
+    return (isinstance(value, dict) and (empty or bool(value))
+            and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in value.items()))
 
 
 @dataclass
