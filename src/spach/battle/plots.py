@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spach.battle.findings import Finding  # noqa: E402
@@ -59,6 +61,14 @@ def pareto_front(points: list[tuple[float, float]], higher_x_better: bool) -> li
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _log_x(ax: Any) -> None:
+    """A log x axis labelled in plain numbers (4, 6, 10; not 4x10^0): the contestants span less than a decade."""
+    ax.set_xscale("log")
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+
+
 def accuracy_vs_cost(entries: list[ContestantResult], path: Path, cost: str) -> Path:
     """Top-1 (mean ± std over seeds) against MACs or throughput, the Pareto front dashed."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -76,7 +86,7 @@ def accuracy_vs_cost(entries: list[ContestantResult], path: Path, cost: str) -> 
     ax.plot([pts[i][1] for i in front], [pts[i][2] for i in front], ":", color="0.3", zorder=0)
     ax.scatter([pts[i][1] for i in front], [pts[i][2] for i in front], s=260, facecolors="none", edgecolors="0.3",
                linestyle=":", label="Pareto front")
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel("MMACs per image (log)" if cost == "macs" else "inference images/s on this machine (log)")
     ax.set_ylabel("test top-1 % (mean ± std over seeds)")
     ax.set_title("Accuracy vs " + ("compute" if cost == "macs" else "measured throughput"))
@@ -207,7 +217,7 @@ def accuracy_vs_params(entries: list[ContestantResult], path: Path) -> Path:
     if not drawn:
         _empty(ax, "no finished runs")
         return _save(fig, path)
-    ax.set_xscale("log")
+    _log_x(ax)
     ax.set_xlabel("parameters (log)")
     ax.set_ylabel("test top-1 % (mean ± std over seeds)")
     ax.set_title("Accuracy vs size per family")
