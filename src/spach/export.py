@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -42,6 +41,7 @@ from spach.train import checkpoint
 from spach.train.config import TrainConfig
 from spach.train.evaluate import load_strict
 from spach.train.factory import build_model
+from spach.train.runtime import handling
 
 FORMATS = ("onnx", "torchscript", "timm")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its op library, the runtime that checks the file
@@ -181,18 +181,11 @@ def remove_if_abandoned(folder: Path) -> bool:
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (a scheduler, `kill`) ends the export as Ctrl-C does, so the scratch folder is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with handling(interrupt, (signal.SIGTERM,)):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
