@@ -38,7 +38,7 @@ from spach.hub_export import TIMM_FILES, write_timm_folder
 from spach.models.convert import read_checkpoint
 from spach.models.mixers import TokenMLP
 from spach.train import checkpoint
-from spach.train.config import TrainConfig
+from spach.train.config import MAX_IMG_SIZE, TrainConfig
 from spach.train.evaluate import load_strict
 from spach.train.factory import build_model
 from spach.train.runtime import handling
@@ -47,7 +47,6 @@ FORMATS = ("onnx", "torchscript", "timm")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its op library, the runtime that checks the file
 TOLERANCE = 1e-4
 TRACE_BATCH, CHECK_BATCHES = 2, (1, 3)  # checked at batch sizes other than the traced one: the batch axis is dynamic
-MAX_IMG_SIZE = 4096  # the check runs the model on a few images of this size
 RUN_WEIGHTS = ("best.safetensors", "best.pth", "final.safetensors", "checkpoint.pth")  # a run folder's, best first
 SCRATCH_PREFIX = ".spach-export-tmp-"
 
