@@ -5,6 +5,8 @@ import pathlib
 import pytest
 import torch
 
+from spach.cli import main
+
 # shared/ beside the clone; SPACH_REFERENCE_DIR points elsewhere (a git worktree nested one level deeper)
 REFERENCE = pathlib.Path(
     os.environ.get("SPACH_REFERENCE_DIR") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -44,3 +46,15 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 else:
                     t.copy_(torch.randn(t.shape, generator=g) * 0.2)
     return model
+
+
+# A small spach model for CLI runs, and the project's bad-input contract (exit 2, one line, no traceback).
+TINY_KW = json.dumps({"net_arch": [["conv", 1]], "hidden_dim": 8, "patch_size": 4, "num_heads": 1})
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err

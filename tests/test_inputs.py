@@ -4,24 +4,24 @@ import json
 
 import numpy as np
 import pytest
+import timm
+import torch
+from conftest import TINY_KW, cli_error
 from PIL import Image
+from timm.loss import LabelSmoothingCrossEntropy
 
+import spach
 from spach.cli import main
 from spach.errors import SpachError
 from spach.train import data as data_mod
+from spach.train import engine
+from spach.train.checkpoint import save_weights
+from spach.train.config import TrainConfig
 from spach.train.datasets import load_folders
+from spach.train.engine import step_loss
 from spach.train.evaluate import checked
-
-TINY_KW = json.dumps({"net_arch": [["conv", 1]], "hidden_dim": 8, "patch_size": 4, "num_heads": 1})
-
-
-def cli_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
+from spach.train.factory import build_model
+from spach.train.runtime import default_workers
 
 def folders(root, classes=("a", "b"), n=4, size=16):
     rng = np.random.default_rng(0)
@@ -73,9 +73,6 @@ def test_an_unknown_model_fails_before_any_data_is_read(tmp_path, capsys, monkey
 
 
 def test_default_workers_fit_the_machine(monkeypatch):
-    from spach.train.config import TrainConfig
-    from spach.train.runtime import default_workers
-
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_workers() == 2
@@ -88,11 +85,6 @@ def test_default_workers_fit_the_machine(monkeypatch):
 
 
 def test_the_training_loss_is_fp32_under_bf16_autocast():
-    import torch
-
-    from spach.train.engine import step_loss
-    from timm.loss import LabelSmoothingCrossEntropy
-
     torch.manual_seed(0)
     model, x, y = torch.nn.Linear(8, 10), torch.randn(16, 8), torch.randint(0, 10, (16,))
     loss = step_loss(model, LabelSmoothingCrossEntropy(0.1), x, y, torch.device("cpu"), torch.bfloat16)
@@ -111,12 +103,6 @@ def test_resume_auto_on_a_finished_run_says_so(tmp_path, capsys):
 
 
 def test_fine_tuning_to_another_class_count_says_the_head_is_fresh(tmp_path, capsys):
-    import torch
-
-    import spach
-    from spach.train.config import TrainConfig
-    from spach.train.factory import build_model
-
     kw = json.loads(TINY_KW)
     torch.save(spach.create_model("spach", num_classes=3, in_chans=1, img_size=32, **kw).state_dict(), tmp_path / "w.pth")
     cfg = TrainConfig(model="spach", model_kwargs=kw, pretrained=str(tmp_path / "w.pth"))
@@ -127,12 +113,6 @@ def test_fine_tuning_to_another_class_count_says_the_head_is_fresh(tmp_path, cap
 
 
 def test_a_timm_baseline_keeps_a_fitting_head(tmp_path):
-    import timm
-    import torch
-
-    from spach.train.config import TrainConfig
-    from spach.train.factory import build_model
-
     own = timm.create_model("resnet18", num_classes=10)
     torch.save(own.state_dict(), tmp_path / "r.pth")
     net = build_model(TrainConfig(model="resnet18", pretrained=str(tmp_path / "r.pth"), drop_path=0.0), 10, 3)
@@ -161,9 +141,6 @@ def test_model_kwargs_that_collide_with_flags_or_widen_loading(tmp_path, capsys,
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
 @pytest.mark.parametrize("key", ["pretrained_cfg_overlay", "pretrained", "checkpoint_path"])
 def test_stored_model_kwargs_cannot_widen_loading(tmp_path, capsys, fmt, key):
-    import spach
-    from spach.train.checkpoint import save_weights
-
     kw = json.loads(TINY_KW)
     state = spach.create_model("spach", num_classes=4, in_chans=1, img_size=32, **kw).state_dict()
     value = {"file": str(tmp_path / "other.pth")} if key == "pretrained_cfg_overlay" else True if key == "pretrained" else "x"
@@ -224,8 +201,6 @@ def test_a_subset_larger_than_the_data(tmp_path, capsys, flag, value, match):
 
 
 def test_a_nan_loss_in_the_first_epoch_claims_no_checkpoint(tmp_path, monkeypatch):
-    from spach.train import engine
-
     build = engine.build_model
 
     def nan_model(*args, **kw):
@@ -244,8 +219,6 @@ def test_a_nan_loss_in_the_first_epoch_claims_no_checkpoint(tmp_path, monkeypatc
 
 # -- 20.4: one line, never a traceback ----------------------------------------------------------------------------------
 def test_resume_from_weights_only_says_how_to_use_them(tmp_path, capsys):
-    import torch
-
     run = tiny_train(tmp_path, "--epochs", "1", "--train-subset", "32", "--val-subset", "16", "--save-format", "safetensors")
     main(run)
     best = tmp_path / "run" / "best.safetensors"

@@ -2,7 +2,6 @@
 and shareable: each defect of issue 9 reproduced first, then guarded here."""
 import errno
 import io
-import json
 import os
 import shutil
 import stat
@@ -10,6 +9,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import TINY_KW, cli_error
 from test_faults import STUDY
 
 from spach import files
@@ -19,17 +19,6 @@ from spach.cli import main
 from spach.errors import SpachError
 from spach.files import read_jsonl
 from spach.train.config import TrainConfig
-
-TINY_KW = json.dumps({"net_arch": [["conv", 1]], "hidden_dim": 8, "patch_size": 4, "num_heads": 1})
-
-
-def cli_error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
 
 # -- 2 and 10: every recipe value is checked when the study is read (and by spach train) -------------------------
 @pytest.mark.parametrize("old, new, where", [

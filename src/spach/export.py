@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,15 +38,15 @@ from spach.hub_export import TIMM_FILES, write_timm_folder
 from spach.models.convert import read_checkpoint
 from spach.models.mixers import TokenMLP
 from spach.train import checkpoint
-from spach.train.config import TrainConfig
+from spach.train.config import MAX_IMG_SIZE, TrainConfig
 from spach.train.evaluate import load_strict
 from spach.train.factory import build_model
+from spach.train.runtime import handling
 
 FORMATS = ("onnx", "torchscript", "timm")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its op library, the runtime that checks the file
 TOLERANCE = 1e-4
 TRACE_BATCH, CHECK_BATCHES = 2, (1, 3)  # checked at batch sizes other than the traced one: the batch axis is dynamic
-MAX_IMG_SIZE = 4096  # the check runs the model on a few images of this size
 RUN_WEIGHTS = ("best.safetensors", "best.pth", "final.safetensors", "checkpoint.pth")  # a run folder's, best first
 SCRATCH_PREFIX = ".spach-export-tmp-"
 
@@ -181,18 +180,11 @@ def remove_if_abandoned(folder: Path) -> bool:
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (a scheduler, `kill`) ends the export as Ctrl-C does, so the scratch folder is removed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with handling(interrupt, (signal.SIGTERM,)):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
@@ -222,15 +214,11 @@ def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[s
 
 
 def _checked_args(args: dict[str, Any], path: str) -> dict[str, Any]:
-    """A checkpoint's stored training settings, as far as export reads them, of the right types."""
-    expected = {"model": (str, "a model name"), "model_kwargs": (dict, "a JSON object"), "img_size": (int, "an integer")}
-    for key, (kind, what) in expected.items():
-        value = args.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise CheckpointError(f"checkpoint {path} stores {key} = {value!r}, not {what}; "
-                                  "it is damaged or crafted: re-save it from its run")
-    if not 0 <= args.get("img_size", 0) <= MAX_IMG_SIZE:
-        raise CheckpointError(f"checkpoint {path} stores img_size = {args['img_size']}, outside 0..{MAX_IMG_SIZE}; "
+    """A checkpoint's stored training settings with model_kwargs a JSON object (`read_args` has already
+    checked model and img_size with the flags' checks; it leaves model_kwargs to the reader)."""
+    kwargs = args.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise CheckpointError(f"checkpoint {path} stores model_kwargs = {kwargs!r}, not a JSON object; "
                               "it is damaged or crafted: re-save it from its run")
     return args
 

@@ -63,7 +63,7 @@ def _checkpoint_info(pretrained: str | None) -> dict[str, Any]:
     metadata = safetensors_metadata(pretrained)
     raw = metadata if metadata is not None else checkpoint.load(pretrained)
     info = {k: raw.get(k) for k in ("args", "epoch", "top1")}
-    info["args"] = checkpoint.read_args(pretrained)
+    info["args"] = checkpoint.checked_args(info["args"], pretrained)  # read_args' checks, without loading the file again
     summary = read_json(Path(pretrained).parent / "summary.json", warn=False)
     info["summary"] = summary if isinstance(summary, dict) else {}
     return info

@@ -16,10 +16,11 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import signal
-import threading
 import time
 from collections import deque
 from typing import Any, Callable, Iterator
+
+from spach.train.runtime import handling
 
 STOPS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.5
@@ -53,15 +54,8 @@ class Stop:
 def catching_stops() -> Iterator[Stop]:
     """SIGINT/SIGTERM recorded in the returned `Stop` while inside (handlers restored on exit)."""
     stop = Stop()
-    if threading.current_thread() is not threading.main_thread():
+    with handling(stop, STOPS):
         yield stop
-        return
-    old = {s: signal.signal(s, stop) for s in STOPS}
-    try:
-        yield stop
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 def _serve(conn: mp.connection.Connection, init: Callable[[], None], task: Callable[[Any], Any]) -> None:

@@ -157,7 +157,7 @@ def _looks_blocks(study: Study, looks: list[dict[str, Any]]) -> list[Block]:
     last = looks[-1]
     blocks.append(("p", f"Stopped: {last['stop']}." if last.get("stop") else
                    "The battle has not stopped yet (interrupted, or still running): rerun it to go on."))
-    still = [c for c in last.get("comparisons", [])]
+    still = last.get("comparisons", [])
     if still:
         blocks.append(("p", "Comparisons open at the last look, and what deciding each would take (the observed "
                             "difference taken as the truth, 80% power; cost in the budget's unit):"))

@@ -13,7 +13,7 @@ from spach.battle.questions import QUESTION_KEYS
 from spach.errors import SpachError
 from spach.models.backbone import SpachConfig, normalize_arch
 from spach.models.zoo import list_models
-from spach.train.config import ConfigError, TrainConfig
+from spach.train.config import MODEL_KWARGS_FLAGS, ConfigError, TrainConfig
 from spach.train.datasets import DATASETS, canonical_dataset
 
 # TrainConfig fields a study may not set: the battle owns them.
@@ -23,10 +23,11 @@ CONTESTANT_KNOBS = {"lr", "weight_decay", "drop_path", "drop", "batch_size", "wa
                     "pretrained"}
 DATA_FIELDS = {"dataset", "data_path", "img_size", "mean", "std", "train_subset", "val_subset", "eval_train_subset",
                "workers", "skip_bad_images"}
-# Model arguments the engine derives from the data and the recipe, so an arch may not set them.
-ENGINE_SET = {"num_classes": "it comes from the dataset", "in_chans": "it comes from the dataset",
-              "img_size": "set [data].img_size instead", "drop_path_rate": "set recipe.drop_path instead",
+# Model arguments the engine derives from the data and the recipe (train's MODEL_KWARGS_FLAGS), so an arch
+# may not set them; the fix named is the study file's table, not the train flag.
+_STUDY_FIX = {"img_size": "set [data].img_size instead", "drop_path_rate": "set recipe.drop_path instead",
               "drop_rate": "set recipe.drop instead"}
+ENGINE_SET = {key: _STUDY_FIX.get(key, why) for key, why in MODEL_KWARGS_FLAGS.items()}
 MAX_SEED = 2**32 - 1  # numpy's generators take no larger seed
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 TABLES = {"study", "data", "recipe", "arm", "contestant", "slurm"}

@@ -58,7 +58,11 @@ def read_args(path: str | os.PathLike) -> dict[str, Any]:
     """The training config a spach checkpoint carries (`args`; {} for official or bare weights), from a
     torch checkpoint or a safetensors file's metadata."""
     metadata = safetensors_metadata(path)
-    args = (metadata if metadata is not None else load(path)).get("args")
+    return checked_args((metadata if metadata is not None else load(path)).get("args"), path)
+
+
+def checked_args(args: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """The `args` read from checkpoint `path` ({} when it stores none), the settings taken from it checked."""
     if not isinstance(args, dict):
         return {}
     stored = {k: args[k] for k in _USED_ARGS if k in args}

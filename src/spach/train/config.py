@@ -127,7 +127,8 @@ _AT_LEAST = {"epochs": 1, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log
              "mixup": 0, "cutmix": 0, "color_jitter": 0, "momentum": 0}
 # Upper bounds no run reaches on purpose: the seed is numpy's and torch's (32 bits); an image side
 # beyond 4096 pixels is a typo that would only run out of memory.
-_AT_MOST = {"seed": 2**32 - 1, "img_size": 4096}
+MAX_IMG_SIZE = 4096
+_AT_MOST = {"seed": 2**32 - 1, "img_size": MAX_IMG_SIZE}
 _PROBABILITY = ("mixup_prob", "mixup_switch_prob", "hflip", "reprob")
 _RATE = ("smoothing", "drop_path", "drop")  # in [0, 1)
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}

@@ -124,17 +124,25 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        yield flag
+def handling(handler: Any, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """`handler` for `signals` while inside, the earlier handlers restored on exit (outside the main
+    thread, where handlers cannot be set, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    old = {s: signal.signal(s, flag) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
-        yield flag
+        yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    flag = StopFlag()
+    with handling(flag):
+        yield flag
     if flag.set:  # arrived after the last training step (e.g. during the final evaluation): the run is saved
         raise KeyboardInterrupt
 
