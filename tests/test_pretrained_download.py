@@ -68,12 +68,13 @@ def served(released, layout, layout_2b, tmp_path_factory) -> dict:
 
 class Server(ThreadingHTTPServer):
     """`/ok/FILE` serves the file (404 when there is none), `/cut/FILE` half of it under its full
-    Content-Length, `/html/FILE` an error page, `/wrong/FILE` ShiftViT-T light's checkpoint."""
+    Content-Length, `/html/FILE` an error page, `/wrong/FILE` ShiftViT-T light's checkpoint, `/stall/FILE`
+    its headers and a quarter of it, then nothing until the server shuts down, `/mute/FILE` nothing at all."""
 
     daemon_threads = True
 
     def __init__(self, files: dict):
-        self.files, self.requests = files, []
+        self.files, self.requests, self.stop = files, [], threading.Event()
         super().__init__(("127.0.0.1", 0), Handler)
 
 
@@ -81,6 +82,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.server.requests.append(self.path)
         kind, _, name = self.path.strip("/").partition("/")
+        if kind == "mute":
+            self.server.stop.wait(30)
+            return
         body = self.server.files.get("shiftvit_tiny_light.pth" if kind == "wrong" else name)
         if kind == "html":
             body = b"<!DOCTYPE html>\n<html><body>Too many requests</body></html>"
@@ -90,6 +94,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if kind == "stall":
+            self.wfile.write(body[: len(body) // 4])
+            self.wfile.flush()
+            self.server.stop.wait(30)
+            return
         self.wfile.write(body[: len(body) // 2] if kind == "cut" else body)
         self.close_connection = True
 
@@ -105,6 +114,7 @@ def server(served, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{srv.server_address[1]}/ok/")
     yield srv
+    srv.stop.set()
     srv.shutdown()
     srv.server_close()
 
@@ -189,6 +199,9 @@ FAILURES = {
                      r"a web page \(HTML\), not a checkpoint"),
     "wrong model": ("wrong", r"the file downloaded from {src} is not the official checkpoint of {name} \(checkpoint does not "
                              r"fit model {name} \(missing keys: .*; it is a ShiftViT checkpoint\)"),
+    "stalled": ("stall", r"cannot download the official weights of {name} from {src} \(the server sent nothing for 0.5 s; "
+                         r"SPACH_DOWNLOAD_TIMEOUT sets how long to wait\); copy "),
+    "mute": ("mute", r"cannot download the official weights of {name} from {src} \(the server sent nothing for 0.5 s; "),
     "read-only cache": ("ok", r"cannot write to the weights cache {cache} \(Read-only file system\); point TORCH_HOME at a "
                               r"writable folder .*pretrained_cfg_overlay=dict\(file=PATH\)"),
 }
@@ -211,6 +224,7 @@ def test_failures_are_one_line_and_leave_the_cache_clean(case, server, served, m
         _refuse_writes(monkeypatch)
     base = f"http://127.0.0.1:{port}/{kind}/"
     monkeypatch.setenv(weights.MIRROR_ENV, base)
+    monkeypatch.setenv(weights.TIMEOUT_ENV, "0.5")
     expected = pattern.format(name=name, src=base + file, file=file, cache=_cache(tmp_path))
     with pytest.raises(spach.SpachError, match=expected) as e:
         timm.create_model(name, pretrained=True)
@@ -230,6 +244,27 @@ def test_failures_are_one_line_and_leave_the_cache_clean(case, server, served, m
     before = len(server.requests)
     spach.create_model(name, pretrained=True)
     assert len(server.requests) == before + 1 and _cached(tmp_path) == [file]
+
+
+def test_the_timeout_is_checked_and_put_back(server, monkeypatch, tmp_path):
+    import socket
+    for bad in ["0", "-3", "soon", "nan"]:
+        monkeypatch.setenv(weights.TIMEOUT_ENV, bad)
+        with pytest.raises(spach.SpachError, match=r"^SPACH_DOWNLOAD_TIMEOUT=.* is not a number of seconds above 0; "
+                                                   r"e.g. SPACH_DOWNLOAD_TIMEOUT=120$"):
+            spach.create_model(XXS, pretrained=True)
+        assert _cached(tmp_path) == []
+    monkeypatch.setenv(weights.TIMEOUT_ENV, "7")
+    seen = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, progress=False: (seen.append(socket.getdefaulttimeout()),
+                                                          Path(dst).write_bytes(served_file(server, url))))
+    spach.create_model(XXS, pretrained=True)
+    assert seen == [7.0] and socket.getdefaulttimeout() is None and _cached(tmp_path) == ["spach_ms_conv_xxs.pth"]
+
+
+def served_file(server, url: str) -> bytes:
+    return server.files[url.rsplit("/", 1)[1]]
 
 
 def test_mirror_may_be_a_local_folder(served, monkeypatch, tmp_path):

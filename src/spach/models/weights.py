@@ -11,11 +11,14 @@ and leaves nothing behind, so the next call downloads again. It then loads throu
 loader (`convert.load_checkpoint`: weights_only, the official `argparse.Namespace` allowed, strict).
 
 `SPACH_WEIGHTS_URL` redirects every download to a mirror (`https://host/path/`) or a local folder:
-the file of the same name there is fetched (and cached) instead.
+the file of the same name there is fetched (and cached) instead. A server that stops sending for
+`SPACH_DOWNLOAD_TIMEOUT` seconds (default 60) fails the download instead of hanging it.
 """
 from __future__ import annotations
 
+import math
 import os
+import socket
 import sys
 import urllib.error
 import uuid
@@ -33,6 +36,8 @@ from spach.models.convert import check_fits, load_checkpoint, read_checkpoint
 from spach.models.registry import OFFICIAL_WEIGHTS, Family, family_of_variant, feature_net, sync_cfg
 
 MIRROR_ENV = "SPACH_WEIGHTS_URL"
+TIMEOUT_ENV = "SPACH_DOWNLOAD_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0
 _FILE_WAY = "or load a copy with pretrained_cfg_overlay=dict(file=PATH) (spach eval: --pretrained PATH)"
 
 
@@ -104,7 +109,7 @@ def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Pa
                          f"writable folder (the cache is $TORCH_HOME/hub/checkpoints), {_FILE_WAY}") from None
     try:
         try:
-            torch.hub.download_url_to_file(src, str(part), progress=sys.stderr.isatty())
+            _download(src, part)
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise SpachError(f"cannot download the official weights of {name} from {src} ({_reason(e)}); copy {url} "
                              f"to {target}, set {MIRROR_ENV} to a mirror URL or a folder holding {target.name}, "
@@ -121,7 +126,32 @@ def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Pa
     return target
 
 
+def download_timeout() -> float:
+    """Seconds a download may wait for the server's next bytes (`SPACH_DOWNLOAD_TIMEOUT`, default 60)."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise SpachError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds above 0; e.g. {TIMEOUT_ENV}=120")
+    return value
+
+
+def _download(src: str, part: Path) -> None:
+    # torch's downloader opens the URL without a timeout, so a stalled server would hang it for good;
+    # the socket default bounds each connect and read (not the whole transfer) and is put back after.
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(download_timeout())
+    try:
+        torch.hub.download_url_to_file(src, str(part), progress=sys.stderr.isatty())
+    finally:
+        socket.setdefaulttimeout(before)
+
+
 def _reason(e: BaseException) -> str:
+    if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+        return f"the server sent nothing for {download_timeout():g} s; {TIMEOUT_ENV} sets how long to wait"
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):
