@@ -153,6 +153,26 @@ def test_stored_model_kwargs_cannot_widen_loading(tmp_path, capsys, fmt, key):
     assert f"may not set {key}" in err and not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "export"])
+def test_model_kwargs_must_be_a_json_object(tmp_path, capsys, command):
+    args = {"train": ["train", "--preset", "tiny", "--model", "spach", "--output", str(tmp_path / "r")],
+            "eval": ["eval", "--model", "spach", "--pretrained", str(tmp_path / "w.pth"), "--dataset", "tiny"],
+            "export": ["export", "spach", "--format", "torchscript", "--output", str(tmp_path / "m.pt")]}[command]
+    err = cli_error(args + ["--model-kwargs", "[1]"], capsys)
+    assert "--model-kwargs must be a JSON object of model arguments, not '[1]'; e.g. --model-kwargs" in err
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_stored_model_kwargs_must_be_a_json_object(tmp_path, capsys, fmt):
+    kw = json.loads(TINY_KW)
+    state = spach.create_model("spach", num_classes=4, in_chans=1, img_size=32, **kw).state_dict()
+    path = save_weights(state, {"args": {"model": "spach", "model_kwargs": [1, 2], "img_size": 32}}, tmp_path / "w", fmt)
+    expected = f"checkpoint {path} stores model_kwargs = [1, 2], not a JSON object: the file was altered"
+    assert expected in cli_error(["eval", "--pretrained", str(path), "--dataset", "tiny"], capsys)
+    assert expected in cli_error(["export", "--pretrained", str(path), "--format", "torchscript", "--output",
+                                  str(tmp_path / "m.pt")], capsys)
+
+
 # -- 20.2: silent wrong data -------------------------------------------------------------------------------------------
 def test_16_bit_pngs_are_scaled_not_saturated(tmp_path):
     root = folders(tmp_path)

@@ -105,10 +105,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> None:
         overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
         if isinstance(overrides.get("model_kwargs"), str):
-            try:
-                overrides["model_kwargs"] = json.loads(overrides["model_kwargs"])
-            except json.JSONDecodeError as e:
-                raise SpachError(f"--model-kwargs is not valid JSON ({e})") from None
+            overrides["model_kwargs"] = _json_arg(overrides["model_kwargs"]) or {}
         try:
             cfg = resolve(overrides.pop("preset", None), args.config, **overrides)
         except ConfigError as e:
@@ -197,11 +194,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _json_arg(text: str | None) -> dict | None:
-    """--model-kwargs: JSON text, or None when not given."""
+    """--model-kwargs: a JSON object, or None when not given."""
     try:
-        return json.loads(text) if text else None
+        value = json.loads(text) if text else None
     except json.JSONDecodeError as e:
         raise SpachError(f"--model-kwargs is not valid JSON ({e})") from None
+    if value is not None and not isinstance(value, dict):
+        raise SpachError(f"--model-kwargs must be a JSON object of model arguments, not {text!r}; "
+                         "e.g. --model-kwargs '{\"hidden_dim\": 96}'")
+    return value
 
 
 def _add_battle(sub: argparse._SubParsersAction) -> None:

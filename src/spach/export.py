@@ -189,7 +189,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
     """The model to export, in eval mode, with the checkpoint's weights loaded strictly; and its name."""
-    args = _checked_args(checkpoint.read_args(pretrained), pretrained) if pretrained else {}
+    args = checkpoint.read_args(pretrained) if pretrained else {}
     if model and args.get("model") and model != args["model"]:
         raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; "
                               "drop the model name or pass the right one")
@@ -211,16 +211,6 @@ def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[s
     if pretrained:
         load_strict(net, pretrained)
     return net.eval(), name
-
-
-def _checked_args(args: dict[str, Any], path: str) -> dict[str, Any]:
-    """A checkpoint's stored training settings with model_kwargs a JSON object (`read_args` has already
-    checked model and img_size with the flags' checks; it leaves model_kwargs to the reader)."""
-    kwargs = args.get("model_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise CheckpointError(f"checkpoint {path} stores model_kwargs = {kwargs!r}, not a JSON object; "
-                              "it is damaged or crafted: re-save it from its run")
-    return args
 
 
 def resolution(net: nn.Module, name: str, img_size: int = 0) -> tuple[int, int]:

@@ -65,6 +65,10 @@ def checked_args(args: Any, path: str | os.PathLike) -> dict[str, Any]:
     """The `args` read from checkpoint `path` ({} when it stores none), the settings taken from it checked."""
     if not isinstance(args, dict):
         return {}
+    kwargs = args.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise CheckpointError(f"checkpoint {path} stores model_kwargs = {kwargs!r}, not a JSON object: the file was "
+                              "altered or not written by spach; re-save it from the trained model")
     stored = {k: args[k] for k in _USED_ARGS if k in args}
     try:  # the settings `spach eval` and `spach export` take from the file get the flags' checks
         TrainConfig(**stored)

@@ -145,9 +145,7 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
 def _eval_config(model: str, model_kwargs: dict | None, args: dict[str, Any], path: str) -> TrainConfig:
     """The model's settings: `--model-kwargs`, else the checkpoint's own (which may not widen what loading does)."""
     stored = model_kwargs is None
-    kwargs = args.get("model_kwargs", {}) if stored else model_kwargs
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"checkpoint {path} stores model_kwargs {kwargs!r}, not a dict; pass --model-kwargs")
+    kwargs = args.get("model_kwargs", {}) if stored else model_kwargs  # read_args checked it is a dict
     if stored:  # arguments earlier versions let through, which the data and flags set anyway
         kwargs = {k: v for k, v in kwargs.items() if k not in MODEL_KWARGS_FLAGS}
     try:
