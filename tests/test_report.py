@@ -119,6 +119,31 @@ def test_pareto_front():
     assert pareto_front([(10.0, 80.0), (5.0, 85.0)], higher_x_better=True) == [1, 0]
 
 
+def test_labels_of_close_points_do_not_cover_each_other():
+    import matplotlib.pyplot as plt
+
+    from spach.bench.plots import spread_labels
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    points = [(3.4, 79.0), (3.5, 78.95), (3.45, 79.1), (8.0, 79.2), (4.0, 70.0)]  # the first three crowd
+    ax.scatter(*zip(*points))
+    labels = [ax.annotate(f"mlp-ss-label-{i}", p, textcoords="offset points", xytext=(5, 4), fontsize=8)
+              for i, p in enumerate(points)]
+    ax.set_xscale("log")
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+
+    def overlaps() -> int:
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        return sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+    assert overlaps() > 0  # the test can fail: as placed, the crowded labels cover each other
+    spread_labels(fig)
+    assert overlaps() == 0
+    assert labels[3].xyann == (5, 4) and labels[4].xyann == (5, 4)  # a label alone stays where it was put
+    plt.close(fig)
+
+
 def test_the_tally_counts_the_paper_findings_and_the_further_questions_apart(tmp_path, monkeypatch):
     """A study that also asks the `beyond` question: the paper's five are counted apart from it."""
     monkeypatch.setitem(TOP1, "shift-ms", [90.1, 90.2, 90.0])

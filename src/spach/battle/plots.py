@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from spach.battle.findings import Finding  # noqa: E402
 from spach.battle.results import ContestantResult  # noqa: E402
-from spach.bench.plots import color  # noqa: E402
+from spach.bench.plots import color, spread_labels  # noqa: E402
 from spach.files import atomic_write_bytes, make_dirs  # noqa: E402
 
 
@@ -30,6 +30,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     """The figure as a PNG, written atomically (a read-only or full disk is a one-line SpachError)."""
     try:
         fig.tight_layout()
+        spread_labels(fig)
         png = io.BytesIO()
         fig.savefig(png, dpi=110, format="png")
     finally:

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.text import Annotation  # noqa: E402
 
 FAMILY_COLORS = {"conv": "tab:blue", "attn": "tab:orange", "mlp": "tab:green", "hybrid": "tab:red", "outside": "tab:gray"}
 _EXTRA = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
@@ -16,6 +17,27 @@ _EXTRA = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 def color(family: str) -> str:
     """One colour per family, in every plot spach draws (a custom mixer gets a stable extra one)."""
     return FAMILY_COLORS.get(family, _EXTRA[sum(map(ord, family)) % len(_EXTRA)])
+
+
+def spread_labels(fig: plt.Figure) -> None:
+    """Move each point label that would cover another label up or down, a line at a time; call it once the
+    layout is final (matplotlib puts each label where it is told, so close points get unreadable ones)."""
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        labels = [t for t in ax.texts if isinstance(t, Annotation) and t.anncoords == "offset points"]
+        placed: list[Any] = []
+        for label in sorted(labels, key=lambda a: tuple(ax.transData.transform(a.xy))[::-1]):
+            dx, dy = label.xyann
+            line = label.get_fontsize() + 1.5
+            for k in (0, 1, -1, 2, -2, 3, -3, 4, -4):
+                label.xyann = (dx, dy + k * line)
+                box = label.get_window_extent(renderer)
+                if not any(box.overlaps(b) for b in placed):
+                    break
+            else:  # crowded all around: leave it where it was asked to be
+                label.xyann = (dx, dy)
+                box = label.get_window_extent(renderer)
+            placed.append(box)
 
 
 def _scatter(ax, records: list[dict[str, Any]], x_key: str, y_key: str, x_scale: float = 1.0) -> None:
@@ -46,6 +68,7 @@ def write_plots(records: list[dict[str, Any]], out_dir: str, sweep_records: list
     def save(fig, name: str) -> None:
         path = os.path.join(out_dir, name)
         fig.tight_layout()
+        spread_labels(fig)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
