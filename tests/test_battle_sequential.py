@@ -147,6 +147,16 @@ def test_budget_flag_and_study_fields_are_checked(tmp_path, capsys):
     assert json.loads(json.dumps(parse_study(SEQUENTIAL).to_dict()))["budget"] == "12 runs"
 
 
+def test_the_dry_run_warns_when_the_first_wave_leaves_the_looks_no_room():
+    from spach.battle.estimate import room_warning
+
+    # the default's final run: a first wave of ~10 min in 11m30s, a pair of runs ~70 s
+    assert "it leaves the looks 1:16, less than three more seeds of a pair of contestants (~1:10 each here)" in \
+        room_warning(614, 690, 70)
+    assert room_warning(2960, 7200, 180) == ""  # the medium: 49 min of 2 h, a pair ~3 min
+    assert "does not fit" in room_warning(800, 690, 70)
+
+
 def test_a_look_that_is_not_one_ends_the_replay(tmp_path, capsys):
     """looks.jsonl edited by hand: the looks from the first bad one on are ignored, with one warning line."""
     good = {"look": 1, "seeds": {"conv": 2}, "next": {"conv": 3}, "comparisons": [], "stop": ""}

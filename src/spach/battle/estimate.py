@@ -123,7 +123,18 @@ def _print_looks(study: Study, total: float, jobs: int, load: str, stream: TextI
           f"looks can ask for) about {hms(first + per_seed * (len(study.seeds) - study.first_wave))} {load}",
           file=stream)
     if budget.kind == "wall":
+        pair = total / len(study.seeds) / len(study.contestants) * math.ceil(2 / jobs)  # one more seed of two contestants
         print(f"budget {budget.text}: the first wave takes {first / budget.amount:.0%} of it; the looks spend the rest "
-              "on the comparisons still open" + (" - the first wave alone does not fit: give a larger budget or fewer "
-                                                  "contestants" if first > budget.amount else ""), file=stream)
+              "on the comparisons still open" + room_warning(first, budget.amount, pair), file=stream)
     return first / 3600
+
+
+def room_warning(first: float, budget_s: float, pair_s: float) -> str:
+    """The dry run's warning for a first wave that leaves the looks too little of a wall-time budget
+    (less than three more seeds of a pair of contestants), or that does not fit at all; '' otherwise."""
+    if first > budget_s:
+        return " - the first wave alone does not fit: give a larger budget or fewer contestants"
+    if budget_s - first < 3 * pair_s:
+        return (f" - it leaves the looks {hms(budget_s - first)}, less than three more seeds of a pair of contestants "
+                f"(~{hms(pair_s)} each here): give a larger budget, or fewer contestants or a smaller first_wave")
+    return ""
