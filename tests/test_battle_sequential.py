@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from test_slurm import STUDY as JOB_STUDY  # a fixed two-seed study
-from test_slurm import _events, fake_slurm_on_path, jobs_env  # noqa: F401 (fixtures)
+from test_slurm import _events, _metrics, fake_slurm_on_path, jobs_env, same_metrics  # noqa: F401 (fixtures)
 
 from spach.battle.launchers import SubmititLauncher, make_launcher
 from spach.battle.looks import read_looks
@@ -40,21 +39,6 @@ arch = { net_arch = [["attn", 1]], hidden_dim = 16, patch_size = 4, num_heads = 
 
 def _plan(out: Path) -> list[tuple]:
     return [(k["look"], k["seeds"], k["next"], k["stop"]) for k in read_looks(out)]
-
-
-def _metrics(out: Path) -> dict[str, list]:
-    return {str(p.relative_to(out)): [(r["epoch"], r["train_loss"], r["top1"]) for r in read_jsonl(p)]
-            for p in sorted(out.glob("runs/*/*/metrics.jsonl"))}
-
-
-def _same_metrics(a: Path, b: Path) -> bool:
-    """The same runs and epochs, the numbers equal to 1e-4. A run trained in another process once differed
-    from the in-process one by 6e-6 of its loss (under load; CPU BLAS kernels may depend on memory
-    alignment): the plan, which the battle decides from, is compared exactly."""
-    ma, mb = _metrics(a), _metrics(b)
-    return ma.keys() == mb.keys() and all(
-        len(ma[k]) == len(mb[k]) and all(x[0] == y[0] and np.allclose(x[1:], y[1:], rtol=1e-4, atol=0)
-                                         for x, y in zip(ma[k], mb[k])) for k in ma)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +91,7 @@ def test_a_killed_sequential_battle_resumes_to_the_same_plan(tmp_path, uninterru
     assert len(read_looks(out)) >= 1
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     assert _plan(out) == _plan(uninterrupted)
-    assert _metrics(out) == _metrics(uninterrupted)
+    assert same_metrics(_metrics(out), _metrics(uninterrupted))
 
 
 @pytest.mark.slow
@@ -121,7 +105,7 @@ def test_batch_launchers_submit_each_wave(launcher, tmp_path, fake_slurm_on_path
     log = io.StringIO()
     run_battle(parse_study(SEQUENTIAL), tmp_path / "b", stream=log, launcher=batch)
     out = tmp_path / "b"
-    assert _plan(out) == _plan(uninterrupted) and _same_metrics(out, uninterrupted)
+    assert _plan(out) == _plan(uninterrupted) and same_metrics(_metrics(out), _metrics(uninterrupted))
     assert sorted(_events(out).values()) == [["submitted", "started", "finished"]] * len(read_jsonl(out / "results.jsonl"))
     assert log.getvalue().count("look 2: ") >= 1 and " failed (of " in log.getvalue()
     assert all(" 0 failed" in ln for ln in log.getvalue().splitlines() if ln.startswith("queue:"))

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import fake_slurm
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,15 @@ def _metrics(out: Path) -> dict[str, list]:
             for p in sorted(out.glob("runs/*/*/metrics.jsonl"))}
 
 
+def same_metrics(a: dict[str, list], b: dict[str, list], rtol: float = 1e-5) -> bool:
+    """The same runs, epochs and top-1, and training losses equal to `rtol`. A run trained or resumed in another
+    process can differ in the last digits of its loss (CPU BLAS kernels may depend on memory alignment): seen
+    2e-8 after a mid-epoch resume, 6e-6 between processes."""
+    return a.keys() == b.keys() and all(
+        [(e, t) for e, _, t in a[k]] == [(e, t) for e, _, t in b[k]]
+        and np.allclose([x for _, x, _ in a[k]], [x for _, x, _ in b[k]], rtol=rtol, atol=0) for k in a)
+
+
 def _events(out: Path) -> dict[str, list[str]]:
     return {str(p.relative_to(out)): [e["event"] for e in read_jsonl(p)] for p in sorted(out.glob("runs/*/*.jobs.jsonl"))}
 
@@ -129,7 +139,7 @@ def test_local_jobs_finish_and_a_preempted_one_resumes_exactly(tmp_path, monkeyp
     report = run_battle(load_study(_study(tmp_path)), out, stream=log, launcher=launcher)
     text = log.getvalue()
     assert report.is_file() and "queue: 0 pending, 0 running, 0 requeued; 4 done, 0 failed (of 4 runs)" in text
-    assert _metrics(out) == uninterrupted  # the requeued run too: it resumed from its mid-epoch checkpoint
+    assert same_metrics(_metrics(out), uninterrupted)  # the requeued run too: it resumed from its mid-epoch checkpoint
     events = _events(out)
     assert sorted(events.values()) == [["submitted", "started", "finished"]] * 3 + [
         ["submitted", "started", "requeued", "started", "finished"]]  # one job per run, one requeued in place
@@ -224,7 +234,7 @@ def test_slurm_jobs_preempted_requeued_or_killed_are_recorded(tmp_path, monkeypa
     assert _events(out)[f"runs/{done['contestant']}/seed0.jobs.jsonl"] == [
         "submitted", "started", "requeued", "started", "finished"]
     key = f"runs/{done['contestant']}/seed0/metrics.jsonl"
-    assert _metrics(out)[key] == uninterrupted[key]
+    assert same_metrics({key: _metrics(out)[key]}, {key: uninterrupted[key]})
     assert failed["error"] == f"job {failed['job_id']} ended (FAILED) without finishing"
     assert failed["log"] == str(out / "jobs" / f"{failed['job_id']}_0_log.err")
     error_file = out / "runs" / failed["contestant"] / "seed0.error.txt"
