@@ -99,7 +99,7 @@ def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Pa
     target = cache_path(url, cache_dir)
     if target.is_file():
         return target
-    src = source_url(url)
+    src, timeout = source_url(url), download_timeout()  # a bad timeout is refused before anything is written
     part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")  # beside its place: the rename is atomic
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -109,9 +109,9 @@ def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Pa
                          f"writable folder (the cache is $TORCH_HOME/hub/checkpoints), {_FILE_WAY}") from None
     try:
         try:
-            _download(src, part)
+            _download(src, part, timeout)
         except (urllib.error.URLError, OSError, ValueError) as e:
-            raise SpachError(f"cannot download the official weights of {name} from {src} ({_reason(e)}); copy {url} "
+            raise SpachError(f"cannot download the official weights of {name} from {src} ({_reason(e, timeout)}); copy {url} "
                              f"to {target}, set {MIRROR_ENV} to a mirror URL or a folder holding {target.name}, "
                              f"{_FILE_WAY}") from None
         try:
@@ -138,20 +138,20 @@ def download_timeout() -> float:
     return value
 
 
-def _download(src: str, part: Path) -> None:
+def _download(src: str, part: Path, timeout: float) -> None:
     # torch's downloader opens the URL without a timeout, so a stalled server would hang it for good;
     # the socket default bounds each connect and read (not the whole transfer) and is put back after.
     before = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(download_timeout())
+    socket.setdefaulttimeout(timeout)
     try:
         torch.hub.download_url_to_file(src, str(part), progress=sys.stderr.isatty())
     finally:
         socket.setdefaulttimeout(before)
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, timeout: float) -> str:
     if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
-        return f"the server sent nothing for {download_timeout():g} s; {TIMEOUT_ENV} sets how long to wait"
+        return f"the server sent nothing for {timeout:g} s; {TIMEOUT_ENV} sets how long to wait"
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):
