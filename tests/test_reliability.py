@@ -63,7 +63,7 @@ def test_a_battle_whose_runs_all_fail_exits_non_zero(tmp_path, capsys):
     text = STUDY.replace('name = "faults"', 'name = "faults"\nimports = ["broken.py"]').replace('["conv", 1]', '["broken_for_test", 1]')
     (tmp_path / "s.toml").write_text(text)
     err = cli_error(["battle", str(tmp_path / "s.toml"), "--output", str(tmp_path / "b")], capsys)
-    assert "all 2 runs of faults failed (first error: model does not run: RuntimeError: this mixer always fails)" in err
+    assert "all 2 runs of faults that were tried failed (first error: model does not run: RuntimeError: this mixer always fails)" in err
     assert (tmp_path / "b" / "report.html").is_file()  # the report still lists the failures
 
 

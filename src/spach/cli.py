@@ -216,7 +216,10 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset folder (sets data.data_path; the paper preset needs ImageNet here)")
     p.add_argument("--budget", help="run it sequentially within this budget, overriding the study's: \"15m\", \"2h\" "
                    "(wall time of the whole battle), \"300 gpu-h\" or \"120 runs\"; seeds go where verdicts are still open")
-    p.add_argument("--dry-run", action="store_true", help="print the runs and a time estimate, train nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the runs, their time on this machine and, for a "
+                   "sequential study, its plan and predicted decisions; train nothing")
+    p.add_argument("--pilot", metavar="DIR", help="with --dry-run: predict from this pilot battle's study folder (its "
+                   "contestants' means and noise, printed as a [prior] table to fix in the study file)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--list-presets", action="store_true", help="list the shipped studies and exit")
     batch = p.add_argument_group("batch jobs", "--launcher slurm: every run one Slurm job (submitit); this command "
@@ -237,7 +240,7 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
         resources = {key: getattr(args, key) for key in RESOURCE_FLAGS}
         battle_command(args.study, preset=args.preset, output=args.output, jobs=args.jobs, data=args.data,
                        dry_run=args.dry_run, report=not args.no_report, list_presets=args.list_presets,
-                       launcher=args.launcher, resources=resources, slurm=args.slurm, budget=args.budget)
+                       launcher=args.launcher, resources=resources, slurm=args.slurm, budget=args.budget, pilot=args.pilot)
 
     p.set_defaults(func=run)
 

@@ -46,7 +46,7 @@ class JobLog:
         append_jsonl(self.path, {"event": event, "job_id": job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
 
     def events(self, job_id: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in read_jsonl(self.path) if job_id is None or e.get("job_id") == job_id]
+        return [e for e in read_jsonl(self.path, live=True) if job_id is None or e.get("job_id") == job_id]
 
     def last_job(self) -> dict[str, Any] | None:
         """The `submitted` line of the run's latest job."""

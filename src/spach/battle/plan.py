@@ -35,7 +35,8 @@ class Run:
 
     def is_done(self) -> bool:
         summary = read_json(self.folder / "summary.json")
-        return summary is not None and summary.get("epochs", 0) >= self.config.epochs
+        epochs = summary.get("epochs") if isinstance(summary, dict) else None
+        return isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= self.config.epochs
 
 
 def plan(study: Study, out: Path) -> list[Run]:
@@ -141,7 +142,7 @@ def data_shape(study: Study) -> tuple[int, int, int]:
 
 
 def epoch_images(cfg: TrainConfig) -> tuple[int, int]:
-    """(images trained on, images scored) per epoch of a run with this config."""
+    """(images trained on per epoch, images scored at each scored epoch) of a run with this config."""
     n_train, n_val = DATASETS[canonical_dataset(cfg.dataset)][3:]
     n_train = min(cfg.train_subset or n_train, n_train)
     return n_train, min(cfg.val_subset or n_val, n_val) + min(cfg.eval_train_subset, n_train)

@@ -17,7 +17,7 @@ from spach.train.config import MODEL_KWARGS_FLAGS, ConfigError, TrainConfig
 from spach.train.datasets import DATASETS, canonical_dataset
 
 # TrainConfig fields a study may not set: the battle owns them.
-MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset"}
+MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset", "deadline"}
 # Recipe knobs one contestant may change on its own (everything else is shared, for a fair fight).
 CONTESTANT_KNOBS = {"lr", "weight_decay", "drop_path", "drop", "batch_size", "warmup_epochs", "clip_grad", "opt",
                     "pretrained"}
@@ -30,9 +30,9 @@ _STUDY_FIX = {"img_size": "set [data].img_size instead", "drop_path_rate": "set 
 ENGINE_SET = {key: _STUDY_FIX.get(key, why) for key, why in MODEL_KWARGS_FLAGS.items()}
 MAX_SEED = 2**32 - 1  # numpy's generators take no larger seed
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-TABLES = {"study", "data", "recipe", "arm", "contestant", "slurm"}
+TABLES = {"study", "data", "recipe", "arm", "contestant", "slurm", "prior"}
 STUDY_KEYS = {"name", "description", "seeds", "questions", "imports", "jobs", "notes", "base", "margin", "alpha",
-              "tested_elsewhere", "budget", "first_wave"}
+              "tested_elsewhere", "budget", "first_wave", "spending"}
 ARM_KEYS = {"description", "questions", "data", "recipe"}
 CONTESTANT_KEYS = {"name", "model", "arch", "recipe", "label", "arm"}
 # [slurm]: the resources of every run's batch job (--launcher slurm / submitit-local): type and least value;

@@ -5,6 +5,7 @@
     seeds = [0, 1, 2]                       # with a budget: every seed a contestant may get, in order
     budget = "2h"                           # optional: a sequential battle ("15m", "2h", "300 gpu-h", "120 runs")
     first_wave = 3                          # with a budget: the seeds every contestant gets before the first look
+    spending = "pocock"                     # with a budget: how alpha is spent over the looks (obf, pocock, hsd(G))
     questions = ["multi-stage", "hybrid"]   # optional: the findings judged on the main arm (default: all)
     margin = 0.5                            # equivalence margin in points of top-1, fixed before the runs
     imports = ["my_mixers.py"]              # optional: modules or files that register custom mixers
@@ -49,6 +50,7 @@ from typing import Any
 
 import tomllib
 
+from spach.battle.prior import parse_prior
 from spach.battle.questions import PAPER_FINDINGS, QUESTION_KEYS
 from spach.battle.schema import (
     ARM_KEYS,
@@ -59,7 +61,9 @@ from spach.battle.schema import (
     Validator,
     train_fields,
 )
-from spach.battle.sequential import Spending, parse_budget
+from spach.battle.budget import parse_budget
+from spach.battle.spending import DEFAULT as DEFAULT_SPENDING
+from spach.battle.spending import Spending, spending_function
 from spach.device import parse_device
 from spach.errors import SpachError
 from spach.files import read_text
@@ -110,6 +114,8 @@ class Study:
     slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: the batch-job resources of every run
     budget: str = ""  # a sequential battle's budget (spach.battle.sequential.parse_budget); "": fixed design
     first_wave: int = 0  # seeds per contestant before the first look (sequential battles)
+    spending: str = ""  # how a sequential battle's comparisons spend alpha ("" : spach.battle.spending.DEFAULT)
+    prior: dict[str, Any] = field(default_factory=dict)  # [prior]: effects and noise the dry run predicts from
     # per arm, the images its runs train and are tested on: recorded by the battle from the data (the report's numbers)
     data_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -117,10 +123,18 @@ class Study:
     def sequential(self) -> bool:
         return bool(self.budget)
 
-    def spending(self) -> Spending:
-        """How the comparisons spend alpha over the looks (a fixed design: all of it at its one look)."""
-        most = len(self.seeds)
-        return Spending(self.alpha, min(self.first_wave, most) if self.sequential else most, most)
+    def spending_of(self, most: int | None = None) -> Spending:
+        """How a comparison that can reach `most` seeds (default: the study's seed list) spends alpha over
+        the looks (a fixed design: all of it at its one look)."""
+        most = most or len(self.seeds)
+        if not self.sequential:
+            return Spending(self.alpha, most, most)
+        return Spending(self.alpha, min(self.first_wave, most), most, self.spending or DEFAULT_SPENDING)
+
+    @property
+    def prior_df(self) -> float:
+        """The degrees of freedom the arm's pooled noise lends each pair (`spach.battle.spending.Spending.prior_df`)."""
+        return self.spending_of().prior_df
 
     def config(self, contestant: Contestant | None = None, seed: int | None = None, output: str = "",
                **extra: Any) -> TrainConfig:
@@ -205,12 +219,15 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         tested_elsewhere=v.get(st, "study.tested_elsewhere", dict, default={}),
         budget=v.get(st, "study.budget", str, default=""),
         first_wave=v.get(st, "study.first_wave", int, default=0),
+        spending=v.get(st, "study.spending", str, default=""),
         contestants=[],
         source=source,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
     )
     if study.jobs < 1:
         v.fail("study.jobs", f"must be >= 1, got {study.jobs}")
+    if st.get("first_wave") == 0:
+        v.fail("study.first_wave", f"must lie in 2..{len(study.seeds)} (the seeds listed), got 0")
     if study.margin < 0:
         v.fail("study.margin", f"must be >= 0 (points of top-1; 0: no equivalence test), got {study.margin}")
     if not 0 < study.alpha < 0.5:
@@ -253,11 +270,13 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
             v.channels(study.config(c))
         except ConfigError as e:
             v.config_error(e, c.name, c.recipe, c.arm)
+    study.prior = parse_prior(raw.get("prior"), set(names), v.fail)
     return study
 
 
 def check_looks(study: Study, fail: Any) -> None:
-    """A sequential study's budget and first wave (`fail(where, problem)` raises)."""
+    """A sequential study's budget, first wave and spending function (`fail(where, problem)` raises);
+    an unset first wave (0) becomes min(3, seeds) with a budget."""
     if study.budget:
         try:
             parse_budget(study.budget)
@@ -268,16 +287,31 @@ def check_looks(study: Study, fail: Any) -> None:
     elif study.first_wave:
         fail("study.first_wave", "needs a budget: add study.budget (e.g. \"15m\") for a sequential battle, or drop first_wave")
     if study.first_wave and not 2 <= study.first_wave <= len(study.seeds):
-        fail("study.first_wave", f"must lie in 2..{len(study.seeds)} (the seeds listed), got {study.first_wave}")
+        fail("study.first_wave", f"must lie in 2..{len(study.seeds)} (the seeds listed; two are the fewest a pair's noise "
+             f"can be estimated from), got {study.first_wave}")
+    if study.budget and parse_budget(study.budget).kind == "gpu-h" and study.config().device == "cpu":
+        fail("study.budget", f"{study.budget!r} counts GPU hours, but recipe.device is \"cpu\"; give wall time (e.g. "
+             "\"15m\") or runs (e.g. \"40 runs\")")
+    if study.spending:
+        if not study.budget:
+            fail("study.spending", "needs a budget: a fixed design spends all its alpha at its one look; drop spending")
+        try:
+            spending_function(study.spending)
+        except SpachError as e:
+            fail("study.spending", str(e))
 
 
 def check_runnable(study: Study) -> None:
-    """What only matters when the study is about to train here: the device it asks for exists."""
+    """What only matters when the study is about to train here: the device it asks for exists, and a
+    budget of GPU hours has GPUs to count."""
     device = study.config().device
     try:
-        parse_device(device)
+        found = parse_device(device)
     except SpachError as e:
         raise SpachError(f"{study.source}: recipe.device: {e}") from None
+    if study.budget and parse_budget(study.budget).kind == "gpu-h" and found.type == "cpu":
+        raise SpachError(f"{study.source}: study.budget: {study.budget!r} counts GPU hours, but this study's runs train on "
+                         "the CPU here; give wall time (e.g. \"15m\") or runs (e.g. \"40 runs\")")
 
 
 _IMPORTED: set[str] = set()  # a plugin file registers its mixers once per process

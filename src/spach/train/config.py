@@ -52,7 +52,7 @@ class TrainConfig:
     std: list = _knob([], "normalisation std per channel (empty: as --mean)", group="data")
     train_subset: int = _knob(0, "train on this many training images only, a fixed random subset (0: all)", group="data")
     val_subset: int = _knob(0, "validate on this many validation images only, a fixed random subset (0: all)", group="data")
-    eval_train_subset: int = _knob(0, "also evaluate each epoch on this many training images, un-augmented (train_eval_loss/top1; 0: off)", group="data")
+    eval_train_subset: int = _knob(0, "also evaluate on this many training images, un-augmented, whenever the validation set is scored (train_eval_loss/top1; 0: off)", group="data")
     workers: int = _knob(default_workers(), "data loader worker processes for image folders (in-memory sets load in the main "
                                             "process; default: at most 4, no more than this machine's CPUs)", group="data")
     skip_bad_images: bool = _knob(False, "count and skip unreadable images instead of failing", group="data")
@@ -96,6 +96,10 @@ class TrainConfig:
     device: str = _knob("auto", "auto, cpu, cuda or cuda:N", group="run")
     progress: str = _knob("auto", "auto (a bar on a terminal, periodic lines otherwise), bar, lines or none", group="run")
     log_interval: int = _knob(50, "steps between progress lines", group="run")
+    eval_every: int = _knob(1, "score the validation set (and --eval-train-subset) every N epochs and always after the last one; "
+                               "0: only after the last one (the weights trained are the same either way)", group="run")
+    deadline: float = _knob(0.0, "stop at the first training step after this Unix time, saving a checkpoint that --resume auto "
+                                 "continues (0: no deadline; a battle sets it from its budget)", group="run")
     log: str = _knob("auto", "experiment logs beside metrics.jsonl: tensorboard, wandb (offline), both comma-separated, "
                              "none, or auto (tensorboard when it is installed; the choice is recorded in config.json)", group="run")
     save_format: str = _knob("torch", "format of the model weights kept (best, and final): torch (.pth) or safetensors "
@@ -109,7 +113,12 @@ class TrainConfig:
 # Settings that may change when a run is resumed; any other difference means another run.
 # ("tensorboard" is the knob `log` replaced: run folders of earlier versions still hold it.)
 RESUMABLE_CHANGES = {"resume", "workers", "progress", "log_interval", "log", "tensorboard", "save_format", "epochs", "device",
-                     "eval_batch_size", "output"}
+                     "eval_batch_size", "output", "eval_every", "deadline"}
+
+
+def scores_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch `epoch` (1-based) ends with scoring the validation set (and the training subset)."""
+    return epoch >= cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -121,7 +130,7 @@ DATASET_NAMES = ("imagefolder", "fashion-mnist", "fmnist", "cifar10", "cifar100"
 _CHOICES = {"amp": AMP_CHOICES, "mixup_mode": ("batch", "pair", "elem"), "remode": ("const", "rand", "pixel"),
             "progress": ("auto", "bar", "lines", "none"), "save_format": ("torch", "safetensors"),
             "train_interpolation": ("bilinear", "bicubic", "nearest", "random", "lanczos", "box", "hamming")}
-_AT_LEAST = {"epochs": 1, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log_interval": 1, "workers": 0, "seed": 0,
+_AT_LEAST = {"epochs": 1, "eval_every": 0, "deadline": 0, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log_interval": 1, "workers": 0, "seed": 0,
              "train_subset": 0, "val_subset": 0, "eval_train_subset": 0, "img_size": 0, "eval_batch_size": 0,
              "lr_base_size": 0, "warmup_epochs": 0, "min_lr": 0, "warmup_lr": 0, "weight_decay": 0, "clip_grad": 0,
              "mixup": 0, "cutmix": 0, "color_jitter": 0, "momentum": 0}
