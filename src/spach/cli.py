@@ -27,7 +27,7 @@ from spach.train.config import ConfigError, TrainConfig
 from spach.train.engine import train
 from spach.train.evaluate import evaluate_checkpoint
 from spach.train.presets import PRESETS, resolve
-from spach.train.runtime import default_workers
+from spach.train.runtime import default_workers, interrupting
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with interrupting():  # SIGINT and SIGTERM stop every command, also one started with SIGINT ignored
+            args.func(args)
     except SpachError as e:
         print(f"spach {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

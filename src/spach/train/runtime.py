@@ -138,6 +138,21 @@ def handling(handler: Any, signals: tuple[int, ...] = (signal.SIGINT, signal.SIG
             signal.signal(s, h)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupting() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt while inside, whatever the process inherited: one
+    started in the background (`cmd &`, nohup, a script's job) begins with SIGINT ignored, and SIGTERM's
+    default ends a process without running its `finally` blocks. Long-running commands (the CLI, a
+    battle and its monitor, a download, an export) run inside it; the loops that save before they
+    stop (the engine, the battle's pool) install their own handlers within."""
+    with handling(_interrupt):
+        yield
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[StopFlag]:
     flag = StopFlag()
