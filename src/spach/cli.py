@@ -23,11 +23,12 @@ from spach.export import FORMATS, export
 from spach.files import atomic_write_text
 from spach.models.table import print_models
 from spach.models.weights import MIRROR_ENV, official_weights
+from spach.signals import interrupting
 from spach.train.config import ConfigError, TrainConfig
 from spach.train.engine import train
 from spach.train.evaluate import evaluate_checkpoint
 from spach.train.presets import PRESETS, resolve
-from spach.train.runtime import default_workers, interrupting
+from spach.train.runtime import default_workers
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

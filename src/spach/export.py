@@ -34,11 +34,11 @@ from spach.files import make_dirs, os_error, read_json, scratch_folder
 from spach.hub_export import TIMM_FILES, write_timm_folder
 from spach.models.convert import read_checkpoint
 from spach.models.mixers import TokenMLP
+from spach.signals import interrupting
 from spach.train import checkpoint
 from spach.train.config import MAX_IMG_SIZE, TrainConfig
 from spach.train.evaluate import load_strict
 from spach.train.factory import build_model
-from spach.train.runtime import interrupting
 
 FORMATS = ("onnx", "torchscript", "timm")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its op library, the runtime that checks the file

@@ -35,8 +35,9 @@ from spach.battle.study import Study, check_runnable, import_plugins
 from spach.errors import SpachError, first_line
 from spach.files import FolderLock, atomic_write_text, os_error, read_json
 from spach.humanize import hms
+from spach.signals import interrupting
 from spach.train.engine import train
-from spach.train.runtime import StopFlag, interrupting
+from spach.train.runtime import StopFlag
 
 
 def ledger_record(run: Run, summary: dict | None, error: str | None, started: float) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from spach.files import os_error, scratch_folder
 from spach.models.convert import check_fits, load_checkpoint, read_checkpoint
 from spach.models.download import TIMEOUT_ENV, DownloadError, download, download_timeout  # noqa: F401 (TIMEOUT_ENV: re-exported)
 from spach.models.registry import OFFICIAL_WEIGHTS, Family, family_of_variant, feature_net, sync_cfg
+from spach.signals import interrupting
 
 MIRROR_ENV = "SPACH_WEIGHTS_URL"
 SCRATCH_PREFIX = ".spach-download-"  # a download's scratch folder in the cache: <prefix><pid>-<hex>/<file>
@@ -103,8 +104,6 @@ def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Pa
     target = cache_path(url, cache_dir)
     if target.is_file():
         return target
-    from spach.train.runtime import interrupting  # not at the top: spach.train imports the models
-
     src, timeout = source_url(url), download_timeout()  # a bad timeout is refused before anything is written
     with interrupting(), contextlib.ExitStack() as stack:  # SIGTERM too ends it as Ctrl-C does: nothing is left
         try:

@@ -7,7 +7,6 @@ import os
 import random
 import resource
 import signal
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from spach.device import parse_device, tune_cpu_allocator
+from spach.signals import handling
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -121,36 +121,6 @@ class StopFlag:
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.set, self.signum = True, signum
-
-
-@contextlib.contextmanager
-def handling(handler: Any, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
-    """`handler` for `signals` while inside, the earlier handlers restored on exit (outside the main
-    thread, where handlers cannot be set, nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def interrupting() -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt while inside, whatever the process inherited: one
-    started in the background (`cmd &`, nohup, a script's job) begins with SIGINT ignored, and SIGTERM's
-    default ends a process without running its `finally` blocks. Long-running commands (the CLI, a
-    battle and its monitor, a download, an export) run inside it; the loops that save before they
-    stop (the engine, the battle's pool) install their own handlers within."""
-    with handling(_interrupt):
-        yield
 
 
 @contextlib.contextmanager
