@@ -3,7 +3,6 @@ resumed to the same plan, and the batch launchers submitting each wave when a lo
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_group, run_process, spawn
 from test_slurm import STUDY as JOB_STUDY  # a fixed two-seed study
 from test_slurm import _events, _metrics, fake_slurm_on_path, jobs_env, same_metrics  # noqa: F401 (fixtures)
 
@@ -83,14 +83,13 @@ def test_a_killed_sequential_battle_resumes_to_the_same_plan(tmp_path, uninterru
     out = tmp_path / "b"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "spach", "battle", str(study), "--output", str(out), "--jobs", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and not (read_looks(out) and len(read_jsonl(out / "results.jsonl")) > 6):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     assert len(read_looks(out)) >= 1
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    run_process(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     assert _plan(out) == _plan(uninterrupted)
     assert same_metrics(_metrics(out), _metrics(uninterrupted))
 

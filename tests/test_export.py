@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, spawn
 
 import spach
 from spach.cli import main
@@ -123,8 +123,10 @@ main(sys.argv[1:])
 """
 
 
-def test_sigterm_mid_export_leaves_nothing(tmp_path):
-    """The export works beside its output (not in /tmp) and a SIGTERM there removes its scratch folder."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT to an export started in the background"])
+def test_sigterm_mid_export_leaves_nothing(stop, tmp_path):
+    """The export works beside its output (not in /tmp) and a SIGTERM there removes its scratch folder; so
+    does SIGINT, also to an export started with SIGINT ignored (as a shell starts a background job)."""
     import os
     import signal
     import subprocess
@@ -133,16 +135,13 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     out = tmp_path / "out" / "conv.pt"
     src = str(Path(spach.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", FAMILIES["conv"], "--model-kwargs", json.dumps(TINY),
-                             "--format", "torchscript", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    try:
-        assert proc.stdout.readline() == "exporting\n"
-        assert len(scratch_left(out.parent)) == 1  # beside the output, holding the half-written file
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
+    proc = spawn([sys.executable, "-c", SLOW_EXPORT, "export", FAMILIES["conv"], "--model-kwargs", json.dumps(TINY),
+                  "--format", "torchscript", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True, env=env, background=stop != "SIGTERM")
+    assert proc.stdout.readline() == "exporting\n"
+    assert len(scratch_left(out.parent)) == 1  # beside the output, holding the half-written file
+    proc.send_signal(signal.SIGTERM if stop == "SIGTERM" else signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and err == "spach export: interrupted\n"
     assert not out.exists() and scratch_left(out.parent) == []
 

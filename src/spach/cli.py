@@ -23,6 +23,7 @@ from spach.export import FORMATS, export
 from spach.files import atomic_write_text
 from spach.models.table import print_models
 from spach.models.weights import MIRROR_ENV, official_weights
+from spach.signals import interrupting
 from spach.train.config import ConfigError, TrainConfig
 from spach.train.engine import train
 from spach.train.evaluate import evaluate_checkpoint
@@ -267,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with interrupting():  # SIGINT and SIGTERM stop every command, also one started with SIGINT ignored
+            args.func(args)
     except SpachError as e:
         print(f"spach {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

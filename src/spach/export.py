@@ -22,9 +22,6 @@ import contextlib
 import importlib.util
 import io
 import os
-import secrets
-import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,15 +30,15 @@ import torch
 import torch.nn as nn
 
 from spach.errors import CheckpointError, SpachError, first_line
-from spach.files import FolderLock, make_dirs, os_error, read_json
+from spach.files import make_dirs, os_error, read_json, scratch_folder
 from spach.hub_export import TIMM_FILES, write_timm_folder
 from spach.models.convert import read_checkpoint
 from spach.models.mixers import TokenMLP
+from spach.signals import interrupting
 from spach.train import checkpoint
 from spach.train.config import MAX_IMG_SIZE, TrainConfig
 from spach.train.evaluate import load_strict
 from spach.train.factory import build_model
-from spach.train.runtime import handling
 
 FORMATS = ("onnx", "torchscript", "timm")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its op library, the runtime that checks the file
@@ -143,19 +140,10 @@ def run_source(model: str | None, pretrained: str | None) -> tuple[str | None, s
 
 @contextlib.contextmanager
 def scratch_beside(output: Path) -> Iterator[Path]:
-    """A private, locked folder beside `output` for the export in progress (the same file system, so the
-    result is moved into place); removed when the block ends, also on Ctrl-C and SIGTERM. Scratch
-    folders that killed exports left there (nobody holds their lock) are removed first."""
-    parent = make_dirs(output.absolute().parent)
-    for old in parent.glob(f"{SCRATCH_PREFIX}*"):
-        remove_if_abandoned(old)
-    lock = FolderLock(parent / f"{SCRATCH_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", "export scratch folder").acquire()
-    try:
-        with _sigterm_interrupts():
-            yield lock.folder
-    finally:
-        lock.release()
-        shutil.rmtree(lock.folder, ignore_errors=True)
+    """A private, locked folder beside `output` for the export in progress (`files.scratch_folder`),
+    removed when the block ends, also on Ctrl-C and SIGTERM."""
+    with interrupting(), scratch_folder(output, SCRATCH_PREFIX, "export scratch folder") as folder:
+        yield folder
 
 
 def _move(src: Path, dst: Path) -> None:
@@ -163,28 +151,6 @@ def _move(src: Path, dst: Path) -> None:
         os.replace(src, dst)
     except OSError as e:
         raise os_error(e, dst) from None
-
-
-def remove_if_abandoned(folder: Path) -> bool:
-    """Remove a scratch folder whose export is gone (its lock is free); True when removed."""
-    if not folder.is_dir() or folder.is_symlink():
-        return False
-    try:
-        FolderLock(folder, "export scratch folder").acquire().release()
-    except SpachError:  # held by a running export, or not ours to touch
-        return False
-    shutil.rmtree(folder, ignore_errors=True)
-    return True
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (a scheduler, `kill`) ends the export as Ctrl-C does, so the scratch folder is removed."""
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    with handling(interrupt, (signal.SIGTERM,)):
-        yield
 
 
 def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str]:

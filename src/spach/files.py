@@ -13,6 +13,8 @@ folder locks. Every file spach writes goes through here.
 - `FolderLock`: one process owns a run or study folder at a time (an exclusive `flock` on
   `<folder>/.lock`, released by the kernel when the process dies, so a lock left by a killed process
   is taken over safely); the loser gets a one-line error naming the holder.
+- `scratch_folder`: a private, locked folder beside a file being made (an export, a download), removed
+  when done; those that killed processes left (nobody holds their lock) are removed by the next one.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ import fcntl
 import io
 import json
 import os
+import secrets
+import shutil
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -319,6 +323,34 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def remove_if_abandoned(folder: Path) -> bool:
+    """Remove a scratch folder whose process is gone (its lock is free); True when removed."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    try:
+        FolderLock(folder, "scratch folder").acquire().release()
+    except SpachError:  # held by a running process, or not ours to touch
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def scratch_folder(beside: str | os.PathLike, prefix: str, what: str) -> Iterator[Path]:
+    """A private, locked folder `<prefix><pid>-<random>` beside `beside` (the same file system, so what
+    is made there moves into place atomically), removed when the block ends. Folders of this prefix
+    that killed processes left there (nobody holds their lock) are removed first."""
+    parent = make_dirs(Path(beside).absolute().parent)
+    for old in parent.glob(f"{prefix}*"):
+        remove_if_abandoned(old)
+    lock = FolderLock(parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}", what).acquire()
+    try:
+        yield lock.folder
+    finally:
+        lock.release()
+        shutil.rmtree(lock.folder, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:

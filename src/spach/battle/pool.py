@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterator
 
-from spach.train.runtime import handling
+from spach.signals import handling
 
 STOPS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.5

@@ -36,6 +36,7 @@ from spach.battle.study import Study, check_runnable, import_plugins
 from spach.errors import SpachError, first_line
 from spach.files import FolderLock, atomic_write_text, os_error, read_json
 from spach.humanize import hms
+from spach.signals import interrupting
 from spach.train.engine import Deadline, train
 from spach.train.runtime import StopFlag
 
@@ -199,7 +200,9 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
     study = open_study(out, study)
     launcher = launcher or LocalPool(jobs or study.jobs, study.imports)
     launcher.check(study)
-    with FolderLock(out, "study folder"):
+    # SIGINT and SIGTERM stop the battle (and a batch launcher's monitor) also when it was started in the
+    # background with SIGINT ignored; the local pool and the engine install their own handlers within
+    with interrupting(), FolderLock(out, "study folder"):
         runs = plan(study, out)
         check_compatible(runs)
         check_data(study)
