@@ -1,6 +1,8 @@
+import contextlib
 import json
 import os
 import pathlib
+import resource
 
 import pytest
 import torch
@@ -58,3 +60,16 @@ def cli_error(argv: list[str], capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
+
+
+@contextlib.contextmanager
+def memory_cap(gb: float = 4.0):
+    """At most `gb` more of address space inside the block: a test of a size check that regresses fails with
+    an allocation error instead of taking the machine's memory (and other processes with it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(pathlib.Path("/proc/self/status").read_text().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (min(used + int(gb * 2**30), hard if hard != resource.RLIM_INFINITY else 2**62), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

@@ -15,6 +15,7 @@ from timm.optim import list_optimizers
 
 from spach.device import AMP_CHOICES
 from spach.errors import SpachError
+from spach.models.limits import MAX_IMG_SIZE
 from spach.train.logs import parse_log
 from spach.train.runtime import default_workers
 
@@ -125,9 +126,8 @@ _AT_LEAST = {"epochs": 1, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log
              "train_subset": 0, "val_subset": 0, "eval_train_subset": 0, "img_size": 0, "eval_batch_size": 0,
              "lr_base_size": 0, "warmup_epochs": 0, "min_lr": 0, "warmup_lr": 0, "weight_decay": 0, "clip_grad": 0,
              "mixup": 0, "cutmix": 0, "color_jitter": 0, "momentum": 0}
-# Upper bounds no run reaches on purpose: the seed is numpy's and torch's (32 bits); an image side
-# beyond 4096 pixels is a typo that would only run out of memory.
-MAX_IMG_SIZE = 4096
+# Upper bounds no run reaches on purpose: the seed is numpy's and torch's (32 bits); the image side is
+# the models' own limit (spach.models.limits).
 _AT_MOST = {"seed": 2**32 - 1, "img_size": MAX_IMG_SIZE}
 _PROBABILITY = ("mixup_prob", "mixup_switch_prob", "hflip", "reprob")
 _RATE = ("smoothing", "drop_path", "drop")  # in [0, 1)
