@@ -138,12 +138,17 @@ def test_model_kwargs_that_collide_with_flags_or_widen_loading(tmp_path, capsys,
     assert match in err
 
 
+STORED = {"pretrained_cfg_overlay": {"file": "other.pth"}, "pretrained": True, "checkpoint_path": "x",
+          # issue 26.2: keys with a flag of their own were silently ignored (eval) or used (export's img_size)
+          "img_size": 64, "num_classes": 7, "in_chans": 1, "drop_path_rate": 0.1, "drop_rate": 0.1}
+
+
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
-@pytest.mark.parametrize("key", ["pretrained_cfg_overlay", "pretrained", "checkpoint_path"])
+@pytest.mark.parametrize("key", list(STORED))
 def test_stored_model_kwargs_cannot_widen_loading(tmp_path, capsys, fmt, key):
     kw = json.loads(TINY_KW)
     state = spach.create_model("spach", num_classes=4, in_chans=1, img_size=32, **kw).state_dict()
-    value = {"file": str(tmp_path / "other.pth")} if key == "pretrained_cfg_overlay" else True if key == "pretrained" else "x"
+    value = STORED[key]
     args = {"model": "spach", "model_kwargs": {**kw, key: value}, "img_size": 32}
     path = save_weights(state, {"args": args}, tmp_path / "w", fmt)
     err = cli_error(["eval", "--pretrained", str(path), "--dataset", "tiny"], capsys)

@@ -50,8 +50,9 @@ def save_weights(state_dict: dict[str, torch.Tensor], info: dict[str, Any], path
     return path
 
 
-# (model_kwargs are checked where they are used: stored ones may not widen what loading does)
-_USED_ARGS = ("model", "img_size", "mean", "std")
+# The settings `spach eval` and `spach export` take from a checkpoint: checked as the flags are (model_kwargs
+# may neither set what a flag sets nor widen what loading does)
+_USED_ARGS = ("model", "model_kwargs", "img_size", "mean", "std")
 
 
 def read_args(path: str | os.PathLike) -> dict[str, Any]:
@@ -70,9 +71,12 @@ def checked_args(args: Any, path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} stores model_kwargs = {kwargs!r}, not a JSON object: the file was "
                               "altered or not written by spach; re-save it from the trained model")
     stored = {k: args[k] for k in _USED_ARGS if k in args}
-    try:  # the settings `spach eval` and `spach export` take from the file get the flags' checks
+    try:
         TrainConfig(**stored)
     except ConfigError as e:
+        if e.field == "model_kwargs":  # what --model-kwargs may not do, a stored one may not either
+            raise CheckpointError(f"checkpoint {path} stores model_kwargs that {e.problem}; it was refused (the file "
+                                  "was altered or written by an older spach)") from None
         raise CheckpointError(f"checkpoint {path} stores an invalid {e.field} (it {e.problem}): the file was altered "
                               "or not written by spach; re-save it from the trained model") from None
     return args

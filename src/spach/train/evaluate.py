@@ -21,7 +21,7 @@ from spach.errors import CheckpointError, SpachError, first_line
 from spach.files import atomic_write_bytes
 from spach.models.convert import check_fits, checkpoint_filter_fn, read_checkpoint
 from spach.train import checkpoint
-from spach.train.config import MODEL_KWARGS_FLAGS, ConfigError, TrainConfig
+from spach.train.config import ConfigError, TrainConfig
 from spach.train.data import canonical_dataset, eval_loader_for
 from spach.train.factory import build_model
 from spach.train.runtime import Dist, setup
@@ -123,7 +123,7 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     d = setup(device)
     amp_dtype = parse_amp(amp, d.device)
     dataset = canonical_dataset(dataset)
-    cfg = _eval_config(model, model_kwargs, args, pretrained)
+    cfg = _eval_config(model, model_kwargs, args)
     size = img_size or args.get("img_size", 0)
     mean, std = args.get("mean") or None, args.get("std") or None
     with torch.device("meta"):  # a free probe, for the model's pretrained config (resize, crop, mean/std)
@@ -142,17 +142,12 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     return result
 
 
-def _eval_config(model: str, model_kwargs: dict | None, args: dict[str, Any], path: str) -> TrainConfig:
-    """The model's settings: `--model-kwargs`, else the checkpoint's own (which may not widen what loading does)."""
-    stored = model_kwargs is None
-    kwargs = args.get("model_kwargs", {}) if stored else model_kwargs  # read_args checked it is a dict
-    if stored:  # arguments earlier versions let through, which the data and flags set anyway
-        kwargs = {k: v for k, v in kwargs.items() if k not in MODEL_KWARGS_FLAGS}
+def _eval_config(model: str, model_kwargs: dict | None, args: dict[str, Any]) -> TrainConfig:
+    """The model's settings: `--model-kwargs`, else the checkpoint's own (read_args checked them)."""
     try:
-        return TrainConfig(model=model, model_kwargs=kwargs, pretrained="", drop_path=0.0)
+        return TrainConfig(model=model, model_kwargs=args.get("model_kwargs", {}) if model_kwargs is None else model_kwargs,
+                           pretrained="", drop_path=0.0)
     except ConfigError as e:
-        if stored:
-            raise CheckpointError(f"checkpoint {path} stores model_kwargs that {e.problem}; it was refused") from None
         raise SpachError(f"--model-kwargs {e.problem}") from None
 
 
