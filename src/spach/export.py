@@ -52,7 +52,7 @@ SCRATCH_PREFIX = ".spach-export-tmp-"
 
 
 def export(model: str | None, output: str | Path, fmt: str, pretrained: str | None = None,
-           model_kwargs: dict[str, Any] | None = None, img_size: int = 0) -> dict[str, Any]:
+           model_kwargs: dict[str, Any] | None = None, img_size: int = 0, imports: list[str] | None = None) -> dict[str, Any]:
     """Export `model` (see the module docstring; a name, or a run folder) to `output` as `fmt`: a file for
     'onnx' and 'torchscript', a new or empty folder for 'timm'. Checks what it exported against the
     PyTorch model and returns what was done (`max_abs_error` included); writes only once that passed."""
@@ -66,7 +66,7 @@ def export(model: str | None, output: str | Path, fmt: str, pretrained: str | No
         raise SpachError(f"--img-size must lie in 1..{MAX_IMG_SIZE} (0: the model's own), got {img_size}")
     output = check_output(output, fmt)
     model, pretrained = run_source(model, pretrained)
-    net, name = build(model, pretrained, model_kwargs)
+    net, name = build(model, pretrained, model_kwargs, imports)
     size = resolution(net, name, img_size)
     if fmt == "timm":
         with scratch_beside(output) as tmp:
@@ -187,9 +187,12 @@ def _sigterm_interrupts() -> Iterator[None]:
         yield
 
 
-def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
-    """The model to export, in eval mode, with the checkpoint's weights loaded strictly; and its name."""
+def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None,
+          imports: list[str] | None = None) -> tuple[nn.Module, str]:
+    """The model to export, in eval mode, with the checkpoint's weights loaded strictly; and its name. The
+    plugins the checkpoint's run imported (custom mixers) are imported first, or `imports` instead."""
     args = checkpoint.read_args(pretrained) if pretrained else {}
+    checkpoint.import_recorded_plugins(args, imports, pretrained)
     if model and args.get("model") and model != args["model"]:
         raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; "
                               "drop the model name or pass the right one")

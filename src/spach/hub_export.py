@@ -159,6 +159,10 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
         lines.append("- Not a spach training checkpoint: what it was trained on is not recorded here.")
     lines.append(f"- Input {'x'.join(map(str, pcfg['input_size']))}, mean {list(pcfg.get('mean', []))}, std "
                  f"{list(pcfg.get('std', []))}, {pcfg.get('interpolation', '?')} resize, crop_pct {pcfg.get('crop_pct', '?')}.")
+    plugins = [Path(i).name for i in args.get("imports") or []]
+    if plugins:
+        lines.append(f"- Its mixers come from the plugin(s) its run imported ({_plain(', '.join(plugins))}): import them "
+                     "before loading it.")
     lines += ["", "## Use", "", "```python", "import spach  # registers the SPACH architectures with timm", "import timm",
               "", 'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()',
               "# after uploading (huggingface_hub.upload_folder(repo_id=..., folder_path=...)):",

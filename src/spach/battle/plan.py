@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spach.battle.results import STUDY_FILE, load_study_folder, run_dir
-from spach.battle.study import Arm, Contestant, Study, import_plugins
+from spach.battle.study import Arm, Contestant, Study
 from spach.errors import SpachError
 from spach.files import read_json
+from spach.plugins import import_plugins
 from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
 from spach.train.datasets import DATASETS, canonical_dataset, load_dataset, load_folders
 
@@ -48,7 +49,7 @@ def open_study(out: Path, study: Study | None) -> Study:
     """The study to run in `out`: the given one (recorded there), or the one recorded by an earlier battle."""
     if study is None:
         study = load_study_folder(out)
-        import_plugins(study.imports, study.source)
+        import_plugins(study.imports, f"{study.source}: study.imports")
     else:
         check_same_study(out, study)
     return study

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,9 @@ class TrainConfig:
     pretrained: str = _knob("", "start from this checkpoint (official or spach); a head for another class count is re-initialised (fine-tuning)", group="model")
     drop_path: float = _knob(0.1, "stochastic depth rate", group="model")
     drop: float = _knob(0.0, "dropout rate", group="model")
+    imports: list = _knob([], "modules or .py files to import first: plugins that register custom mixers or models (their "
+                              "code runs); recorded (absolute paths), so eval, export and a resume import them too",
+                          group="model", item=str)
     # data
     dataset: str = _knob("imagefolder", "imagefolder (train/ and val/ class folders), fashion-mnist (fmnist), cifar10, cifar100, or tiny (built-in toy set)", group="data")
     data_path: str = _knob("", "data folder (fashion-mnist defaults to /usr/share/datasets/fashion-mnist)", group="data")
@@ -105,12 +109,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        # plugin files by absolute path: eval, export or a resume elsewhere import the same files
+        self.imports = [os.path.abspath(os.path.expanduser(i)) if i.endswith(".py") else i for i in self.imports]
 
 
 # Settings that may change when a run is resumed; any other difference means another run.
-# ("tensorboard" is the knob `log` replaced: run folders of earlier versions still hold it.)
+# ("tensorboard" is the knob `log` replaced: run folders of earlier versions still hold it; "imports" name
+# where the mixers come from, which may move, and runs of earlier versions record none.)
 RESUMABLE_CHANGES = {"resume", "workers", "progress", "log_interval", "log", "tensorboard", "save_format", "epochs", "device",
-                     "eval_batch_size", "output"}
+                     "eval_batch_size", "output", "imports"}
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -216,6 +223,8 @@ def check(cfg: TrainConfig) -> None:
     except ValueError as e:
         raise ConfigError("log", str(e)) from None
     check_model_kwargs(cfg.model_kwargs)
+    if not all(isinstance(i, str) and i.strip() for i in cfg.imports):
+        raise ConfigError("imports", f"must be a list of module names or .py files, got {cfg.imports!r}")
     _check_opt(cfg.opt)
     _check_aa(cfg.aa)
     _check_device(cfg.device)

@@ -42,6 +42,7 @@ from spach.files import (
     read_json,
 )
 from spach.models.choice import export_choices, restore_choices
+from spach.plugins import import_plugins
 from spach.train import checkpoint
 from spach.train.config import TrainConfig, config_dict
 from spach.train.data import (
@@ -105,6 +106,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | Non
     Safe to call many times in one process: it leaves no process group, signal handler, lock or global
     setting behind (the random generators are reseeded, as a training run must)."""
     canonical_dataset(cfg.dataset)
+    import_plugins(cfg.imports, "--imports")  # before the model's name is checked: a plugin may register it
     check_model_name(cfg.model)
     d = setup(cfg.device)
     out = Path(cfg.output)

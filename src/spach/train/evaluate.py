@@ -101,7 +101,8 @@ def checked(loader: Any) -> Iterator[Any]:
 def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | None, dataset: str = "imagefolder",
                         batch_size: int = 128, workers: int = 4, device: str = "auto", img_size: int = 0,
                         amp: str = "auto", model_kwargs: dict | None = None, use_ema: bool = False,
-                        skip_bad_images: bool = False, throughput: bool = False, compile: bool = False) -> dict[str, Any]:
+                        skip_bad_images: bool = False, throughput: bool = False, compile: bool = False,
+                        imports: list[str] | None = None) -> dict[str, Any]:
     """Top-1/top-5/loss of a checkpoint on the validation split. Image folders use the model's
     pretrained config (resize, crop, mean/std); a spach training checkpoint also brings its own
     model name, architecture overrides, resolution and normalisation. The model runs in
@@ -117,6 +118,7 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     args = checkpoint.read_args(pretrained)
     if model and args.get("model") and model != args["model"]:
         raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; drop --model or pass the right one")
+    checkpoint.import_recorded_plugins(args, imports, pretrained)
     model = model or args.get("model")
     if not model:
         raise SpachError(f"{pretrained} does not name its model; pass --model")
