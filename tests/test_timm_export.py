@@ -47,6 +47,9 @@ def test_zoo_model_round_trips_through_local_dir(tmp_path):
     assert config["architecture"] == ZOO and config["num_classes"] == 10 and config["num_features"] == model.num_features
     assert config["model_args"]["in_chans"] == 1 and config["model_args"]["img_size"] == [32, 32]
     assert config["pretrained_cfg"]["input_size"] == [1, 32, 32] and "top1" not in config["pretrained_cfg"]
+    # issue 26.6: the zoo entry's official notes and source describe the official checkpoint, not these weights
+    assert not {"notes", "origin_url", "license"} & set(config["pretrained_cfg"])
+    assert "official" not in (out / "README.md").read_text()
     loaded = load_back(out)
     assert type(loaded) is type(model) and loaded.config == model.config
     same_outputs(model, loaded, 1, 32)
@@ -73,6 +76,7 @@ def test_trained_battle_contestant_exports_from_its_run_folder(tmp_path, capsys)
     assert pcfg["input_size"] == [1, 32, 32] and pcfg["num_classes"] == 4
     card = (out / "README.md").read_text()
     assert f"Top-1 {summary['best_top1']:.2f}%" in card and "Trained with spach on tiny for 1 epoch(s)" in card
+    assert "epoch(s) (of 1), batch 32, lr 0.003125, seed 0." in card  # the lr as used: 5e-2 x 32 / 512
     arch = json.dumps(HYBRID_MS["net_arch"])
     assert f"A custom SPACH model (`net_arch` {arch}), battle contestant `hybrid-ms` (seed0)" in card
     original = spach.create_model("spach", **HYBRID_MS, num_classes=4, in_chans=1, img_size=32, pretrained=run / "best.pth")
