@@ -271,3 +271,16 @@ def test_a_data_path_that_is_a_file(tmp_path, capsys):
     for dataset in ("imagefolder", "cifar10", "fmnist"):
         err = cli_error(tiny_train(tmp_path, "--dataset", dataset, "--data-path", str(tmp_path / "f")), capsys)
         assert f"data path {tmp_path / 'f'} is a file, not a folder" in err
+
+
+# -- 26.6: a checkpoint that does not fit the data's classes or channels blames the data, not the checkpoint --------
+@pytest.mark.parametrize("classes, chans, match", [
+    (7, 1, "classifies 7 classes but the tiny data holds 4: score it on the data it was trained on, or fine-tune it to "
+           "these classes first: spach train --model spach --pretrained {w} --dataset tiny"),
+    (4, 3, "takes 3-channel images but the tiny data holds 1-channel ones: score it on the data it was trained on"),
+])
+def test_eval_of_a_checkpoint_for_other_classes_or_channels_names_the_data(tmp_path, capsys, classes, chans, match):
+    w = tmp_path / "w.pth"
+    torch.save(spach.create_model("spach", num_classes=classes, in_chans=chans, img_size=32, **json.loads(TINY_KW)).state_dict(), w)
+    err = cli_error(["eval", "--model", "spach", "--model-kwargs", TINY_KW, "--pretrained", str(w), "--dataset", "tiny"], capsys)
+    assert err == f"spach eval: error: checkpoint {w} {match.format(w=w)}"

@@ -35,7 +35,7 @@ import torch.nn as nn
 from spach.errors import CheckpointError, SpachError, first_line
 from spach.files import FolderLock, make_dirs, os_error, read_json
 from spach.hub_export import TIMM_FILES, write_timm_folder
-from spach.models.convert import read_checkpoint
+from spach.models.convert import head_and_channels, read_checkpoint
 from spach.models.mixers import TokenMLP
 from spach.train import checkpoint
 from spach.train.config import MAX_IMG_SIZE, TrainConfig
@@ -206,7 +206,8 @@ def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[s
     if pretrained:
         with torch.device("meta"):  # a free probe, for where the model keeps its classifier and first conv
             probe = build_model(cfg, 1000, 3)
-        num_classes, in_chans = _classes_and_channels(read_checkpoint(pretrained), getattr(probe, "pretrained_cfg", {}))
+        head, chans = head_and_channels(read_checkpoint(pretrained), getattr(probe, "pretrained_cfg", {}))
+        num_classes, in_chans = head or 0, chans or 3  # no head: a headless checkpoint
     try:
         net = build_model(cfg, num_classes, in_chans, size)
     except (TypeError, ValueError) as e:  # a value of the wrong type in stored or given settings
@@ -235,14 +236,6 @@ def fixed_resolution(net: nn.Module) -> bool:
     return bool(getattr(net, "pretrained_cfg", {}).get("fixed_input_size")) \
         or any(isinstance(m, TokenMLP) for m in net.modules()) \
         or isinstance(getattr(net, "pos_embed", None), nn.Parameter)
-
-
-def _classes_and_channels(state: dict[str, torch.Tensor], pretrained_cfg: dict[str, Any]) -> tuple[int, int]:
-    """(classes, input channels) read off the weights: the classifier's rows (0: a headless checkpoint)
-    and the first conv's input channels (3 when it cannot be found)."""
-    head = state.get(f"{pretrained_cfg.get('classifier', 'head')}.weight")
-    conv = state.get(f"{pretrained_cfg.get('first_conv', 'stem.proj')}.weight")
-    return (head.shape[0] if head is not None else 0), (conv.shape[1] if conv is not None and conv.ndim == 4 else 3)
 
 
 def _run_img_size(pretrained: str | None) -> int:
