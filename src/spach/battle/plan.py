@@ -90,11 +90,10 @@ def check_data(study: Study) -> None:
     runs will train and be tested on."""
     name = canonical_dataset(study.data.get("dataset", "imagefolder"))
     path = study.data.get("data_path", "")
-    if name == "imagefolder":
-        if not path or not (Path(path) / "train").is_dir() or not (Path(path) / "val").is_dir():
-            raise SpachError(f"data.data_path: {path or '(not set)'} is not a folder with train/ and val/ class folders; "
-                             "pass --data DIR")
-    try:
+    if name == "imagefolder" and not path:
+        raise SpachError(f"{study.source}: data.data_path is not set: the study trains on image folders; pass --data DIR "
+                         "(a folder holding train/ and val/ class folders)")
+    try:  # what is wrong with a path given (missing, a file, no train/ folder, ...), said by the loaders
         study.data_sizes = _arm_sizes(study)
     except SpachError as e:  # the loaders speak to `spach train`, whose flag is --data-path
         raise SpachError(str(e).replace("--data-path", "--data")) from None
