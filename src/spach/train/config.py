@@ -30,6 +30,19 @@ class ConfigError(SpachError):
         self.field, self.problem = field, problem
 
 
+class Default(float):
+    """A recipe default (TrainConfig's or a preset's), told apart from the same number given by a flag, a
+    config file or a study: a default warm-up that would fill the whole run is cut to fit it, a given one
+    is refused (`check`)."""
+
+
+class _Cut(Default):
+    """A default warm-up cut to fit the run (said by `warmup_note`)."""
+
+
+DEIT_WARMUP = (20, 300)  # DeiT's warm-up: 20 of its 300 epochs
+
+
 def _knob(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
@@ -69,7 +82,9 @@ class TrainConfig:
     lr_base_size: int = _knob(512, "batch size at which --lr applies (0: use --lr as is)", group="recipe")
     min_lr: float = _knob(1e-5, "final lr of the cosine schedule", group="recipe")
     warmup_lr: float = _knob(1e-6, "lr at the start of the linear warm-up", group="recipe")
-    warmup_epochs: float = _knob(20, "warm-up epochs", group="recipe")
+    warmup_epochs: float = _knob(Default(DEIT_WARMUP[0]), f"warm-up epochs (the default, DeiT's {DEIT_WARMUP[0]} of "
+                                 f"{DEIT_WARMUP[1]}, is cut to the same share of a run it would fill; a value given must "
+                                 "be fewer than --epochs)", group="recipe")
     opt: str = _knob("adamw", "optimizer (any timm.optim name)", group="recipe")
     opt_eps: float = _knob(1e-8, "optimizer epsilon", group="recipe")
     momentum: float = _knob(0.9, "momentum (SGD-type optimizers)", group="recipe")
@@ -109,6 +124,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if isinstance(self.warmup_epochs, Default) and self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            self.warmup_epochs = _Cut(round(self.epochs * DEIT_WARMUP[0] / DEIT_WARMUP[1], 4))
         # plugin files by absolute path: eval, export or a resume elsewhere import the same files
         self.imports = [os.path.abspath(os.path.expanduser(i)) if i.endswith(".py") else i for i in self.imports]
 
@@ -118,6 +135,14 @@ class TrainConfig:
 # where the mixers come from, which may move, and runs of earlier versions record none.)
 RESUMABLE_CHANGES = {"resume", "workers", "progress", "log_interval", "log", "tensorboard", "save_format", "epochs", "device",
                      "eval_batch_size", "output", "imports"}
+
+
+def warmup_note(cfg: TrainConfig) -> str:
+    """The one-line notice of a default warm-up cut to fit the run ('' when it was not)."""
+    if not isinstance(cfg.warmup_epochs, _Cut):
+        return ""
+    return (f"the default warm-up would last the whole run ({cfg.epochs} epoch(s)): cut to {cfg.warmup_epochs:g} epochs, "
+            f"DeiT's share ({DEIT_WARMUP[0]} of {DEIT_WARMUP[1]}); --warmup-epochs sets it")
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -181,6 +206,9 @@ def check(cfg: TrainConfig) -> None:
     for name, low in _AT_LEAST.items():
         if getattr(cfg, name) < low:
             raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)!r}")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs and not isinstance(cfg.warmup_epochs, Default):
+        raise ConfigError("warmup_epochs", f"must be fewer than the run's epochs ({cfg.warmup_epochs:g} >= {cfg.epochs}): "
+                                           "it would never leave its warm-up; lower it (0: no warm-up)")
     for name, high in _AT_MOST.items():
         if getattr(cfg, name) > high:
             raise ConfigError(name, f"must be <= {high}, got {getattr(cfg, name)!r}")
