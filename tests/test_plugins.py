@@ -32,7 +32,7 @@ def plugin(tmp_path, request):
     """A plugin file registering a mixer of its own name; `forget()` makes the process new to it again (as
     a later `spach eval` or `spach export` would be)."""
     name = f"maxpool{zlib.crc32(request.node.name.encode())}"  # one per test: a mixer registers once per process
-    path = tmp_path / "plugin_dir" / f"{name}plugin.py"
+    path = tmp_path / "plugin_dir" / f"{name}_plugin.py"
     path.parent.mkdir()
     path.write_text(PLUGIN.format(name=name))
 
@@ -83,7 +83,7 @@ def test_a_run_records_its_plugins_and_eval_export_and_resume_import_them(tmp_pa
     out = capsys.readouterr()
     assert out.out.startswith("exported spach") and "imported the plugin" not in out.err
     card = (tmp_path / "t" / "README.md").read_text()
-    assert f"Its mixers come from the plugin(s) its run imported ({path.name}): import them before" in card
+    assert f"Its mixers come from the plugin(s) its run imported (`{path.name}`): import them before" in card
 
     forget()  # a recorded plugin that moved: one line naming where the name came from and the fix
     path.rename(path.with_name("elsewhere.py"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +166,9 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
     lines.append(f"- Input {'x'.join(map(str, pcfg['input_size']))}, mean {list(pcfg.get('mean', []))}, std "
                  f"{list(pcfg.get('std', []))}, {pcfg.get('interpolation', '?')} resize, crop_pct {pcfg.get('crop_pct', '?')}.")
     plugins = [Path(i).name for i in args.get("imports") or []]
-    if plugins:
-        lines.append(f"- Its mixers come from the plugin(s) its run imported ({_plain(', '.join(plugins))}): import them "
-                     "before loading it.")
+    if plugins:  # a name as a code span when it is plain (no Markdown in it), else not shown
+        names = ", ".join(f"`{n}`" if re.fullmatch(r"[A-Za-z0-9_.-]+", n) else "(a file of another name)" for n in plugins)
+        lines.append(f"- Its mixers come from the plugin(s) its run imported ({names}): import them before loading it.")
     lines += ["", "## Use", "", "```python", "import spach  # registers the SPACH architectures with timm", "import timm",
               "", 'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()',
               "# after uploading (huggingface_hub.upload_folder(repo_id=..., folder_path=...)):",
