@@ -183,7 +183,7 @@ def _batch_and_lr(args: dict[str, Any], resolved: dict[str, Any]) -> str:
     config.json), else the per-process batch and the base lr with its scaling."""
     total, lr = resolved.get("total_batch"), resolved.get("lr")
     if isinstance(total, int) and isinstance(lr, (int, float)) and not isinstance(lr, bool):
-        return f"batch {total}, lr {lr:.4g}"
+        return f"batch {total}, lr {lr:.6g}"
     base = _plain(args.get("lr_base_size", "?"))
     scaled = f"base lr {_plain(args.get('lr', '?'))} x total batch / {base}" if args.get("lr_base_size") else f"lr {_plain(args.get('lr', '?'))}"
     return f"batch {_plain(args.get('batch_size', '?'))} per process, {scaled}"
