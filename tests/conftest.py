@@ -2,6 +2,7 @@ import contextlib
 import json
 import os
 import pathlib
+import resource
 import signal
 import subprocess
 
@@ -111,3 +112,16 @@ def _no_process_left_behind():
     yield
     while _STARTED:
         kill_group(_STARTED.pop())
+
+
+@contextlib.contextmanager
+def memory_cap(gb: float = 4.0):
+    """At most `gb` more of address space inside the block: a test of a size check that regresses fails with
+    an allocation error instead of taking the machine's memory (and other processes with it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(pathlib.Path("/proc/self/status").read_text().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (min(used + int(gb * 2**30), hard if hard != resource.RLIM_INFINITY else 2**62), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

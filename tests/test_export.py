@@ -64,7 +64,8 @@ def test_export_cli_from_a_checkpoint_at_another_resolution(tmp_path, capsys):
     main(["export", FAMILIES["conv"], "--pretrained", str(weights), "--model-kwargs", json.dumps(TINY),
           "--img-size", "96", "--format", "torchscript", "--output", str(out)])
     line = capsys.readouterr().out
-    assert line.startswith(f"exported {FAMILIES['conv']} to {out} (torchscript") and "3x96x96, dynamic batch" in line
+    # issue 26.6: the line names the checkpoint it exported, as --format timm's does
+    assert line.startswith(f"exported {FAMILIES['conv']} ({weights}) to {out} (torchscript") and "3x96x96, dynamic batch" in line
     assert torch.jit.load(str(out))(torch.randn(2, 3, 96, 96)).shape == (2, 7)
 
 

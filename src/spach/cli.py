@@ -31,6 +31,10 @@ from spach.train.presets import PRESETS, resolve
 from spach.train.runtime import default_workers
 
 
+IMPORTS_HELP = ("plugins (modules or .py files registering custom mixers) to import first, instead of those the "
+                "checkpoint's run recorded (default: those; with nothing after it: none)")
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model zoo: params, MACs, official ImageNet top-1, published weights")
     p.add_argument("pattern", nargs="?", default="*", help="glob over model names (default: all)")
@@ -98,7 +102,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         elif isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            kw.update(nargs="*", type=float)
+            kw.update(nargs="*", type=f.metadata.get("item", float))
         elif not isinstance(default, dict):
             kw["type"] = {"int": int, "float": float, "str": str}[str(f.type)]  # the annotation: 20 may mean 20.0
         group.add_argument(flag, **kw)
@@ -138,6 +142,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throughput", action="store_true", help="also measure images/s the paper's way (one batch, 50 warm-up, 30 timed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first (pays off on long evaluations)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': stdout only as JSON)")
+    p.add_argument("--imports", nargs="*", metavar="MODULE_OR_FILE", help=IMPORTS_HELP)
 
     def run(args: argparse.Namespace) -> None:
         if args.pretrained is True:
@@ -146,7 +151,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                  "model, or pass the path of a checkpoint")
             args.pretrained = str(official_weights(args.model))
         r = evaluate_checkpoint(args.model, args.pretrained, args.data_path, args.dataset, args.batch_size, args.workers,
-                                args.device, args.img_size, args.amp, _json_arg(args.model_kwargs), args.use_ema, args.skip_bad_images, args.throughput, args.compile)
+                                args.device, args.img_size, args.amp, _json_arg(args.model_kwargs), args.use_ema, args.skip_bad_images, args.throughput, args.compile,
+                                args.imports)
         if args.json == "-":
             print(json.dumps(r, indent=2))
             return
@@ -174,12 +180,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=0, help="input resolution (default: the model's; MLP models: only their own)")
     p.add_argument("--format", required=True, help=f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]} (a folder in timm's Hub layout)")
     p.add_argument("--output", required=True, metavar="PATH", help="the file to write (the timm format: a new or empty folder)")
+    p.add_argument("--imports", nargs="*", metavar="MODULE_OR_FILE", help=IMPORTS_HELP)
 
     def run(args: argparse.Namespace) -> None:
         if not args.model and not args.pretrained:
             raise SpachError("name the model to export (spach export MODEL; see 'spach models'), or pass a run folder "
                              "or --pretrained CKPT")
-        r = export(args.model, args.output, args.format, args.pretrained, _json_arg(args.model_kwargs), args.img_size)
+        r = export(args.model, args.output, args.format, args.pretrained, _json_arg(args.model_kwargs), args.img_size,
+                   args.imports)
         source = f" ({r['source']})" if r["source"] else ""
         if r["format"] == "timm":
             print(f"exported {r['model']}{source} to {r['output']}/ (timm: config.json, model.safetensors, README.md; "
@@ -187,7 +195,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                   f"timm.create_model('local-dir:{r['output']}', pretrained=True): "
                   f"max abs error {r['max_abs_error']:.1e} vs PyTorch")
             return
-        print(f"exported {r['model']} to {r['output']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, input batch x "
+        print(f"exported {r['model']}{source} to {r['output']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, input batch x "
               f"{'x'.join(map(str, r['input_shape'][1:]))}, dynamic batch); {r['runtime']} at batch sizes "
               f"{' and '.join(map(str, r['checked_batches']))}: max abs error {r['max_abs_error']:.1e} vs PyTorch")
 

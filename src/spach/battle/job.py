@@ -25,8 +25,8 @@ import torch
 
 from spach.battle.plan import Run
 from spach.battle.runner import execute
-from spach.battle.study import import_plugins
 from spach.files import append_jsonl, read_jsonl
+from spach.plugins import import_plugins
 from spach.train.engine import train
 from spach.train.runtime import StopFlag
 

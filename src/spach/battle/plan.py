@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spach.battle.results import STUDY_FILE, load_study_folder, run_dir
-from spach.battle.study import Arm, Contestant, Study, import_plugins
+from spach.battle.study import Arm, Contestant, Study
 from spach.errors import SpachError
 from spach.files import read_json
+from spach.plugins import import_plugins
 from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
 from spach.train.datasets import DATASETS, canonical_dataset, load_dataset, load_folders
 
@@ -49,7 +50,7 @@ def open_study(out: Path, study: Study | None) -> Study:
     """The study to run in `out`: the given one (recorded there), or the one recorded by an earlier battle."""
     if study is None:
         study = load_study_folder(out)
-        import_plugins(study.imports, study.source)
+        import_plugins(study.imports, f"{study.source}: study.imports")
     else:
         check_same_study(out, study)
     return study
@@ -90,11 +91,10 @@ def check_data(study: Study) -> None:
     runs will train and be tested on."""
     name = canonical_dataset(study.data.get("dataset", "imagefolder"))
     path = study.data.get("data_path", "")
-    if name == "imagefolder":
-        if not path or not (Path(path) / "train").is_dir() or not (Path(path) / "val").is_dir():
-            raise SpachError(f"data.data_path: {path or '(not set)'} is not a folder with train/ and val/ class folders; "
-                             "pass --data DIR")
-    try:
+    if name == "imagefolder" and not path:
+        raise SpachError(f"{study.source}: data.data_path is not set: the study trains on image folders; pass --data DIR "
+                         "(a folder holding train/ and val/ class folders)")
+    try:  # what is wrong with a path given (missing, a file, no train/ folder, ...), said by the loaders
         study.data_sizes = _arm_sizes(study)
     except SpachError as e:  # the loaders speak to `spach train`, whose flag is --data-path
         raise SpachError(str(e).replace("--data-path", "--data")) from None

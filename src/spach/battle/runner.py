@@ -32,10 +32,11 @@ from spach.battle.plan import Run, check_compatible, check_data, epoch_images, o
 from spach.battle.pool import NOT_STARTED, Workers, catching_stops
 from spach.battle.report import write_report
 from spach.battle.results import LEDGER_FILE, STUDY_FILE, Ledger, read_jsonl
-from spach.battle.study import Study, check_runnable, import_plugins
+from spach.battle.study import Study, check_runnable
 from spach.errors import SpachError, first_line
 from spach.files import FolderLock, atomic_write_text, os_error, read_json
 from spach.humanize import hms
+from spach.plugins import import_plugins
 from spach.signals import interrupting
 from spach.train.engine import Deadline, train
 from spach.train.runtime import StopFlag

@@ -17,7 +17,7 @@ from spach.train.config import MODEL_KWARGS_FLAGS, ConfigError, TrainConfig
 from spach.train.datasets import DATASETS, canonical_dataset
 
 # TrainConfig fields a study may not set: the battle owns them.
-MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset", "deadline"}
+MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset", "imports", "deadline"}
 # Recipe knobs one contestant may change on its own (everything else is shared, for a fair fight).
 CONTESTANT_KNOBS = {"lr", "weight_decay", "drop_path", "drop", "batch_size", "warmup_epochs", "clip_grad", "opt",
                     "pretrained"}
@@ -106,6 +106,8 @@ class Validator:
     def train_fields(self, table: dict, where: str, fields: dict[str, dataclasses.Field], allowed: set[str]) -> dict:
         for key, value in table.items():
             if key not in allowed:
+                if key == "imports":
+                    self.fail(f"{where}.{key}", "plugins are the study's: move it to [study] imports")
                 if key in MANAGED:
                     self.fail(f"{where}.{key}", "is set by the battle itself (per contestant and seed); remove it")
                 other = "recipe" if where == "data" else "data"

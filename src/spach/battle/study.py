@@ -40,9 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -67,6 +64,7 @@ from spach.battle.spending import Spending, spending_function
 from spach.device import parse_device
 from spach.errors import SpachError
 from spach.files import read_text
+from spach.plugins import import_plugins
 from spach.train.config import ConfigError, TrainConfig
 
 MAIN = "main"  # the arm of contestants that name none
@@ -143,7 +141,8 @@ class Study:
         c = contestant or self.contestants[0]
         arm = self.arms.get(c.arm, Arm(MAIN))
         return TrainConfig(**{**self.data, **self.recipe, **arm.data, **arm.recipe, **c.recipe}, model=c.model,
-                           model_kwargs=c.arch, seed=self.seeds[0] if seed is None else seed, output=output, **extra)
+                           model_kwargs=c.arch, imports=self.imports, seed=self.seeds[0] if seed is None else seed,
+                           output=output, **extra)
 
     def questions_of(self, arm: str) -> list[str]:
         """The findings judged on `arm` (the main arm: the study's questions, by default every finding
@@ -234,7 +233,7 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         v.fail("study.alpha", f"must lie in (0, 0.5), got {study.alpha}")
     check_looks(study, v.fail)
     v.questions(list(study.tested_elsewhere), "study.tested_elsewhere")
-    import_plugins(study.imports, source)
+    import_plugins(study.imports, f"{source}: study.imports")
     fields = train_fields()
     recipe_fields = set(fields) - MANAGED - DATA_FIELDS
     study.data = v.train_fields(v.table(raw, "data"), "data", fields, allowed=DATA_FIELDS)
@@ -314,9 +313,6 @@ def check_runnable(study: Study) -> None:
                          "the CPU here; give wall time (e.g. \"15m\") or runs (e.g. \"40 runs\")")
 
 
-_IMPORTED: set[str] = set()  # a plugin file registers its mixers once per process
-
-
 def _with_base(raw: dict, v: Validator) -> dict:
     """`[study] base = "<preset>"`: start from that preset; tables given here override its keys, and a
     [[contestant]] given here replaces the preset's one of the same name, or is added after them."""
@@ -338,49 +334,6 @@ def _with_base(raw: dict, v: Validator) -> dict:
     merged["contestant"] = [own.pop(c.get("name"), c) for c in parent.get("contestant", [])] + list(own.values())
     merged["study"].pop("base", None)
     return merged
-
-
-def import_plugins(imports: list[str], source: str = "study") -> None:
-    """Import the modules or .py files that register custom mixers (`spach.register_mixer`)."""
-    taken = [f"{Path(item).stem} ({taken_by})" for item in imports if item not in _IMPORTED and item.endswith(".py")
-             for taken_by in [_module_taken(item)] if taken_by]
-    if taken:
-        raise SpachError(f"{source}: study.imports: a plugin file is imported under its file name, and these names "
-                         f"are taken by installed modules: {', '.join(taken)}; rename the file(s)")
-    for item in imports:
-        if item in _IMPORTED:
-            continue
-        try:
-            if item.endswith(".py"):
-                spec = importlib.util.spec_from_file_location(Path(item).stem, item)
-                if spec is None or not Path(item).is_file():
-                    raise FileNotFoundError(item)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[spec.name] = module
-                spec.loader.exec_module(module)
-            else:
-                importlib.import_module(item)
-        except SpachError:
-            raise
-        except Exception as e:
-            why = " ".join(str(e).split())  # one line, whatever the plugin's message holds
-            raise SpachError(f"{source}: study.imports: cannot import {item!r} ({type(e).__name__}: {why})") from None
-        _IMPORTED.add(item)
-
-
-def _module_taken(item: str) -> str:
-    """Where the module named like plugin file `item` comes from, when that is not `item` itself ('' if free)."""
-    name = Path(item).stem
-    try:
-        module = sys.modules.get(name)
-        origin = getattr(module, "__file__", None) if module else getattr(importlib.util.find_spec(name), "origin", None)
-    except (ImportError, ValueError):
-        return ""
-    if origin is None and (module is not None or importlib.util.find_spec(name) is not None):
-        return "a built-in module"
-    if origin is None or Path(origin).resolve() == Path(item).resolve():
-        return ""
-    return origin
 
 
 def _resolve_import(item: Any, base: Path | None) -> str:

@@ -37,6 +37,7 @@ from spach.errors import CheckpointError, SpachError
 from spach.files import os_error, scratch_folder
 from spach.models.convert import check_fits, load_checkpoint, read_checkpoint
 from spach.models.download import TIMEOUT_ENV, DownloadError, download, download_timeout  # noqa: F401 (TIMEOUT_ENV: re-exported)
+from spach.models.limits import check_size
 from spach.models.registry import OFFICIAL_WEIGHTS, Family, family_of_variant, feature_net, sync_cfg
 from spach.signals import interrupting
 
@@ -171,6 +172,8 @@ def build(family: Family, variant: str, pretrained: bool = False, **kwargs: Any)
     features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
     kwargs.pop("feature_cls", None)  # always the getter: every family has forward_intermediates
     official = official_source(variant, kwargs) if pretrained else None
+    check_size(variant, kwargs.get("img_size"),
+               lambda: build_model_with_cfg(family.model_cls, variant, False, pretrained_filter_fn=family.filter_fn, **kwargs))
     model = build_model_with_cfg(
         family.model_cls, variant, pretrained and official is None, pretrained_filter_fn=family.filter_fn, **kwargs,
     )

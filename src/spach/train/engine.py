@@ -42,8 +42,9 @@ from spach.files import (
     read_json,
 )
 from spach.models.choice import export_choices, restore_choices
+from spach.plugins import import_plugins
 from spach.train import checkpoint
-from spach.train.config import TrainConfig, config_dict, scores_epoch
+from spach.train.config import TrainConfig, config_dict, scores_epoch, warmup_note
 from spach.train.data import (
     Data,
     SkipSampler,
@@ -109,6 +110,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | Non
     Safe to call many times in one process: it leaves no process group, signal handler, lock or global
     setting behind (the random generators are reseeded, as a training run must)."""
     canonical_dataset(cfg.dataset)
+    import_plugins(cfg.imports, "--imports")  # before the model's name is checked: a plugin may register it
     check_model_name(cfg.model)
     d = setup(cfg.device)
     out = Path(cfg.output)
@@ -163,8 +165,10 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
     resolved = dict(lr=lr, total_batch=total_batch, world_size=d.world, num_classes=data.num_classes, in_chans=data.in_chans,
                     img_size=data.img_size, device=str(d.device), amp=str(p.amp).replace("torch.", "") if p.amp else "off",
                     params=params, steps_per_epoch=steps, tensor_data_path=data.tensor_path, spach_version=spach.__version__,
-                    log=resolve_log(cfg.log))
+                    log=resolve_log(cfg.log), **({"warmup_note": warmup_note(cfg)} if warmup_note(cfg) else {}))
     if d.main:
+        if warmup_note(cfg):  # not a progress line: said whatever --progress is
+            print(f"note: {warmup_note(cfg)}", file=sys.stderr, flush=True)
         atomic_write_text(out / "config.json", json.dumps({**config_dict(cfg), "resolved": resolved}, indent=2) + "\n")
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
         progress.line(f"training {cfg.model} ({params / 1e6:.2f}M params) on {canonical_dataset(cfg.dataset)} "
