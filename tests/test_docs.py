@@ -129,21 +129,25 @@ def test_docs_build_offline_with_warnings_as_errors(site):
 
 def test_cli_reference_is_the_parser(site):
     html = (site / "reference" / "cli.html").read_text()
+    shown = {word.split()[0] for kbd in re.findall(r"<kbd>(.*?)</kbd>", html) for word in kbd.split(", ")}
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name, parser in sub.choices.items():
+        assert f'id="spach-{name}"' in html, name
         for action in parser._actions:
             for option in action.option_strings:
-                assert f">{option}<" in html or f">{option}\u00a0" in html or f">{option} " in html, f"spach {name} {option}"
+                assert option in shown or option in ("-h", "--help"), f"spach {name} {option}"
+    assert "%%" not in html  # argparse's escape of %
 
 
 def test_study_file_reference_is_the_schema(site):
     html = (site / "reference" / "study-file.html").read_text()
-    keys = [*schema.TABLES, *schema.STUDY_KEYS, *schema.ARM_KEYS, *schema.CONTESTANT_KEYS, *schema.SLURM_KEYS,
-            *schema.DATA_FIELDS]
-    for key in keys:
+    for table in schema.TABLES:
+        assert f'id="table-{table}"' in html, table
+    for key in [*schema.STUDY_KEYS, *schema.ARM_KEYS, *schema.CONTESTANT_KEYS, *schema.SLURM_KEYS, *schema.DATA_FIELDS]:
         assert f'<span class="pre">{key}</span>' in html, key
-    for meaning in [*schema.STUDY_KEYS.values(), *schema.ARM_KEYS.values(), *schema.CONTESTANT_KEYS.values()]:
-        assert meaning.split("`")[0].strip()  # every key says what it means
+    for meaning in [*schema.TABLES.values(), *schema.STUDY_KEYS.values(), *schema.ARM_KEYS.values(),
+                    *schema.CONTESTANT_KEYS.values(), *(r.help for r in schema.SLURM_KEYS.values())]:
+        assert meaning.strip().endswith(".")  # every table and key says what it means
 
 
 # -- the site in a browser ----------------------------------------------------------------------------

@@ -176,7 +176,16 @@ class MixerTable(SphinxDirective):
         return [table(["mixer", "class", "takes", "what it does"], rows, [10, 30, 20, 40])]
 
 
+def unescape_percent(app: Sphinx, doctree: nodes.document, docname: str) -> None:
+    """argparse help strings write % as %%; sphinx-argparse shows them as they are written."""
+    if docname == "reference/cli":
+        for text in list(doctree.findall(nodes.Text)):
+            if "%%" in text:
+                text.parent.replace(text, nodes.Text(text.replace("%%", "%")))
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("doctree-resolved", unescape_percent)
     app.add_directive("study-schema", StudySchema)
     app.add_directive("model-zoo", ModelZoo)
     app.add_directive("mixer-table", MixerTable)
