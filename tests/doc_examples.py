@@ -191,7 +191,8 @@ class Page:
             target = self.folder / block.marks["file"]
             target.write_text(block.source())
             if target.suffix == ".toml" and re.search(r"^\[study\]", block.text, re.M):
-                study_module.load_study(target)
+                with fresh_process(self):  # it may import a plugin, as `spach battle FILE` would
+                    study_module.load_study(target)
             return
         if block.lang == "python":
             sys.modules.update(self.modules)
@@ -209,19 +210,16 @@ class Page:
             run_command(argv, self)
 
 
-def run_command(argv: list[str], page: Page) -> None:
-    """`spach ARGV` as a fresh process would run it: built-in mixers only, no plugin imported yet; the
-    process-wide state it changes (threads, signal handlers, imported plugins) is put back after."""
+@contextlib.contextmanager
+def fresh_process(page: Page) -> None:
+    """Run as a fresh `spach` process would: built-in mixers only, no plugin imported yet; the
+    process-wide state the code changes (threads, signal handlers, imported plugins) is put back after."""
     imported, threads = set(study_module._IMPORTED), torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     study_module._IMPORTED.clear()
     try:
         with _mixers(dict(BUILTIN_MIXERS)):
-            try:
-                main(argv)
-            except SystemExit as e:
-                if e.code not in (0, None):
-                    raise AssertionError(f"spach {shlex.join(argv)} exited with status {e.code}") from None
+            yield
     finally:
         for name in page._own_modules():
             del sys.modules[name]
@@ -230,3 +228,13 @@ def run_command(argv: list[str], page: Page) -> None:
         torch.set_num_threads(threads)
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def run_command(argv: list[str], page: Page) -> None:
+    """`spach ARGV`, as a fresh process would run it."""
+    with fresh_process(page):
+        try:
+            main(argv)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise AssertionError(f"spach {shlex.join(argv)} exited with status {e.code}") from None

@@ -18,6 +18,7 @@ from spach.models.mixers import list_mixers
 
 EXAMPLES = [(path, i) for path in pages() for i, b in enumerate(blocks(path))]
 README_LINES = 150
+BUILTIN = list_mixers()
 # Pages that run the same battle share their folder, so the second one resumes it instead of training it again
 # (each still runs it from scratch when selected alone).
 SHARED_FOLDER = {"README.md": "tiny-battle", "docs/tutorials/first-battle.md": "tiny-battle"}
@@ -51,6 +52,7 @@ def test_example_runs(path, index, example_pages, tmp_path_factory, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
     page.run_until(index)
+    assert list_mixers() == BUILTIN, "an example left a mixer registered for the tests after it"
     if block.skip:
         pytest.skip(f"{block.name}: {block.skip}")
 
