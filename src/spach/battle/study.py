@@ -319,7 +319,7 @@ def _with_base(raw: dict, v: Validator) -> dict:
     base = raw.get("study", {}).get("base") if isinstance(raw.get("study"), dict) else None
     if base is None:
         return raw
-    for name in sorted(TABLES - {"contestant"}):  # merged key by key below: each must be a table
+    for name in sorted(set(TABLES) - {"contestant"}):  # merged key by key below: each must be a table
         v.table(raw, name)
     entries = raw.get("contestant", [])
     for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):

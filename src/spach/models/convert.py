@@ -60,6 +60,7 @@ def is_official(state_dict: dict[str, Any]) -> bool:
 
 
 def official_to_spach(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official SPACH state dict in our parameter names (`layer2.1.spatial_func.qkv` -> `stages.1.blocks.0.mixer.qkv`)."""
     out = {}
     for key, value in state_dict.items():
         if m := re.match(r"^blocks\.(\d+)\.(.+)$", key):

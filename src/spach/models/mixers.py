@@ -85,6 +85,7 @@ def canonical_mixer(name: str) -> str:
 
 
 def list_mixers() -> list[str]:
+    """The names a `net_arch` may use: the built-in mixers and those registered since."""
     return sorted(MIXERS_WITHOUT_MODULE | set(_MIXERS))
 
 
