@@ -147,6 +147,8 @@ class ContestantResult:
     throughput: float = math.nan  # inference images/s on the machine that ran the battle
     arch_key: str = ""  # the architecture apart from local modeling and weight sharing
     model: str = "spach"
+    width: int = 0  # hidden_dim of a SPACH model (0: another model)
+    match: dict = field(default_factory=dict)  # the study's cost target for it, if it stated one
     runs: list[RunResult] = field(default_factory=list)
 
     @property
@@ -194,9 +196,9 @@ def load_results(study_dir: Path, study: Study) -> list[ContestantResult]:
     for c in study.contestants:
         facts = costs.get(c.name, {})
         known = {k: facts[k] for k in ContestantResult.__dataclass_fields__
-                 if k in facts and k not in ("runs", "name", "arm", "label")}
+                 if k in facts and k not in ("runs", "name", "arm", "label", "match")}
         known.setdefault("family", "?")
         known.setdefault("layout", "?")
-        out.append(ContestantResult(name=c.name, arm=c.arm, label=c.label, **known,
+        out.append(ContestantResult(name=c.name, arm=c.arm, label=c.label, match=c.match, **known,
                                     runs=[load_run(study_dir, c.name, s) for s in study.seeds]))
     return out

@@ -28,6 +28,12 @@
     recipe = { lr = 1e-3 }                  # optional: only the knobs in CONTESTANT_KNOBS
     arm = "scarce"                          # optional: default "main"
 
+    [[contestant]]
+    name = "attn-ms"
+    arch = { net_arch = [[["conv", 2]], [["attn", 4]]], num_heads = 2 }
+    match = { macs = "conv-ms", tolerance = 0.1 }  # optional, instead of hidden_dim: the width whose MACs
+                                            # (or params) are another contestant's, or a number (5.2e6)
+
     [slurm]                                 # optional: each run's batch job (--launcher slurm; flags win)
     gpus_per_node = 8                       # also nodes, cpus_per_task, timeout_min, partition, account,
     partition = "gpu"                       # constraint, and extra = { qos = "high" } (submitit's slurm_*)
@@ -59,6 +65,7 @@ from spach.battle.schema import (
     Validator,
     train_fields,
 )
+from spach.battle.matching import resolve_matches
 from spach.battle.sequential import Spending, parse_budget
 from spach.device import parse_device
 from spach.errors import SpachError
@@ -76,6 +83,7 @@ class Contestant:
     recipe: dict[str, Any] = field(default_factory=dict)  # overrides of CONTESTANT_KNOBS
     label: str = ""
     arm: str = MAIN
+    match: dict[str, Any] = field(default_factory=dict)  # a cost target instead of a width, and what it resolved to
 
 
 @dataclass
@@ -253,6 +261,7 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
             v.channels(study.config(c))
         except ConfigError as e:
             v.config_error(e, c.name, c.recipe, c.arm)
+    resolve_matches(study, v.fail)
     return study
 
 

@@ -190,7 +190,7 @@ class SpachNet(nn.Module):
             dim = cfg.width(i)
             ctx = MixerContext(
                 dim=dim, grid_size=cfg.grid(i), num_heads=cfg.num_heads, token_ratio=cfg.token_ratio,
-                qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
+                qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate, channel_ratio=cfg.channel_ratio,
             )
             shared: dict[str, nn.Module | None] = {}
             blocks = []
