@@ -241,7 +241,8 @@ class SpachNet(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters timm's optimizer factory keeps out of weight decay (besides 1-d ones)."""
         skip = {"pos_embed"} if self.pos_embed is not None else set()
-        return skip | {n for n, p in self.named_parameters() if n.endswith(".gamma") or p.ndim <= 1}
+        return skip | {n for n, p in self.named_parameters()
+                       if n.endswith(".gamma") or p.ndim <= 1 or getattr(p, "_no_weight_decay", False)}
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

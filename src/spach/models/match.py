@@ -24,8 +24,9 @@ import torch.nn as nn
 
 from spach.errors import SpachError
 from spach.humanize import count, parse_count
-from spach.models.backbone import SpachNet
 from spach.models.flops import count_macs, count_params
+from spach.models.registry import family_of_variant
+from spach.models.spach_variants import FAMILY as SPACH
 from spach.models.zoo import create_model
 
 COSTS = ("macs", "params")
@@ -71,6 +72,9 @@ def match_width(model: str, kwargs: dict[str, Any], target: float, by: str = "ma
         raise SpachError(f"the target cost must be > 0, got {target!r}")
     if "hidden_dim" in kwargs:
         raise SpachError("matching picks hidden_dim: leave it out of the spec")
+    if model != "spach" and family_of_variant(model) is not SPACH:
+        raise SpachError(f"matching sets hidden_dim, a SPACH model's width; {model!r} is not a SPACH model "
+                         "(give 'spach' with a net_arch, or a SPACH zoo name: see 'spach models')")
     what = describe(model, kwargs)
     built: dict[int, nn.Module | None] = {}
     costs: dict[int, int] = {}
@@ -86,9 +90,6 @@ def match_width(model: str, kwargs: dict[str, Any], target: float, by: str = "ma
             except SpachError as e:
                 errors.append(e)
                 built[width] = None
-            if built[width] is not None and not isinstance(built[width], SpachNet):
-                raise SpachError(f"matching sets hidden_dim, a SPACH model's width; {model!r} is not a SPACH model "
-                                 "(give 'spach' with a net_arch, or a SPACH zoo name)")
         return built[width] is not None
 
     def cost(width: int) -> int:

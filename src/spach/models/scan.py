@@ -91,13 +91,12 @@ def _scan_chunks(a: torch.Tensor, u: torch.Tensor, size: int, reverse: bool) -> 
     shape = [count, size] + list(a.shape[1:])
     a, u = a.reshape(shape), u.reshape(shape)
     h, p = torch.empty_like(u), torch.empty_like(a)
-    first = size - 1 if reverse else 0
+    first, stop, step = (size - 1, -1, -1) if reverse else (0, size, 1)
     h[:, first] = u[:, first]
     p[:, first] = a[:, first]
-    for i in range(size - 2, -1, -1) if reverse else range(1, size):
-        j = i + 1 if reverse else i - 1
-        torch.addcmul(u[:, i], a[:, i], h[:, j], out=h[:, i])
-        torch.mul(a[:, i], p[:, j], out=p[:, i])
+    for i in range(first + step, stop, step):
+        torch.addcmul(u[:, i], a[:, i], h[:, i - step], out=h[:, i])
+        torch.mul(a[:, i], p[:, i - step], out=p[:, i])
     return h, p
 
 
@@ -126,9 +125,24 @@ class _LinearScan(torch.autograd.Function):
         return grad_log_a, grad_u, None
 
 
-@torch.jit.unused
-def _scan_with_grad(log_a: torch.Tensor, u: torch.Tensor, chunk: int) -> torch.Tensor:
-    return _LinearScan.apply(log_a, u, chunk)
+def _scan_terms(x: torch.Tensor, dt: torch.Tensor, A_log: torch.Tensor, B: torch.Tensor,
+                dt_bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, log decay `delta A`, input `delta B x`) of the recurrence, at least in float32; the last two
+    `(..., E, N)`."""
+    x = _wide(x)
+    delta = F.softplus(dt.to(x.dtype) + dt_bias.to(x.dtype))
+    log_a = delta.unsqueeze(-1) * -torch.exp(A_log.to(x.dtype))
+    return x, log_a, (delta * x).unsqueeze(-1) * B.to(x.dtype).unsqueeze(-2)
+
+
+def _scan_output(h: torch.Tensor, x: torch.Tensor, C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """`y = C . h + D x`."""
+    return (h * C.to(x.dtype).unsqueeze(-2)).sum(-1) + D.to(x.dtype) * x
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it is (bf16/fp16 inputs, e.g. under autocast, scan in float32)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def selective_scan(
@@ -137,27 +151,31 @@ def selective_scan(
 ) -> torch.Tensor:
     """Mamba's selective scan along dim 0 of `x` `(T, batch, K, E)`, K directions at once: `dt`
     `(T, batch, K, E)` before its bias and softplus, `B` and `C` `(T, batch, K, N)`, `A_log` `(K, E, N)`,
-    `D` and `dt_bias` `(K, E)`. Returns `y` `(T, batch, K, E)` in x's dtype, computed in float32."""
-    dtype = x.dtype
-    x = x.float()
-    delta = F.softplus(dt.float() + dt_bias.float())
-    log_a = delta.unsqueeze(-1) * -torch.exp(A_log.float())                    # (T, batch, K, E, N)
-    u = (delta * x).unsqueeze(-1) * B.float().unsqueeze(-2)
-    if u.is_meta:  # shapes only (cost counting): no values to scan
-        h = torch.empty_like(u)
-    elif torch.jit.is_scripting():
+    `D` and `dt_bias` `(K, E)`. Returns `y` `(T, batch, K, E)` in x's dtype, computed in float32 (float64
+    for float64 inputs). In TorchScript, inference only (it cannot hold the scan's autograd function)."""
+    xf, log_a, u = _scan_terms(x, dt, A_log, B, dt_bias)
+    if torch.jit.is_scripting():
         if log_a.requires_grad or u.requires_grad:
-            raise RuntimeError("the selective scan has no TorchScript gradient: train the eager model")
+            raise RuntimeError("a TorchScript scan mixer has no gradient: run it under torch.no_grad() (inference), "
+                               "or train the eager model")
         h = linear_scan(torch.exp(log_a), u, chunk)
-    elif log_a.requires_grad or u.requires_grad:
-        h = _scan_with_grad(log_a, u, chunk)
     else:
-        h = linear_scan(torch.exp(log_a), u, chunk)
-    y = (h * C.float().unsqueeze(-2)).sum(-1) + D.float() * x
-    return y.to(dtype)
+        h = _eager_scan(log_a, u, chunk)
+    return _scan_output(h, xf, C, D).to(x.dtype)
 
 
 torch.fx.wrap("selective_scan")  # a leaf for torch.fx: its loops depend on the sequence length
+
+
+@torch.jit.unused
+def _eager_scan(log_a: torch.Tensor, u: torch.Tensor, chunk: int) -> torch.Tensor:
+    if u.is_meta:  # shapes only (cost counting): no values to scan
+        return torch.empty_like(u)
+    if (log_a.requires_grad or u.requires_grad) and not torch.jit.is_tracing():
+        return _LinearScan.apply(log_a, u, chunk)
+    # no gradient wanted, or a trace (an export for inference), which cannot hold the autograd function: detached,
+    # the traced graph runs with or without grad mode
+    return linear_scan(torch.exp(log_a.detach()), u.detach(), chunk)
 
 
 def cross_scan(x: torch.Tensor, directions: int) -> torch.Tensor:
