@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import cli_error
+from test_battle import tiny
 
 from spach.battle.runner import run_battle
 from spach.battle.study import parse_study
@@ -71,33 +72,8 @@ def test_models_match_command(capsys):
                                        "--img-size", "32"], capsys)
 
 
-STUDY = """
-[study]
-name = "matched"
-seeds = [0]
-
-[data]
-dataset = "tiny"
-train_subset = 64
-val_subset = 32
-eval_train_subset = 32
-workers = 0
-
-[recipe]
-epochs = 1
-batch_size = 32
-lr = 3e-3
-lr_base_size = 0
-warmup_epochs = 0
-mixup = 0.0
-cutmix = 0.0
-aa = "none"
-color_jitter = 0.0
-reprob = 0.0
-repeated_aug = 1
-model_ema = false
-eval_batch_size = 64
-
+# the tiny battle of test_battle, one seed of one epoch, with contestants matched in cost
+STUDY = tiny(epochs=1).split("[[contestant]]")[0].replace("seeds = [0, 1]", "seeds = [0]") + """
 [[contestant]]
 name = "conv"
 arch = { net_arch = [["conv", 2]], hidden_dim = 16, patch_size = 4 }

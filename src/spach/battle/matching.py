@@ -10,30 +10,28 @@ was matched to into its `match` record.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from spach.errors import SpachError
 from spach.models.match import match_width, model_cost
+from spach.train.datasets import dataset_shape
 from spach.train.factory import build_model
 
-if TYPE_CHECKING:
-    from spach.battle.study import Contestant, Study
+# `study` below is a spach.battle.study.Study, whose reading calls this module (hence not imported here).
 
 
-def resolve_matches(study: Study, fail: Callable[[str, str], Any]) -> None:
+def resolve_matches(study: Any, fail: Callable[[str, str], Any]) -> None:
     """Give every contestant with a `match` its width (`fail(where, problem)` raises)."""
     pending = [c for c in study.contestants if c.match and "hidden_dim" not in c.arch]
     if not pending:
         return
-    from spach.battle.plan import data_shape  # (plan imports the study module, which calls this)
-
-    shape = data_shape(study)
+    shape = dataset_shape(study.data)
     by_name = {c.name: c for c in study.contestants}
     resolving: list[str] = []
 
-    def resolve(c: Contestant) -> None:
+    def resolve(c: Any) -> None:
         where = f"contestant {c.name!r}.match"
         if "hidden_dim" in c.arch:
             return
@@ -66,7 +64,7 @@ def resolve_matches(study: Study, fail: Callable[[str, str], Any]) -> None:
         resolve(c)
 
 
-def _cost(study: Study, c: Contestant, by: str, shape: tuple[int, int, int], fail: Callable[[str, str], Any]) -> int:
+def _cost(study: Any, c: Any, by: str, shape: tuple[int, int, int], fail: Callable[[str, str], Any]) -> int:
     """What contestant `c` costs as the battle builds it (its checkpoint is not loaded: shapes only)."""
     classes, chans, size = shape
     cfg = dataclasses.replace(study.config(c), pretrained="")

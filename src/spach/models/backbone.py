@@ -26,6 +26,7 @@ from spach.models.blocks import (
     Stem,
     to_nchw,
 )
+from spach.models import gated, scan  # noqa: F401  (register the mixers after SPACH, DESIGN.md 2c)
 from spach.models.checks import check_global_pool, check_grid
 from spach.models.mixers import MixerContext, build_mixer, canonical_mixer
 

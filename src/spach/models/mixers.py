@@ -242,7 +242,3 @@ class Identity(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-
-# The mixers after SPACH (DESIGN.md 2c) live in modules of their own, which register here.
-from spach.models import gated, scan  # noqa: E402,F401
