@@ -116,10 +116,11 @@ class _LinearScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, None]:
         a, h = ctx.saved_tensors
-        a_next = torch.zeros_like(a)
-        a_next[:-1] = a[1:]
+        a_next = torch.empty_like(a)
+        a_next[:-1], a_next[-1] = a[1:], 0.0
         grad_u = linear_scan(a_next, grad_h.contiguous(), ctx.chunk, reverse=True)
-        grad_log_a = torch.zeros_like(a)
+        grad_log_a = torch.empty_like(a)
+        grad_log_a[0] = 0.0
         torch.mul(grad_u[1:], a[1:], out=grad_log_a[1:])
         grad_log_a[1:].mul_(h[:-1])
         return grad_log_a, grad_u, None
@@ -191,9 +192,10 @@ def cross_scan(x: torch.Tensor, directions: int) -> torch.Tensor:
 def cross_merge(y: torch.Tensor, directions: int, height: int, width: int) -> torch.Tensor:
     """`(H*W, B, K, E)` scans (K = `directions`, in `cross_scan`'s order) -> their sum `(B, H, W, E)`,
     each put back in row-major order."""
-    out = (y[:, :, 0] + y[:, :, directions // 2].flip(0)).transpose(0, 1).unflatten(1, (height, width))
+    ys = y.unbind(2)  # (one gradient for all directions, not a zero-filled one per direction)
+    out = (ys[0] + ys[directions // 2].flip(0)).transpose(0, 1).unflatten(1, (height, width))
     if directions == 4:
-        out = out + (y[:, :, 1] + y[:, :, 3].flip(0)).transpose(0, 1).unflatten(1, (width, height)).transpose(1, 2)
+        out = out + (ys[1] + ys[3].flip(0)).transpose(0, 1).unflatten(1, (width, height)).transpose(1, 2)
     return out
 
 
