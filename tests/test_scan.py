@@ -82,6 +82,9 @@ def test_selective_scan_in_float32_and_with_strong_decays():
         err = (y.double() - y_ref).abs().max().item() / y_ref.abs().max().item()
         print(f"dt shift {shift}: float32 relative max error {err:.1e}")
         assert err < 1e-5
+    low = {k: v.to(torch.bfloat16) for k, v in scan_inputs(64).items()}  # bf16 inputs (autocast's) scan in float32
+    y = selective_scan(**low)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, selective_scan(**{k: v.float() for k, v in low.items()}).bfloat16())
 
 
 def test_the_directions_merge_as_each_scanned_by_hand():
