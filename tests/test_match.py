@@ -108,7 +108,8 @@ def test_a_matched_study_picks_records_and_reports_the_width_and_both_new_mixers
     config = json.loads((out / "runs" / "scan" / "seed0" / "config.json").read_text())
     assert config["model_kwargs"]["hidden_dim"] == expected.width
     costs = json.loads((out / "costs.json").read_text())
-    assert costs["scan"]["macs"] == expected.cost and costs["scan"]["family"] == "scan" and costs["gated"]["family"] == "gatedconv"
+    assert costs["scan"]["macs"] == expected.cost and costs["scan"]["family"] == "scan"
+    assert costs["gated"]["family"] == "gatedconv"
     assert all(json.loads((out / "runs" / c / "seed0" / "summary.json").read_text())["epochs"] == 1 for c in recorded)
     md = (out / "report.md").read_text()
     assert f"| {expected.width} (MACs of conv {expected.error:+.1%}) |" in md and "| 16 |" in md

@@ -99,7 +99,9 @@ class MixingBlock(nn.Module):
         if cpe:  # the identity as a depthwise 3x3 kernel: x + CPE(x) is one conv with it added
             self.register_buffer("cpe_identity", F.pad(torch.ones(dim, 1, 1, 1), (1, 1, 1, 1)), persistent=False)
         self.norm2 = LayerNorm(dim, eps=LN_EPS)
-        self.mlp = channel_mixer if channel_mixer is not None else Mlp(dim, int(dim * channel_ratio), act_layer=nn.GELU, drop=drop)
+        if channel_mixer is None:
+            channel_mixer = Mlp(dim, int(dim * channel_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = channel_mixer
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
