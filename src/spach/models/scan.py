@@ -19,9 +19,10 @@ VMamba v2's VSS block):
     out = out_proj(LN(y) * SiLU(z))              E -> C, no bias
 
 Each direction has its own x_proj (E -> R + 2N), dt_proj (R -> E, with bias), A_log (E, N) and D (E).
-Defaults: N = 4 states, E = C (expand 1), R = ceil(C / 16), K = 4: at the battle's width (C ~ 28, 8x8
-tokens) the mixer costs ~8.1k MACs per token against attention's ~6.7k (4C^2 + 2NC); Mamba's N = 16
-would cost 2.5x attention there, and N shrinks the per-token state the CPU must stream.
+Defaults: N = 1 state and E = C (VMamba's own Tiny: `ssm_d_state=1`, `ssm_ratio=1`), R = ceil(C / 16),
+K = 4, Mamba's init. At the default battle's widths (C = 28-32, 8x8 tokens) the mixer then costs 4.4k-5.4k
+MACs per token, between conv's 9C and attention's 6.7k-8.2k (4C^2 + 2NC); Mamba's N = 16 would cost 3.4x
+attention there, and every state multiplies the elementwise work the CPU streams.
 
 MACs per token: `2EC + 9E + K E (R + 2N) + K R E + K E (9N + 1) + E C`. torch's FLOP counter sees the
 projections and the conv; the scan itself (elementwise work) it does not, so `uncounted_macs` adds
@@ -44,7 +45,6 @@ from torch.autograd.function import once_differentiable
 
 from spach.models.blocks import LN_EPS, LayerNorm
 from spach.models.mixers import register_mixer
-
 
 
 def linear_scan(a: torch.Tensor, u: torch.Tensor, chunk: int = 8, reverse: bool = False) -> torch.Tensor:
