@@ -1,5 +1,5 @@
-"""benchmarks/vs_reference.py --battle and benchmarks/token_mlp_forms.py run end to end (one repeat or
-round: smoke tests, not measurements)."""
+"""benchmarks/vs_reference.py --battle, benchmarks/token_mlp_forms.py and benchmarks/scan_cpu.py run end
+to end (one repeat or round: smoke tests, not measurements)."""
 import importlib.util
 import pathlib
 
@@ -33,3 +33,11 @@ def test_token_mlp_forms_times_every_shape(capsys):
     forms.main(["--dtypes", "fp32", "--rounds", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if " infer " in line or " train " in line]
     assert len(rows) == 2 * len(forms.SHAPES) and all(line.split()[-3] in FORMS for line in rows)
+
+
+def test_scan_cpu_times_the_scan_and_the_matched_models():
+    rows = _load("scan_cpu").main(["--quick", "--rounds", "1", "--batch", "4"])
+    assert [r["what"].split(",")[0] for r in rows[:1]] == ["scan fwd+bwd"] and rows[0]["ratio"] > 0
+    models = {r["what"].split(" (")[0]: r for r in rows[1:]}
+    assert set(models) == {"conv", "scan", "gatedconv"} and all(r["img_s"] > 0 for r in rows[1:])
+    assert all(abs(r["macs"] / models["conv"]["macs"] - 1) <= 0.1 for r in rows[1:])

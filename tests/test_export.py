@@ -58,6 +58,24 @@ def test_export_each_family(tmp_path, family, fmt):
     torch.testing.assert_close(run_exported(out, fmt, x), expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("mixer", ["gatedconv", "scan"])
+def test_export_the_mixers_after_spach(tmp_path, mixer, fmt):
+    """One block on a 2x2 grid keeps the ONNX export of the scan's chunk loops short (the trace unrolls them)."""
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("ONNX export needs pip install 'spach[onnx]'")
+    kw = dict(TINY, img_size=32, net_arch=[(mixer, 1)])
+    name = FAMILIES["attn"]
+    model, weights = random_weights(tmp_path, name, **kw)
+    r = export(name, tmp_path / f"model.{fmt}", fmt, pretrained=str(weights), model_kwargs=kw)
+    print(f"{mixer} {fmt}: max abs error {r['max_abs_error']:.2e}")
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.abs().max() > 0.1 and r["max_abs_error"] <= TOLERANCE
+    torch.testing.assert_close(run_exported(tmp_path / f"model.{fmt}", fmt, x), expected, atol=TOLERANCE, rtol=0)
+
+
 def test_export_cli_from_a_checkpoint_at_another_resolution(tmp_path, capsys):
     _, weights = random_weights(tmp_path, FAMILIES["conv"])
     out = tmp_path / "sub" / "conv.pt"

@@ -25,13 +25,20 @@ SMALL = {
     ),
     "smlpnet_tiny": dict(img_size=64, depths=(1, 1, 2, 1)),
     "shiftvit_r2_tiny": dict(img_size=64, depths=(1, 1, 2, 1)),
+    # the mixers after SPACH, in the layouts of registered names (`model`) with their own net_arch
+    "spach_ms_gatedconv": dict(model="spach_ms_xxs_patch4_224_conv", img_size=64,
+                               net_arch=[[("conv", 1)], [("gatedconv", 1)], [("gatedconv", 2)], [("gatedconv", 1)]]),
+    "spach_ms_scan": dict(model="spach_ms_xxs_patch4_224_conv", img_size=64,
+                          net_arch=[[("conv", 1)], [("scan", 1)], [("scan", 2)], [("scan", 1)]]),
+    "spach_ss_scan": dict(model="spach_xxs_patch16_224_attn", img_size=64, net_arch=[("scan", 3)]),
 }
 NAMES = sorted(SMALL)
 BATCH = 2
 
 
 def _model(name: str, **kw) -> torch.nn.Module:
-    return timm.create_model(name, **{**SMALL[name], **kw})
+    cfg = {**SMALL[name], **kw}
+    return timm.create_model(cfg.pop("model", name), **cfg)
 
 
 def _input(model: torch.nn.Module) -> torch.Tensor:

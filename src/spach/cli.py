@@ -21,6 +21,7 @@ from spach.bench.measure import BenchSettings
 from spach.errors import SpachError
 from spach.export import FORMATS, export
 from spach.files import atomic_write_text
+from spach.models.match import match_command
 from spach.models.table import print_models
 from spach.models.weights import MIRROR_ENV, official_weights
 from spach.signals import interrupting
@@ -36,12 +37,32 @@ IMPORTS_HELP = ("plugins (modules or .py files registering custom mixers) to imp
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo: params, MACs, official ImageNet top-1, published weights")
-    p.add_argument("pattern", nargs="?", default="*", help="glob over model names (default: all)")
+    p = sub.add_parser("models", help="list the model zoo: params, MACs, official ImageNet top-1, published weights; "
+                       "'spach models match': the width that gives a layout a target cost",
+                       description="List the model zoo, or with 'match' ('spach models match --macs 5M --arch SPEC "
+                       "--img-size 32 --in-chans 1 --num-classes 10'), print the hidden_dim at which each SPEC (a JSON "
+                       "object of SPACH arguments without hidden_dim, or a SPACH zoo name) costs the target.")
+    p.add_argument("pattern", nargs="?", default="*", help="glob over model names (default: all), or 'match'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    match = p.add_argument_group("spach models match")
+    match.add_argument("--arch", action="append", default=[], metavar="SPEC", help="a layout to match (repeatable)")
+    match.add_argument("--macs", metavar="N", help="target MACs per image (5e6, 5.2M, 800k)")
+    match.add_argument("--params", metavar="N", help="target parameters")
+    match.add_argument("--like", metavar="SPEC", help="target: the cost of this model (a zoo name or a JSON spec)")
+    match.add_argument("--by", choices=["macs", "params"], default="macs", help="the cost --like matches (default: macs)")
+    match.add_argument("--img-size", type=int, default=224, help="input resolution (default: 224)")
+    match.add_argument("--in-chans", type=int, default=3, help="input channels (default: 3)")
+    match.add_argument("--num-classes", type=int, default=1000, help="classes (default: 1000)")
+    match.add_argument("--tolerance", type=float, default=0.1, help="largest relative error accepted (default: 0.1)")
 
     def run(args: argparse.Namespace) -> None:
-        print_models(args.pattern, as_json=args.json)
+        if args.pattern == "match":
+            match_command(args.arch, args.macs, args.params, args.like, args.by, args.img_size, args.in_chans,
+                          args.num_classes, args.tolerance, as_json=args.json)
+        elif args.arch or args.macs or args.params or args.like:
+            raise SpachError("--arch, --macs, --params and --like belong to 'spach models match'; add 'match'")
+        else:
+            print_models(args.pattern, as_json=args.json)
 
     p.set_defaults(func=run)
 

@@ -29,7 +29,8 @@ def contestant_facts(model: Any) -> dict[str, Any]:
     arch = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in ("cpe", "pos_embed", "shared_spatial_func", "drop_path_rate", "drop_rate", "attn_drop_rate")}
     return {"family": model.family, "layout": "multi" if len(cfg.net_arch) > 1 else "single", "cpe": bool(cfg.cpe),
-            "shared": bool(cfg.shared_spatial_func), "arch_key": json.dumps(arch, sort_keys=True, default=str)}
+            "shared": bool(cfg.shared_spatial_func), "arch_key": json.dumps(arch, sort_keys=True, default=str),
+            "width": cfg.hidden_dim}
 
 
 def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bool = True,

@@ -11,7 +11,7 @@ from spach.errors import SpachError
 from spach.files import read_json
 from spach.plugins import import_plugins
 from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
-from spach.train.datasets import DATASETS, canonical_dataset, load_dataset, load_folders
+from spach.train.datasets import DATASETS, canonical_dataset, dataset_shape, load_dataset, load_folders
 
 
 @dataclass
@@ -133,12 +133,7 @@ def _full_sizes(name: str, path: str, skip_bad: bool) -> tuple[int, int]:
 
 def data_shape(study: Study) -> tuple[int, int, int]:
     """(classes, channels, image size) the engine will build the models for, without loading the data."""
-    name = canonical_dataset(study.data.get("dataset", "imagefolder"))
-    classes, chans, native = DATASETS[name][:3]
-    path = Path(study.data.get("data_path", "") or ".") / "train"
-    if name == "imagefolder" and path.is_dir():
-        classes = sum(1 for p in path.iterdir() if p.is_dir()) or classes
-    return classes, chans, study.data.get("img_size", 0) or native
+    return dataset_shape(study.data)
 
 
 def epoch_images(cfg: TrainConfig) -> tuple[int, int]:

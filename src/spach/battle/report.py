@@ -204,9 +204,21 @@ def _contestant_table(entries: list[ContestantResult]) -> Block:
         rows.append([e.name + (f" ({e.label})" if e.label else ""), e.arm, e.family, e.layout + ("" if e.cpe else ", no CPE") + (", shared" if e.shared else ""),
                      count(e.params) if e.params else "-", _f(e.macs / 1e6, 1) if e.macs else "-", _f(e.throughput, 0),
                      top1, _f(e.mean("best_top1")), _f(e.mean("final_train_loss"), 3), _f(e.mean("fit_loss"), 3),
-                     _f(e.mean("gap"), 2, signed=True), hms(e.mean("wall_time_s"))])
+                     _f(e.mean("gap"), 2, signed=True), hms(e.mean("wall_time_s")), _width(e)])
     return ("table", (["contestant", "arm", "family", "layout", "params", "MMACs", "img/s", "top-1 % (mean ± std)",
-                       "best top-1", "training loss while training", "clean training loss", "gap (pts)", "time/run"], rows))
+                       "best top-1", "training loss while training", "clean training loss", "gap (pts)", "time/run", "width"], rows))
+
+
+def _width(e: ContestantResult) -> str:
+    """hidden_dim, and for a contestant matched in cost what it was matched to (study's `match`)."""
+    if not e.width:
+        return "-"
+    by = "macs" if "macs" in e.match else "params" if "params" in e.match else ""
+    if not by or "error" not in e.match:
+        return str(e.width)
+    unit = "MACs" if by == "macs" else "params"
+    target = f"{unit} of {e.match[by]}" if isinstance(e.match[by], str) else f"{count(e.match['target'])} {unit}"
+    return f"{e.width} ({target} {e.match['error']:+.1%})"
 
 
 def _failures(entries: list[ContestantResult]) -> list[Block]:

@@ -189,6 +189,8 @@ class ContestantResult:
     arch_key: str = ""  # the architecture apart from local modeling and weight sharing
     model: str = "spach"
     scores_train: bool = False  # its recipe scores a training subset (the generalisation gap is measured)
+    width: int = 0  # hidden_dim of a SPACH model (0: another model)
+    match: dict = field(default_factory=dict)  # the study's cost target for it, if it stated one
     runs: list[RunResult] = field(default_factory=list)
 
     @property
@@ -234,10 +236,10 @@ def contestant_entries(study: Study, costs: dict[str, dict[str, Any]]) -> list[C
     for c in study.contestants:
         facts = costs.get(c.name, {})
         known = {k: facts[k] for k in ContestantResult.__dataclass_fields__
-                 if k in facts and k not in ("runs", "name", "arm", "label", "scores_train")}
+                 if k in facts and k not in ("runs", "name", "arm", "label", "scores_train", "match")}
         known.setdefault("family", "?")
         known.setdefault("layout", "?")
-        out.append(ContestantResult(name=c.name, arm=c.arm, label=c.label, **known,
+        out.append(ContestantResult(name=c.name, arm=c.arm, label=c.label, match=c.match, **known,
                                     scores_train=study.config(c).eval_train_subset > 0))
     return out
 

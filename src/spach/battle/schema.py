@@ -81,6 +81,8 @@ CONTESTANT_KEYS = {
     "recipe": "This contestant's own values of the knobs it may change (the rest is shared, for a fair fight).",
     "label": "A longer name, shown in the report.",
     "arm": "The arm it trains in (an `[arm.NAME]` of this file).",
+    "match": "A cost target instead of a width: `{ macs = \"CONTESTANT\" or N, tolerance = 0.1 }` (or `params`); the "
+             "battle picks the hidden_dim that meets it when the study is read and records it.",
 }
 
 
@@ -256,7 +258,28 @@ class Validator:
         if arm not in arms:
             self.fail(f"{where}.arm", f"no arm named {arm!r}; define it as [arm.{arm}] or use one of {', '.join(sorted(arms))}")
         return dict(name=name, model=model, arch=arch, recipe=recipe, arm=arm,
-                    label=self.get(entry, f"{where}.label", str, default=""))
+                    label=self.get(entry, f"{where}.label", str, default=""),
+                    match=self.match(f"{where}.match", self.get(entry, f"{where}.match", dict, default={}), arch))
+
+    def match(self, where: str, match: dict, arch: dict) -> dict:
+        """`match = { macs = <number or contestant name>, tolerance = 0.1 }` (or `params = ...`): a cost
+        target instead of a width (resolved by `spach.battle.matching` once the study is read)."""
+        if not match:
+            return {}
+        self.keys(match, {"macs", "params", "tolerance"}, where)
+        targets = [k for k in ("macs", "params") if k in match]
+        if len(targets) != 1:
+            self.fail(where, "give one target: macs or params, e.g. match = { macs = \"conv-ss\" } (another "
+                      "contestant's) or match = { macs = 5.2e6 }")
+        target = match[targets[0]]
+        if not (isinstance(target, str) or (_is(target, float) and target > 0)):
+            self.fail(f"{where}.{targets[0]}", f"expected a number > 0 or a contestant's name, got {target!r}")
+        tolerance = match.get("tolerance", 0.1)
+        if not _is(tolerance, float) or tolerance <= 0:
+            self.fail(f"{where}.tolerance", f"expected a number > 0 (a fraction: 0.1 is 10%), got {tolerance!r}")
+        if "hidden_dim" in arch:
+            self.fail(where, "picks arch.hidden_dim; remove hidden_dim from arch (or the match)")
+        return {**match, "tolerance": tolerance}
 
     def model(self, where: str, model: str, arch: dict) -> None:
         if model == "spach" and "net_arch" not in arch:

@@ -29,6 +29,12 @@
     recipe = { lr = 1e-3 }                  # optional: only the knobs in CONTESTANT_KNOBS
     arm = "scarce"                          # optional: default "main"
 
+    [[contestant]]
+    name = "attn-ms"
+    arch = { net_arch = [[["conv", 2]], [["attn", 4]]], num_heads = 2 }
+    match = { macs = "conv-ms", tolerance = 0.1 }  # optional, instead of hidden_dim: the width whose MACs
+                                            # (or params) are another contestant's, or a number (5.2e6)
+
     [slurm]                                 # optional: each run's batch job (--launcher slurm; flags win)
     gpus_per_node = 8                       # also nodes, cpus_per_task, timeout_min, partition, account,
     partition = "gpu"                       # constraint, and extra = { qos = "high" } (submitit's slurm_*)
@@ -59,6 +65,7 @@ from spach.battle.schema import (
     train_fields,
 )
 from spach.battle.budget import parse_budget
+from spach.battle.matching import resolve_matches
 from spach.battle.spending import DEFAULT as DEFAULT_SPENDING
 from spach.battle.spending import Spending, spending_function
 from spach.device import parse_device
@@ -78,6 +85,7 @@ class Contestant:
     recipe: dict[str, Any] = field(default_factory=dict)  # overrides of CONTESTANT_KNOBS
     label: str = ""
     arm: str = MAIN
+    match: dict[str, Any] = field(default_factory=dict)  # a cost target instead of a width, and what it resolved to
 
 
 @dataclass
@@ -110,7 +118,7 @@ class Study:
     source: str = ""  # the file (or preset) it came from, for messages
     sha256: str = ""  # of the study file's text, recorded in the report
     slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: the batch-job resources of every run
-    budget: str = ""  # a sequential battle's budget (spach.battle.sequential.parse_budget); "": fixed design
+    budget: str = ""  # a sequential battle's budget (spach.battle.budget.parse_budget); "": fixed design
     first_wave: int = 0  # seeds per contestant before the first look (sequential battles)
     spending: str = ""  # how a sequential battle's comparisons spend alpha ("" : spach.battle.spending.DEFAULT)
     prior: dict[str, Any] = field(default_factory=dict)  # [prior]: effects and noise the dry run predicts from
@@ -270,6 +278,7 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         except ConfigError as e:
             v.config_error(e, c.name, c.recipe, c.arm)
     study.prior = parse_prior(raw.get("prior"), set(names), v.fail)
+    resolve_matches(study, v.fail)
     return study
 
 

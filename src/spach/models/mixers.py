@@ -19,6 +19,8 @@ method on the mixer (see `spach.models.flops`).
 
 The "conv" family has no spatial-mixing module at all (its block is only the 3x3 depthwise conv bypass
 and the channel MLP): its name is listed in `MIXERS_WITHOUT_MODULE` and `build_mixer` returns None.
+A mixer class with `replaces_channel_mlp = True` (MambaOut's Gated CNN, `spach.models.gated`) is put in
+the block's channel-MLP slot instead: its block has the CPE and that module, no LN1/gamma branch.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class MixerContext:
     qkv_bias: bool = True
     attn_drop: float = 0.0
     drop: float = 0.0
+    channel_ratio: float = 2.0
 
     @property
     def num_tokens(self) -> int:

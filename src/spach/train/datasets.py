@@ -66,6 +66,17 @@ def canonical_dataset(name: str) -> str:
     return name
 
 
+def dataset_shape(data: dict[str, Any]) -> tuple[int, int, int]:
+    """(classes, channels, image size) models are built for from a study's [data] table (`dataset`,
+    `data_path`, `img_size`), without loading the data: an image folder's classes are its train/ folders."""
+    name = canonical_dataset(data.get("dataset", "imagefolder"))
+    classes, chans, native = DATASETS[name][:3]
+    path = Path(data.get("data_path", "") or ".") / "train"
+    if name == "imagefolder" and path.is_dir():
+        classes = sum(1 for p in path.iterdir() if p.is_dir()) or classes
+    return classes, chans, data.get("img_size", 0) or native
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """One IDX file (the MNIST format), gzip'ed or not."""
     try:
