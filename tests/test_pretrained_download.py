@@ -296,7 +296,7 @@ def test_eval_pretrained_without_a_path_evaluates_the_official_weights(server, m
         seen.update(model=model, pretrained=pretrained)
         return dict(model=model, dataset="imagefolder", n=1, top1=1.0, top5=1.0, loss=1.0)
 
-    monkeypatch.setattr("spach.cli.evaluate_checkpoint", fake_eval)
+    monkeypatch.setattr("spach.train.evaluate.evaluate_checkpoint", fake_eval)
     main(["eval", "--model", XXS, "--pretrained", "--data-path", str(tmp_path)])
     assert seen == dict(model=XXS, pretrained=str(_cache(tmp_path) / "spach_ms_conv_xxs.pth"))
     with pytest.raises(SystemExit):

@@ -39,6 +39,7 @@ from spach.files import (
     append_jsonl,
     atomic_save,
     atomic_write_text,
+    check_writable,
     read_json,
 )
 from spach.models.choice import export_choices, restore_choices
@@ -106,6 +107,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | Non
     setting behind (the random generators are reseeded, as a training run must)."""
     canonical_dataset(cfg.dataset)
     check_model_name(cfg.model)
+    check_writable(cfg.output, "--output", "folder")
     d = setup(cfg.device)
     out = Path(cfg.output)
     try:
