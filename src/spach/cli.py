@@ -285,6 +285,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _caller(e: BaseException) -> str:
+    """file:line where exception `e` was raised."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "unknown code"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     named = next((a for a in argv if not a.startswith("-")), "")  # the top-level parser has no option but -h
@@ -297,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"spach {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as e:  # sys.exit("text") in code a command ran (a study's plugin): its text, as one safe line
+        if e.code is None or isinstance(e.code, int):
+            raise
+        print(f"spach {args.command}: error: {one_line(f'{e.code} (sys.exit() called by {_caller(e)})')}", file=sys.stderr)
+        sys.exit(1)
     except BrokenPipeError:  # `spach models | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -11,13 +11,13 @@ import unicodedata
 # Unicode's Bidi_Control characters (the "Trojan Source" set), and the two line/paragraph separators
 # (category Zl/Zp: a line break to a terminal, yet not a control character)
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-_SEPARATORS = frozenset("\u2028\u2029")
+LINE_SEPARATORS = frozenset("\u2028\u2029")
 
 
 def is_unsafe(ch: str) -> bool:
     """A control character (C0, DEL, C1), a bidi control, a line/paragraph separator or a lone surrogate
     (which cannot even be encoded to print)."""
-    return ch in BIDI_CONTROLS or ch in _SEPARATORS or unicodedata.category(ch) in ("Cc", "Cs")
+    return ch in BIDI_CONTROLS or ch in LINE_SEPARATORS or unicodedata.category(ch) in ("Cc", "Cs")
 
 
 def escape_char(ch: str) -> str:

@@ -63,6 +63,7 @@ from spach.battle.sequential import Spending, parse_budget
 from spach.device import parse_device
 from spach.errors import SpachError
 from spach.files import read_text
+from spach.text import one_line
 from spach.train.config import ConfigError, TrainConfig
 
 MAIN = "main"  # the arm of contestants that name none
@@ -194,8 +195,8 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
     v.keys(st, STUDY_KEYS, "study")
     study = Study(
         name=v.name(v.get(st, "study.name", str, default=Path(source).stem if base else source.split()[-1])),
-        description=v.get(st, "study.description", str, default=""),
-        notes=v.get(st, "study.notes", str, default=""),
+        description=v.text(v.get(st, "study.description", str, default=""), "study.description", lines=True),
+        notes=v.text(v.get(st, "study.notes", str, default=""), "study.notes", lines=True),
         seeds=v.seeds(st.get("seeds", [0])),
         questions=v.questions(st.get("questions", []), "study.questions"),
         imports=[_resolve_import(i, base) for i in v.get(st, "study.imports", list, default=[])],
@@ -229,7 +230,8 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         if not isinstance(table, dict):
             v.fail(where, "must be a table ([arm.NAME]) of description, questions, data and recipe")
         v.keys(table, ARM_KEYS, where)
-        study.arms[name] = Arm(name, v.get(table, f"{where}.description", str, default=""),
+        study.arms[name] = Arm(name, v.text(v.get(table, f"{where}.description", str, default=""), f"{where}.description",
+                                            lines=True),
                                v.questions(table.get("questions", []), f"{where}.questions"),
                                v.train_fields(v.get(table, f"{where}.data", dict, default={}), f"{where}.data", fields,
                                               allowed=DATA_FIELDS),
@@ -316,6 +318,7 @@ def import_plugins(imports: list[str], source: str = "study") -> None:
     for item in imports:
         if item in _IMPORTED:
             continue
+        module = None
         try:
             if item.endswith(".py"):
                 spec = importlib.util.spec_from_file_location(Path(item).stem, item)
@@ -326,11 +329,13 @@ def import_plugins(imports: list[str], source: str = "study") -> None:
                 spec.loader.exec_module(module)
             else:
                 importlib.import_module(item)
-        except SpachError:
-            raise
-        except Exception as e:
-            why = " ".join(str(e).split())  # one line, whatever the plugin's message holds
-            raise SpachError(f"{source}: study.imports: cannot import {item!r} ({type(e).__name__}: {why})") from None
+        except BaseException as e:  # a plugin's sys.exit() too: it may not end the battle, nor print raw text
+            if module is not None and sys.modules.get(module.__name__) is module:
+                del sys.modules[module.__name__]  # as Python's own import: no half-imported module left behind
+            if isinstance(e, (SpachError, KeyboardInterrupt)):
+                raise
+            raise SpachError(f"{source}: study.imports: cannot import {item!r} ({type(e).__name__}: "
+                             f"{one_line(e) or 'no message'})") from None
         _IMPORTED.add(item)
 
 
