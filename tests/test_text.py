@@ -35,6 +35,16 @@ def test_one_line_escapes_controls_and_bidi_and_joins_lines():
     assert unsafe_char("x\u202ey") == "U+202E RIGHT-TO-LEFT OVERRIDE" and unsafe_char("\x1b") == "U+001B control character"
 
 
+def test_every_error_line_of_the_cli_is_sanitised(tmp_path, capsys):
+    """Messages quote what the user gave (a file name with ESC and U+202E here): the CLI prints them escaped."""
+    name = str(tmp_path / "s\x1b[2J\u202e.toml")
+    err = cli_error(["battle", name], capsys)
+    assert err == f"spach battle: error: study file {tmp_path}/s\\x1b[2J\\u202e.toml does not exist"
+    with pytest.raises(SystemExit):  # argparse's own errors too (after its usage line)
+        main(["models", "--bogus\x1b[2J"])
+    assert capsys.readouterr().err.endswith("spach: error: unrecognized arguments: --bogus\\x1b[2J\n")
+
+
 def _battle(tmp_path, plugin: str, capsys) -> str:
     (tmp_path / "plug.py").write_text(plugin)
     study = tmp_path / "s.toml"
