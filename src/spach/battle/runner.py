@@ -35,6 +35,7 @@ from spach.battle.study import Study, check_runnable, import_plugins
 from spach.errors import SpachError, first_line
 from spach.files import FolderLock, atomic_write_text, os_error, read_json
 from spach.humanize import hms
+from spach.terminal import resolve_mode
 from spach.train.engine import train
 from spach.train.runtime import StopFlag
 
@@ -260,7 +261,7 @@ def reconcile(runs: list[Run], ledger: Ledger) -> list[dict[str, Any]]:
 
 
 def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, stream: TextIO, halt: Halt) -> None:
-    bar = "bar" if sys.stderr.isatty() else "lines"  # the engine's within-epoch bar on a terminal, else its log lines
+    bar = resolve_mode("auto")  # the engine's within-epoch bar on a terminal, else its log lines
     with catching_stops() as stop:  # between runs; inside one, the engine's own handler saves and stops it
         for i, run in enumerate(runs):
             if stop:

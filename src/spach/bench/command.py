@@ -13,7 +13,6 @@ import sys
 from typing import Any, Iterable
 
 import torch
-from tqdm import tqdm
 
 from spach.bench.measure import BenchRecord, BenchSettings, bench_model, matmul_peak
 from spach.bench.optimize import tune_cpu_allocator
@@ -21,6 +20,7 @@ from spach.device import parse_device
 from spach.errors import SpachError
 from spach.files import atomic_write_text, check_writable
 from spach.models.zoo import create_model, list_models
+from spach.terminal import track
 
 
 def run(models: Iterable[str], settings: BenchSettings | None = None, progress: bool = True,
@@ -36,7 +36,7 @@ def run(models: Iterable[str], settings: BenchSettings | None = None, progress: 
         tune_cpu_allocator()  # training and the peak measurement get the same allocator as inference
     peak = matmul_peak(dev, st.dtype, st.quick)
     records = [bench_model(name, st, peak)
-               for name in tqdm(models, desc="spach bench", unit="model", disable=not progress, leave=False)]
+               for name in track(models, "spach bench", mode="auto" if progress else "none", name=str)]
     peak = max(peak, matmul_peak(dev, st.dtype, st.quick))
     return [_with_peak(r, peak).as_dict() for r in records]
 
@@ -62,7 +62,8 @@ def sweep(
     jobs = [(m, "batch", b, img_size) for m in models for b in batch_sizes]
     jobs += [(m, "img", img_batch, s) for m in models for s in img_sizes]
     records = []
-    for name, kind, b, s in tqdm(jobs, desc="spach bench sweep", unit="run", disable=not progress, leave=False):
+    for name, kind, b, s in track(jobs, "spach bench sweep", mode="auto" if progress else "none",
+                                  name=lambda job: f"{job[0]}, {job[1]} sweep, batch {job[2]}, {job[3] or 'own'} px"):
         rec = bench_model(name, BenchSettings(str(dev), dtype, batch_size=b, img_size=s, quick=True, latency=False), peak)
         rec.extra["sweep"] = kind
         records.append(rec.as_dict())

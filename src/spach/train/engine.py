@@ -298,7 +298,8 @@ def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
     train_time = d.all_max(torch.tensor([sums[2]], dtype=torch.float64, device=d.device)).item()
     distributed = d.world > 1
     last = epoch + 1 == cfg.epochs
-    val = evaluate(p.model, p.data.val_loader, d.device, p.amp, distributed=distributed, predictions=last)
+    val = evaluate(p.model, progress.evaluating(p.data.val_loader, f"testing on {p.data.val_size} images"), d.device, p.amp,
+                   distributed=distributed, predictions=last)
     if last:  # every test image's prediction, for paired per-image statistics across runs (the battle's)
         save_predictions(d, val, out / PREDICTIONS_FILE)
     record: dict[str, Any] = {
@@ -307,10 +308,12 @@ def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
         "lr": p.optimizer.param_groups[0]["lr"], "images_per_s": train_sums[1].item() / max(train_time, 1e-9),
     }
     if p.data.train_eval_loader is not None:
-        te = evaluate(p.model, p.data.train_eval_loader, d.device, p.amp, distributed=distributed)
+        te = evaluate(p.model, progress.evaluating(p.data.train_eval_loader, "evaluating on a training subset"), d.device,
+                      p.amp, distributed=distributed)
         record.update(train_eval_loss=te["loss"], train_eval_top1=te["top1"])
     if p.ema is not None:
-        ema = evaluate(p.ema.module, p.data.val_loader, d.device, p.amp, distributed=distributed)
+        ema = evaluate(p.ema.module, progress.evaluating(p.data.val_loader, "testing the EMA weights"), d.device, p.amp,
+                       distributed=distributed)
         record.update(ema_top1=ema["top1"], ema_val_loss=ema["loss"])
     bad = d.all_sum(torch.tensor([sums[3]], dtype=torch.float64, device=d.device)).item() + p.data.val_size - val["n"]
     if bad:
