@@ -12,19 +12,19 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from spach.errors import SpachError
+from spach.files import atomic_write_text
+from spach.models.flops import count_macs, count_params
 from spach.models.registry import OFFICIAL_TOP1, OFFICIAL_WEIGHTS
-from spach.models.zoo import list_models
+from spach.models.zoo import create_model, list_models
 from spach.models.zoo_costs import ZOO_COSTS
 
 
 def count_costs(name: str) -> tuple[str, str, int, int]:
     """(family, layout, params, MACs at batch 1) of zoo model `name`, counted: the model is built on the
     meta device and run once under torch's FLOP counter."""
-    import torch  # only for a model the stored table lacks
-
-    from spach.models.flops import count_macs, count_params
-    from spach.models.zoo import create_model
     with torch.device("meta"):
         model = create_model(name)
     layout = "multi-stage" if len({f["reduction"] for f in model.feature_info}) > 1 else "single-stage"
@@ -62,7 +62,6 @@ def print_models(pattern: str = "*", as_json: bool = False) -> None:
 
 def _recount() -> None:
     """Count every zoo model and rewrite `zoo_costs.py` (after a zoo model is added or changed)."""
-    from spach.files import atomic_write_text
     path = Path(__file__).with_name("zoo_costs.py")
     head = path.read_text().split("ZOO_COSTS = ")[0]
     costs = {name: count_costs(name) for name in list_models()}
