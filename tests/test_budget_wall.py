@@ -14,7 +14,7 @@ from spach.battle.budget import Budget
 from spach.battle.runner import run_battle
 from spach.battle.study import parse_study
 from spach.train import engine
-from test_engine import TINY, records, tiny_cfg, without_timing
+from test_engine import records, tiny_cfg, without_timing
 
 
 def test_eval_every_scores_fewer_epochs_and_trains_the_same_weights(tmp_path):

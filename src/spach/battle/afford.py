@@ -20,6 +20,7 @@ resumed battle keeps it.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -209,7 +210,6 @@ def read_plan(out: Path) -> Plan | None:
 
 
 def write_plan(out: Path, plan: Plan) -> None:
-    import json
     atomic_write_text(Path(out) / PLAN_FILE, json.dumps(plan.to_json(), indent=1) + "\n")
 
 

@@ -12,6 +12,7 @@ training rate of DeiT-B on V100s."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from spach.battle.budget import parse_budget
 from spach.battle.costs import measure_costs
 from spach.battle.looks import describe
 from spach.battle.plan import epoch_images
+from spach.battle.predict import predict, prior_from_folder, study_prior, summary
+from spach.battle.results import contestant_entries
 from spach.battle.study import Study
 from spach.bench.command import busy_warning
 from spach.device import parse_device
@@ -87,7 +90,6 @@ def print_plan(study: Study, stream: TextIO | None = None, pilot: str | Path | N
 
 
 def _load() -> float:
-    import os
     return os.getloadavg()[0]
 
 
@@ -101,9 +103,6 @@ def _print_sequential(study: Study, costs: dict, slots: int, stream: TextIO, pil
           f"first wave takes {budget.show(plan.first_wave_s)}; findings in rank order:", file=stream)
     for line in describe_plan(plan, study):
         print(line, file=stream)
-    from spach.battle.predict import predict, prior_from_folder, study_prior, summary  # scipy-heavy simulation
-    from spach.battle.results import contestant_entries
-
     prior = prior_from_folder(Path(pilot), study) if pilot else study_prior(study)
     if prior is None:
         print("no prediction: the study states no [prior] (give a pilot's study folder with --pilot DIR)", file=stream)

@@ -29,6 +29,7 @@ from spach.battle import sequential, stats
 from spach.battle.pairs import TESTS, Pair, accuracy_at_level, equal_loss_level
 from spach.battle.questions import FINDINGS, NEEDS, QUESTION_KEYS
 from spach.battle.results import ContestantResult, RunResult
+from spach.battle.spending import DEFAULT as DEFAULT_SPENDING
 from spach.battle.study import MAIN, Study
 
 def method(study: Study) -> str:
@@ -45,8 +46,7 @@ SPENDING_NAMES = {"obf": "O'Brien-Fleming", "pocock": "Pocock"}
 
 def sequential_method(study: Study) -> str:
     """How a sequential battle looked and spent its alpha, with this study's spending function."""
-    from spach.battle.spending import DEFAULT
-    name = study.spending or DEFAULT
+    name = study.spending or DEFAULT_SPENDING
     shape = SPENDING_NAMES.get(name, f"Hwang-Shih-DeCani {name[3:]}" if name.startswith("hsd") else name)
     return ("Looks: the battle analysed after its first wave and after every added seed, and gave the next seeds only "
             "to contestants of open comparisons it could still decide within the budget, cheapest finding first. Each "

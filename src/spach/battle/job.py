@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from spach.battle.plan import Run
-from spach.battle.runner import execute
+from spach.battle.launcher import execute
 from spach.files import append_jsonl, read_jsonl
 from spach.plugins import import_plugins
 from spach.train.engine import train

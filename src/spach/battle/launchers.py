@@ -1,4 +1,4 @@
-"""Launchers behind `spach battle --launcher`: `local` (the process pool, `runner.LocalPool`) and the
+"""Launchers behind `spach battle --launcher`: `local` (the process pool, `spach.battle.local.LocalPool`) and the
 batch launchers through submitit: `slurm` (one Slurm job per run) and `submitit-local` (the same jobs
 as processes on this machine, through submitit's `LocalExecutor`: how the tests run them).
 
@@ -27,7 +27,7 @@ from spach.battle.job import JOBS_SUFFIX, JobLog, RunJob
 from spach.battle.plan import Run
 from spach.battle.resources import Resources, flag_name, resolve
 from spach.battle.results import LEDGER_FILE, RUNS_DIR, Ledger, read_jsonl
-from spach.battle.runner import Guard, Launcher, Progress, ledger_record
+from spach.battle.launcher import Guard, Launcher, Progress, ledger_record
 from spach.battle.study import Study, check_runnable
 from spach.errors import SpachError, first_line
 from spach.files import atomic_write_text, read_json

@@ -12,6 +12,7 @@ the wall time it had used before (`spach.battle.budget.Clock`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -19,12 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from spach.battle import sequential
-import dataclasses
-
 from spach.battle.afford import Plan, describe_plan, make_plan, predicted_costs, read_plan, write_plan
 from spach.battle.budget import REPORT_RESERVE_S, Clock, parse_budget
 from spach.battle.findings import Finding, judge
 from spach.battle.plan import Run
+from spach.battle.predict import record_prediction
 from spach.battle.results import ContestantResult, Ledger, load_results
 from spach.battle.spending import DEFAULT as DEFAULT_SPENDING
 from spach.battle.study import Study
@@ -123,7 +123,6 @@ def run_sequential(study: Study, runs: list[Run], out: Path, train: Callable[[li
         done = {e.name: _done_prefix(e) for e in load_results(out, study)}
         plan = make_plan(study, clock.budget, costs, slots, done, clock.used(ledger))
         write_plan(out, plan)
-        from spach.battle.predict import record_prediction  # scipy-heavy; only a battle that predicts needs it
         record_prediction(study, plan, out, say)
     say(describe(study, plan))
     say(f"plan (measured on {plan.machine}): first wave {clock.budget.show(plan.first_wave_s)} of the "

@@ -3,6 +3,7 @@ model weights a run keeps (`best`, and `final` with safetensors) in either forma
 run starts: fresh, resumed from its folder's checkpoint, or refused because the folder holds another run."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from spach.errors import CheckpointError, SpachError
-from spach.files import LOCK_FILE, atomic_save, atomic_save_safetensors, is_safetensors, read_json, safetensors_metadata
+from spach.files import LOCK_FILE, atomic_save, atomic_write_text, atomic_save_safetensors, is_safetensors, read_json, safetensors_metadata
 from spach.models.convert import load_file
 from spach.plugins import import_plugins
 from spach.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_dict
@@ -133,3 +134,22 @@ def check_same_model(ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> None
         if key in args and args[key] != mine[key]:
             raise CheckpointError(f"checkpoint {path} is of another model ({key} {args[key]!r}, not {mine[key]!r}); "
                                   f"pass the matching --model, or another --output/--resume")
+
+
+def summarize(cfg: TrainConfig, history: list[dict[str, Any]], best_top1: float, elapsed: float, params: int, out: Path,
+              write: bool = True) -> dict[str, Any]:
+    """A finished run's summary from its epochs' records, written to `out/summary.json` when `write`."""
+    last = history[-1] if history else {}
+    summary = {
+        "model": cfg.model, "best_top1": best_top1, "final_top1": last.get("top1"), "final_top5": last.get("top5"),
+        "final_val_loss": last.get("val_loss"), "final_train_loss": last.get("train_loss"),
+        "epochs": len(history), "wall_time_s": elapsed, "params": params,
+        "images_per_s": sum(r["images_per_s"] for r in history) / max(len(history), 1), "output": str(out),
+    }
+    if "train_eval_loss" in last:
+        summary.update(final_train_eval_loss=last["train_eval_loss"], final_train_eval_top1=last["train_eval_top1"])
+    if "ema_top1" in last:
+        summary["final_ema_top1"] = last["ema_top1"]
+    if write:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

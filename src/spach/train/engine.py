@@ -192,7 +192,7 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
     if d.main and cfg.save_format == "safetensors":  # the final weights (checkpoint.pth, for --resume, stays torch)
         checkpoint.save_weights(p.model.state_dict(), {"args": config_dict(cfg), "epoch": state.epoch,
                                 "top1": state.history[-1]["top1"] if state.history else None}, out / "final", cfg.save_format)
-    return _summary(cfg, d, state, params, out)
+    return checkpoint.summarize(cfg, state.history, state.best_top1, state.elapsed, params, out, write=d.main)
 
 
 def _make_parts(cfg: TrainConfig, d: Dist, model: nn.Module, data: Data, steps: int, lr: float) -> Parts:
@@ -385,24 +385,6 @@ def _interrupt(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
         raise Deadline(f"{out}: stopped at its deadline at epoch {epoch + 1} step {step} (checkpoint saved; --resume auto "
                        "continues it)")
     raise KeyboardInterrupt
-
-
-def _summary(cfg: TrainConfig, d: Dist, state: TrainState, params: int, out: Path) -> dict[str, Any]:
-    hist = state.history
-    last = hist[-1] if hist else {}
-    summary = {
-        "model": cfg.model, "best_top1": state.best_top1, "final_top1": last.get("top1"), "final_top5": last.get("top5"),
-        "final_val_loss": last.get("val_loss"), "final_train_loss": last.get("train_loss"),
-        "epochs": len(hist), "wall_time_s": state.elapsed, "params": params,
-        "images_per_s": sum(r["images_per_s"] for r in hist) / max(len(hist), 1), "output": str(out),
-    }
-    if "train_eval_loss" in last:
-        summary.update(final_train_eval_loss=last["train_eval_loss"], final_train_eval_top1=last["train_eval_top1"])
-    if "ema_top1" in last:
-        summary["final_ema_top1"] = last["ema_top1"]
-    if d.main:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def _pretrained_cfg(cfg: TrainConfig) -> dict[str, Any]:
