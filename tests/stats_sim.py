@@ -57,18 +57,28 @@ def simulate(rng: np.random.Generator, n_studies: int, effects: list[float], see
 
 def run_sequential(acc: np.ndarray, correct: np.ndarray, findings: list[list[tuple[int, int]]], first: int, budget: float,
                    margin: float = 0.5, alpha: float = 0.05, prior_df: float | None = None,
-                   spending=None) -> tuple[dict[tuple[int, int], str], int]:
+                   spending=None, function: str | None = None) -> tuple[dict[tuple[int, int], str], int]:
     """The battle's whole sequential procedure on one simulated study (acc: contestants x the study's
     seeds): a first wave of `first` seeds, then looks (`sequential.step` per finding) and waves
     (`sequential.allocate`, every run costing 1 of `budget`) until a look stops it, as
-    `spach.battle.looks.run_looks` does on real runs. Returns the verdict of every (finding, comparison)
-    and the runs used. `first == acc.shape[1]`: the fixed design's one look."""
+    `spach.battle.looks.run_looks` does on real runs. Each comparison spends alpha along its own n_max, from
+    the budget as the battle's plan fixes it before the first run (`spach.battle.afford.Plan.n_max`), by the
+    spending `function` (default: the project's); `spending` replaces that with one `Spending` for all.
+    Returns the verdict of every (finding, comparison) and the runs used. `first == acc.shape[1]`: the fixed
+    design's one look."""
     from spach.battle import stats
-    from spach.battle.sequential import Open, Spending, Track, allocate, step  # noqa: F401
+    from spach.battle.afford import Plan
+    from spach.battle.sequential import Open, Spending, Track, allocate, step
+    from spach.battle.spending import DEFAULT
 
     c_n, most = acc.shape
-    spending = spending or Spending(alpha, first, most)
-    kw = {"prior_df": spending.prior_df if prior_df is None else prior_df}
+    plan = Plan(f"{budget:g} runs", "runs", float(budget), {str(c): 1.0 for c in range(c_n)}, 1, first, most,
+                contestants=[str(c) for c in range(c_n)], first_wave_s=float(c_n * first))
+
+    def spend(a: int, b: int) -> Spending:
+        return spending or Spending(alpha, first, plan.n_max(str(a), str(b)), function or DEFAULT)
+
+    kw = {"prior_df": (spending or Spending(alpha, first, most, function or DEFAULT)).prior_df if prior_df is None else prior_df}
     have = {c: first for c in range(c_n)}
     tracks = {(i, j): Track() for i, f in enumerate(findings) for j in range(len(f))}
     used, look = c_n * first, 0
@@ -81,14 +91,15 @@ def run_sequential(acc: np.ndarray, correct: np.ndarray, findings: list[list[tup
         for i, f in enumerate(findings):
             tests = [stats.pair_test(view, view[a], view[b], list(correct[a]), list(correct[b]), margin, alpha, **kw)
                      for a, b in f]
+            spendings = [spend(a, b) for a, b in f]
             for j, ((a, b), d) in enumerate(zip(f, step([tracks[i, j] for j in range(len(f))], tests, [True] * len(f),
-                                                         spending, look))):
+                                                         spendings, look))):
                 verdicts[i, j] = d.verdict
                 if d.verdict == "inconclusive":
-                    opens.append(Open(str(i), f"{i}:{j}", str(a), str(b), d.seeds_needed, d.plan))
+                    opens.append(Open(str(i), f"{i}:{j}", str(a), str(b), d.seeds_needed, d.plan, spendings[j].most))
         if not opens or first >= most:
             return verdicts, used
-        wave, _ = allocate(opens, {str(c): n for c, n in have.items()}, {str(c): 1.0 for c in range(c_n)}, budget - used, most)
+        wave, _ = allocate(opens, {str(c): n for c, n in have.items()}, plan.run_s, budget - used, most)
         if not wave:
             return verdicts, used
         for c, n in wave.items():

@@ -25,7 +25,7 @@ from scipy import special
 
 from spach.errors import SpachError
 
-DEFAULT = "pocock"  # chosen by simulation on the pilots' effects and noise (docs/battles, tests/test_spending.py)
+DEFAULT = "pocock"  # the most decisions predicted for the default and medium designs (their pilots; docs/battles)
 MIN_SEEDS = 3  # the first test of a comparison: at 2 seeds its own noise has 1 degree of freedom
 FIXED_PRIOR_DF = 4.0  # a fixed design's moderation (spach.battle.stats.PRIOR_DF, calibrated in tests/test_stats.py)
 
