@@ -44,6 +44,7 @@ PLAN_FILE = "plan.json"
 # at 6 FLOPs (2 x forward + backward) per MAC.
 V100_TRAIN_FLOPS = 26e12
 STARTUP_S = 3.0  # a run's start in a warm worker: data in memory, model built, folder and logs opened
+WORKER_START_S = 20.0  # a battle's worker processes start once (torch imported, the data read): measured 20 s on a 2-core AMD EPYC
 
 
 def available_cores() -> int:
@@ -181,8 +182,11 @@ def make_plan(study: Study, budget: Budget, costs: dict[str, dict[str, Any]], sl
     findings = finding_contestants(study, entries)
     taken: list[str] = []
 
+    start = WORKER_START_S if budget.kind == "wall" else 0.0
+
     def wave_cost(names: list[str]) -> float:
-        return sum(max(0, study.first_wave - done.get(n, 0)) * run_s[n] for n in names) / max(slots, 1)
+        runs = sum(max(0, study.first_wave - done.get(n, 0)) * run_s[n] for n in names) / max(slots, 1)
+        return runs + start if runs else 0.0
 
     for f in findings:
         f.first_wave_s = wave_cost(f.contestants)

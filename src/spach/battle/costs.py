@@ -2,9 +2,11 @@
 `costs.json`) and its family/layout facts for the findings."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,9 @@ def contestant_facts(model: Any) -> dict[str, Any]:
 
 
 def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bool = True,
-                  threads: int = 1, deadline: float = 0.0) -> dict[str, dict[str, Any]]:
+                  threads: int = 1, deadline: float = 0.0, jobs: int = 1) -> dict[str, dict[str, Any]]:
     """Params, MACs and, when `timed`, the measured speed of every contestant on `device` with `threads`
-    (one battle job's): training images/s (forward, backward and AdamW at its recipe's batch size and
+    (one battle job's, while `jobs` of them run at once): training images/s (forward, backward and AdamW at its recipe's batch size and
     precision) and evaluation images/s (at its eval batch size; `throughput`, the report's), cached in
     `out/costs.json`. A model that cannot be built with the study's data is a user error; one that crashes
     otherwise is recorded (`error`) and its runs fail without training. Past `deadline` (a battle's budget)
@@ -62,7 +64,7 @@ def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bo
         try:
             img = size or model.pretrained_cfg["input_size"][-1]
             late = bool(deadline) and time.time() >= deadline
-            rates = _rates(model, cfg, img, device, threads) if timed and not late else \
+            rates = _rates(model, cfg, img, device, threads, jobs) if timed and not late else \
                 {"train_img_s": math.nan, "eval_img_s": math.nan}
             costs[c.name] = {"params": count_params(model), "macs": count_macs(model, img), **rates,
                              "throughput": rates["eval_img_s"], "throughput_device": device, "threads": threads,
@@ -74,14 +76,31 @@ def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bo
     return costs
 
 
-def _rates(model: Any, cfg: Any, img: int, device: str, threads: int) -> dict[str, float]:
-    """Training and evaluation images/s of `model` as a run of `cfg` trains and scores it, with `threads`."""
+def _rates(model: Any, cfg: Any, img: int, device: str, threads: int, jobs: int = 1) -> dict[str, float]:
+    """Training and evaluation images/s of one run of `cfg` on `model` with `threads`, while `jobs` such runs
+    share the machine (each timed in a thread of its own on a copy of the model, all at once: two jobs on a
+    2-core machine each train ~35% slower than one alone)."""
     dtype = amp_dtype(cfg.amp, torch.device(device), training=True)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        train = throughput(model, cfg.batch_size, img, device, dtype, mode="train", warmup=2, repeats=3)
-        infer = throughput(model, min(cfg.eval_batch_size or cfg.batch_size, 256), img, device, dtype, warmup=1, repeats=2)
+        train = _together(jobs, lambda: throughput(copy.deepcopy(model), cfg.batch_size, img, device, dtype, mode="train",
+                                                   warmup=2, repeats=3))
+        infer = _together(jobs, lambda: throughput(copy.deepcopy(model), min(cfg.eval_batch_size or cfg.batch_size, 256),
+                                                   img, device, dtype, warmup=1, repeats=2))
     finally:
         torch.set_num_threads(old)
     return {"train_img_s": round(train, 1), "eval_img_s": round(infer, 1)}
+
+
+def _together(jobs: int, measure: Any) -> float:
+    """The mean of `measure()` run in `jobs` threads at once (torch releases the GIL in its kernels)."""
+    if jobs <= 1:
+        return measure()
+    results: list[float] = []
+    workers = [threading.Thread(target=lambda: results.append(measure())) for _ in range(jobs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(results) / len(results) if results else math.nan

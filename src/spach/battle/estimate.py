@@ -47,7 +47,7 @@ def print_plan(study: Study, stream: TextIO | None = None, pilot: str | Path | N
     jobs = min(study.jobs, available_cores()) if device.type == "cpu" else 1
     threads = max(1, available_cores() // jobs)
     t_costs = time.time()
-    costs = measure_costs(study, None, str(device), timed=not guess, threads=threads)
+    costs = measure_costs(study, None, str(device), timed=not guess, threads=threads, jobs=jobs)
     costs_s = time.time() - t_costs
     runs = len(study.contestants) * len(study.seeds)
     print(f"{study.name}: {len(study.contestants)} contestants x {len(study.seeds)} seeds = {runs} runs on "

@@ -59,9 +59,9 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
         t_costs = time.time()
         here = isinstance(launcher, LocalPool) or getattr(launcher, "cluster", "") == "local"
         clock = Clock(parse_budget(study.budget), out, started=started, gpus=_gpus(study)) if study.sequential else None
-        costs = measure_costs(study, out, device, timed=here,
-                              threads=max(1, available_cores() // max(launcher.slots(len(runs)), 1)),
-                              deadline=clock.deadline() if clock else 0.0)
+        slots = max(launcher.slots(len(runs)), 1)
+        costs = measure_costs(study, out, device, timed=here, threads=max(1, available_cores() // slots),
+                              deadline=clock.deadline() if clock else 0.0, jobs=min(slots, available_cores()) if here else 1)
         say(f"costs (params, MACs{', training and evaluation speed' if here else ''}) measured in "
             f"{time.time() - t_costs:.1f} s")
         ledger = Ledger(out / LEDGER_FILE)
