@@ -7,7 +7,7 @@ single-stage (ViT-like) layout, four the multi-stage (pyramid) layout; other cou
 No `from __future__ import annotations` here: torch.fx copies `forward`'s annotations into the code it
 generates, and TorchScript cannot resolve them as strings.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -195,9 +195,9 @@ class SpachNet(nn.Module):
             shared: dict[str, nn.Module | None] = {}
             blocks = []
             for name, depth in runs:
-                for _ in range(depth):
-                    if not cfg.shared_spatial_func or name not in shared:
-                        shared[name] = build_mixer(name, ctx)
+                for j in range(depth):
+                    if not cfg.shared_spatial_func or name not in shared:  # a shared mixer: built for the first block
+                        shared[name] = build_mixer(name, replace(ctx, block_index=j))
                     blocks.append(MixingBlock(
                         dim, shared[name], cfg.channel_ratio, cfg.cpe, cfg.layer_scale, cfg.drop_rate, dpr[k],
                     ))
@@ -230,6 +230,9 @@ class SpachNet(nn.Module):
             elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm, ChannelsLastGroupNorm1)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():  # a mixer's own init (gMLP's near-identity gate) after the generic one
+            if m is not self and callable(getattr(m, "init_weights", None)):
+                m.init_weights()
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -241,6 +244,9 @@ class SpachNet(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters timm's optimizer factory keeps out of weight decay (besides 1-d ones)."""
         skip = {"pos_embed"} if self.pos_embed is not None else set()
+        for prefix, m in self.named_modules():  # those a mixer names (Swin's relative position bias table)
+            if m is not self and callable(getattr(m, "no_weight_decay", None)):
+                skip |= {f"{prefix}.{n}" for n in m.no_weight_decay()}
         return skip | {n for n, p in self.named_parameters() if n.endswith(".gamma") or p.ndim <= 1}
 
     @torch.jit.ignore
