@@ -21,10 +21,14 @@ from timm.models.swin_transformer import SwinTransformerBlock, get_relative_posi
 import spach
 from spach.battle.runner import run_battle
 from spach.battle.study import parse_study
+from spach.export import TOLERANCE, export
 from spach.files import read_jsonl
 from spach.models.flops import count_macs, count_module_macs, count_params
 from spach.models.mixers import MixerContext, build_mixer, canonical_mixer
 from spach.models.window import relative_position_index
+from spach.train import engine
+from spach.train.evaluate import evaluate_checkpoint
+from spach.train.presets import resolve
 
 MODERN = ("window4", "dwconv7", "gmlp", "focal2")
 
@@ -237,3 +241,14 @@ def test_a_tiny_battle_with_one_contestant_per_modern_mixer(tmp_path):
     costs = json.loads((out / "costs.json").read_text())
     assert {n: costs[n]["family"] for n in MODERN} == {n: n for n in MODERN}
     assert all(costs[n]["macs"] > costs["conv"]["macs"] for n in MODERN)
+
+
+def test_a_window_model_trained_at_32_pixels_evaluates_and_exports(tmp_path):
+    """Window sizes that tile the battle's grids need not tile 224's (window4: 56, 28, 14, 7): the
+    evaluation's and the export's model probes are built at the run's size, not the model's default."""
+    run = tmp_path / "run"
+    kw = dict(net_arch=[[["conv", 1]], [["window4", 2]], [["window4", 1]]], hidden_dim=8, num_heads=2, patch_size=4)  # 224: 14x14
+    summary = engine.train(resolve("tiny", model="spach", model_kwargs=kw, output=str(run), progress="none", epochs=1))
+    r = evaluate_checkpoint(None, str(run / "best.pth"), None, "tiny", batch_size=16)
+    assert abs(r["top1"] - summary["best_top1"]) < 1e-6
+    assert export(None, tmp_path / "w.pt", "torchscript", pretrained=str(run / "best.pth"))["max_abs_error"] <= TOLERANCE

@@ -25,13 +25,19 @@ SMALL = {
     ),
     "smlpnet_tiny": dict(img_size=64, depths=(1, 1, 2, 1)),
     "shiftvit_r2_tiny": dict(img_size=64, depths=(1, 1, 2, 1)),
+    # the mixers that came after SPACH, as `spach:<mixer>`: timm's "spach" (a model from its config alone), a
+    # pyramid on 16, 8, 4 and 2 token grids with two blocks a stage (window4: the second one shifted)
+    **{f"spach:{m}": dict(img_size=64, hidden_dim=16, num_heads=2, patch_size=4,
+                          net_arch=[[("conv", 1)], [(m, 2)], [(m, 2)], [(m, 1)]])
+       for m in ("window4", "dwconv7", "gmlp", "focal2")},
+    "spach:window4_single": dict(img_size=64, hidden_dim=16, num_heads=2, patch_size=4, net_arch=[("window4", 3)]),
 }
 NAMES = sorted(SMALL)
 BATCH = 2
 
 
 def _model(name: str, **kw) -> torch.nn.Module:
-    return timm.create_model(name, **{**SMALL[name], **kw})
+    return timm.create_model(name.split(":")[0], **{**SMALL[name], **kw})
 
 
 def _input(model: torch.nn.Module) -> torch.Tensor:
@@ -85,7 +91,7 @@ def test_model_default_cfgs(name):
         model.reset_classifier(0, "max")
 
     assert cfg["classifier"] + ".weight" in state_dict and cfg["first_conv"] + ".weight" in state_dict
-    assert cfg["fixed_input_size"] == ("mlp" in name)
+    assert cfg["fixed_input_size"] == ("mlp" in name)  # the MLP models and gMLP
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -108,7 +114,7 @@ def test_model_forward_intermediates(name):
     x = _input(model)
     output, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
     assert len(intermediates) == len(info.channels())
-    if name.startswith("spach_xxs_patch16"):
+    if name.startswith("spach_xxs_patch16") or name.endswith("_single"):
         assert len(intermediates) == 3  # one per block on single-stage models, as timm's ViTs
     for r, c, o in zip(info.reduction(), info.channels(), intermediates):
         assert o.shape[1] == c

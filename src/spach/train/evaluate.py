@@ -126,8 +126,10 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     cfg = _eval_config(model, model_kwargs, args, pretrained)
     size = img_size or args.get("img_size", 0)
     mean, std = args.get("mean") or None, args.get("std") or None
-    with torch.device("meta"):  # a free probe, for the model's pretrained config (resize, crop, mean/std)
-        probe = build_model(cfg, 1000, 3)
+    probe = None
+    if dataset == "imagefolder":  # a free probe, for the model's pretrained config (resize, crop, mean/std) at the size
+        with torch.device("meta"):  # it runs at (in-memory sets have their own; a model may not build at its default)
+            probe = build_model(cfg, 1000, 3, size)
     loader, n = eval_loader_for(probe, dataset, data_path, batch_size, workers, d.device, size, mean, std, skip_bad_images)
     first_x = next(iter(loader))[0]
     num_classes = _dataset_classes(loader)
