@@ -33,3 +33,12 @@ def test_token_mlp_forms_times_every_shape(capsys):
     forms.main(["--dtypes", "fp32", "--rounds", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if " infer " in line or " train " in line]
     assert len(rows) == 2 * len(forms.SHAPES) and all(line.split()[-3] in FORMS for line in rows)
+
+
+def test_mixers_cpu_times_every_contender_against_conv(capsys):
+    rows = _load("mixers_cpu").main(["--mixers", "conv,window4,gmlp,window", "--rounds", "1", "--steps", "1", "--batch", "4"])
+    assert [r["mixer"] for r in rows] == ["conv", "window4", "gmlp"]  # window7 does not tile the 8x8 grid: left out
+    assert all(r["infer"] > 0 and r["train"] > 0 for r in rows)
+    assert all(0.9 < r["macs"] / rows[0]["macs"] < 1.1 for r in rows)  # matched in MACs
+    out = capsys.readouterr().out
+    assert "left out window7: window7: 7x7 windows do not tile" in out and "load average after" in out
