@@ -198,6 +198,9 @@ def test_a_grid_the_window_does_not_tile_and_gmlps_grid_are_refused_at_run_time(
     assert window(torch.randn(1, 3, 48, 48)).shape == (1, 1000)  # 12x12: the 4x4 windows tile it
     with pytest.raises(spach.SpachError, match=r"^window attention: 4x4 windows do not tile a 10x10 token grid; run the model"):
         window(torch.randn(1, 3, 40, 40))
+    traced = torch.fx.symbolic_trace(window.eval())  # the check stays in an FX graph (timm's feature extraction)
+    with pytest.raises(spach.SpachError, match="4x4 windows do not tile a 10x10 token grid"):
+        traced(torch.randn(1, 3, 40, 40))
     gmlp = spach.create_model("spach", net_arch=[("gmlp", 1)], hidden_dim=8, patch_size=4, img_size=32)
     assert gmlp.fixed_input_size and gmlp.pretrained_cfg["fixed_input_size"]
     with pytest.raises(spach.SpachError, match="gMLP gating mixer's token grid: built for 8x8, got 12x12"):

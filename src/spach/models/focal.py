@@ -25,7 +25,9 @@ class FocalModulation(nn.Module):
     def __init__(self, dim: int, focal_level: int = 2, focal_window: int = 3, drop: float = 0.0):
         super().__init__()
         if focal_level < 1:
-            raise SpachError(f"focal{focal_level}: focal modulation needs at least 1 level; use focal2 (FocalNet's srf) or focal3 (lrf)")
+            raise SpachError(
+                f"focal{focal_level}: focal modulation needs at least 1 level; use focal2 (FocalNet's srf) or focal3 (lrf)"
+            )
         self.dim, self.focal_level = dim, focal_level
         self.f = nn.Linear(dim, 2 * dim + focal_level + 1)
         self.focal_layers = nn.ModuleList(

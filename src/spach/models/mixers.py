@@ -17,7 +17,8 @@ exactly those, so a new mixer is a small class plus one `@register_mixer("name")
 Ops that torch's FLOP counter does not see (pooling, say) are counted by an `uncounted_macs(x)`
 method on the mixer (see `spach.models.flops`). A mixer whose weights need their own initialisation
 (the backbone gives every Linear xavier-uniform weights) does it in an `init_weights()` method, which
-the backbone calls after its own init (as timm's models do).
+the backbone calls after its own init (as timm's models do); parameters to keep out of weight decay
+it names in `no_weight_decay()` (Swin's relative position bias table).
 
 A mixer with one integer hyper-parameter registers with `param=` naming its constructor argument:
 `@register_mixer("dwconv", param="kernel_size")` makes `dwconv7`, `dwconv31`, ... name it with that

@@ -66,7 +66,9 @@ class WindowAttention(nn.Module):
     ):
         super().__init__()
         if dim % num_heads:
-            raise SpachError(f"window attention width {dim} is not divisible by num_heads={num_heads}; pick num_heads dividing it")
+            raise SpachError(
+                f"window attention width {dim} is not divisible by num_heads={num_heads}; pick num_heads dividing it"
+            )
         if window_size < 1:
             raise SpachError(f"window{window_size}: the window size must be at least 1; name one such as window7")
         H, W = grid_size
