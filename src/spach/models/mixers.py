@@ -279,8 +279,3 @@ class Identity(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-
-# The mixers that came after SPACH (DESIGN.md 2c), each in its own module; imported last: they register
-# themselves with the decorator above.
-from spach.models import dwconv, focal, gmlp, window  # noqa: E402,F401
