@@ -1,6 +1,7 @@
 # The two commands a new user needs (see README):
 #   make battle   - set everything up, run the default study, print where the report is
 #   make test     - set everything up (the browser test's Chromium included), run the test suite
+#   make docs     - build the documentation site into docs/_build/html (offline; a warning fails it)
 # Dependencies install at the versions the suite last passed with (constraints.txt), so a new release
 # of torch, timm, Pillow, ... cannot break a fresh install. Newer ones:
 #   make setup LATEST=1  - upgrade this venv to the newest releases (then make test, and make constraints to record them)
@@ -17,13 +18,19 @@ LATEST_VENV := .venv-latest
 # LATEST=1: no constraints, every package upgraded, and the install runs even when the venv is set up
 PIN := $(if $(LATEST),--upgrade --upgrade-strategy eager,-c $(CONSTRAINTS))
 
-.PHONY: battle test setup data browser constraints test-latest FORCE
+.PHONY: battle test docs setup data browser constraints test-latest FORCE
 
 battle: setup data
 	$(BIN)/spach battle $(ARGS)
 
 test: setup browser
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The site: MyST pages, the CLI, study-file and Python references generated from the code (docs/conf.py).
+# -n: a broken cross-reference is a warning, and -W makes every warning an error; nothing is fetched.
+docs: setup
+	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
 
 setup: $(STAMP)
 

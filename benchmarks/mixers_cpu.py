@@ -5,7 +5,7 @@ Every mixer `spach.list_mixers()` names (plus `--also` variants: `window4`, sinc
 not tile the battle's 8x8 grid) is built in one layout: `battle` (default) is the default study's
 single-stage contestants (1x32x32 images, patch 4, an 8x8 token grid, depth 6; conv at width 48 sets
 the MACs target), `zoo` a 224-pixel pyramid (conv first stage, depths 2-2-6-2; conv at width 64).
-Each mixer gets the width (a multiple of `--step`) whose MACs are nearest the target. Then, for
+Each mixer gets the width whose MACs are nearest the target (`spach.models.match.match_width`). Then, for
 `--rounds` rounds, every model is timed in turn (alternating the contenders, so that other work on
 the machine hits them alike): `--steps` inference passes (no autograd, eval) and training steps
 (forward + backward + AdamW) after one untimed one; a model's rate is its best round's median.
@@ -16,7 +16,6 @@ Ratios are against `conv` in the same run; the load average is printed before an
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import statistics
@@ -29,52 +28,23 @@ from spach.bench.optimize import tune_cpu_allocator
 from spach.bench.profile import make_step, time_runs
 from spach.errors import SpachError
 from spach.models.flops import count_macs, count_params
+from spach.models.match import match_width
 from spach.models.mixers import canonical_mixer
 
-LAYOUTS = {  # (model options, conv's width: the MACs target, batch)
-    "battle": (dict(in_chans=1, img_size=32, patch_size=4, num_classes=10, num_heads=2), 48, 64),
-    "zoo": (dict(in_chans=3, img_size=224, patch_size=4, num_classes=1000, num_heads=2), 64, 8),
+LAYOUTS = {  # (input: in_chans, img_size, num_classes; model options; conv's width: the MACs target; batch)
+    "battle": (dict(in_chans=1, img_size=32, num_classes=10), dict(patch_size=4, num_heads=2), 48, 64),
+    "zoo": (dict(in_chans=3, img_size=224, num_classes=1000), dict(patch_size=4, num_heads=2), 64, 8),
 }
 
 
-def arch(layout: str, mixer: str) -> list:
-    if layout == "battle":
-        return [(mixer, 6)]
-    return [[("conv", 2)], [(mixer, 2)], [(mixer, 6)], [(mixer, 2)]]
+def spec(layout: str, mixer: str) -> dict:
+    """The model options of `mixer`'s model in `layout`, all but its width and input."""
+    net_arch = [(mixer, 6)] if layout == "battle" else [[("conv", 2)], [(mixer, 2)], [(mixer, 6)], [(mixer, 2)]]
+    return dict(LAYOUTS[layout][1], net_arch=net_arch)
 
 
 def build(layout: str, mixer: str, width: int) -> nn.Module:
-    return spach.create_model("spach", net_arch=arch(layout, mixer), hidden_dim=width, **LAYOUTS[layout][0])
-
-
-@functools.lru_cache(maxsize=None)
-def macs_at(layout: str, mixer: str, width: int) -> int | None:
-    """The model's MACs, or None where the mixer refuses the width (the shift needs 12 channels)."""
-    try:
-        return count_macs(build(layout, mixer, width))
-    except SpachError:
-        return None
-
-
-def matched_width(layout: str, mixer: str, target: int, step: int, widest: int) -> int:
-    """The multiple of `step` up to `widest` whose model's MACs are nearest `target` (MACs grow with the
-    width; a width the mixer refuses counts as too narrow). A mixer no width suits raises its error."""
-    widths = list(range(step, widest + 1, step))
-
-    def below(w: int) -> bool:
-        macs = macs_at(layout, mixer, w)
-        return macs is None or macs < target
-
-    if macs_at(layout, mixer, widths[-1]) is None:
-        build(layout, mixer, widths[-1])  # raises the mixer's own one-line reason
-    lo, hi = 0, len(widths) - 1
-    if below(widths[hi]):
-        return widths[hi]
-    while hi - lo > 1:  # not below(widths[hi]); below(widths[lo]) unless lo == 0
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if below(widths[mid]) else (lo, mid)
-    near = [w for w in (widths[lo], widths[hi]) if macs_at(layout, mixer, w) is not None]
-    return min(near, key=lambda w: abs(macs_at(layout, mixer, w) - target))
+    return spach.create_model("spach", **spec(layout, mixer), hidden_dim=width, **LAYOUTS[layout][0])
 
 
 def cpu_name() -> str:
@@ -91,7 +61,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mixers", type=lambda s: [m for m in s.split(",") if m], default=None,
                    help="default: spach.list_mixers() and --also")
     p.add_argument("--also", type=lambda s: [m for m in s.split(",") if m], default=["window4"])
-    p.add_argument("--step", type=int, default=4, help="widths are multiples of this (and of the 2 heads)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="timed passes per model, mode and round")
@@ -100,11 +69,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     tune_cpu_allocator()
-    options, conv_width, batch = LAYOUTS[args.layout]
+    options, _, conv_width, batch = LAYOUTS[args.layout]
     batch = args.batch or batch
     named = [canonical_mixer(m) for m in args.mixers or [*spach.list_mixers(), *args.also]]
     mixers = ["conv"] + [m for m in dict.fromkeys(named) if m != "conv"]
-    target = macs_at(args.layout, "conv", conv_width)
+    target = count_macs(build(args.layout, "conv", conv_width))
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; layout {args.layout} "
           f"({options['in_chans']}x{options['img_size']}x{options['img_size']}, batch {batch}), MACs target "
           f"{target / 1e6:.1f} M (conv at width {conv_width}); load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -112,7 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models, rows = {}, {}
     for mixer in mixers:
         try:
-            width = conv_width if mixer == "conv" else matched_width(args.layout, mixer, target, args.step, 8 * conv_width)
+            width = conv_width if mixer == "conv" else match_width("spach", spec(args.layout, mixer), target, "macs",
+                                                                       tolerance=None, **options).width
             model = build(args.layout, mixer, width)
         except SpachError as e:
             print(f"left out {mixer}: {e}", flush=True)

@@ -3,7 +3,8 @@ sbatch, srun, sacct and scontrol scripts that record their arguments in `state_d
 Slurm. sbatch refuses a script asking for partition "nope" with Slurm's own messages; otherwise it
 keeps the script as `job<id>.sh` and, when `state_dir/run` exists, runs it in the background as
 slurmd would: SLURM_* variables, srun writing the task's logs, and `scontrol requeue <id>` (what
-submitit calls on preemption) running the same job again once its process has exited."""
+submitit calls on preemption) running the same job again once its process has exited. Each such slurmd
+is a session of its own (as slurmd is no child of sbatch); `kill_jobs(state_dir)` ends them all."""
 import itertools
 import os
 import signal
@@ -70,6 +71,7 @@ def sbatch(args: list[str]) -> None:
 def slurmd(job_id: str) -> None:
     """Run job `job_id`'s script as Slurm would, again after each `scontrol requeue`."""
     signal.pthread_sigmask(signal.SIG_SETMASK, set())  # slurmd is no child of sbatch: no signal mask of the monitor's
+    (_dir() / f"slurmd.{job_id}").write_text(str(os.getpid()))
     requeue = _dir() / f"requeue.{job_id}"
     while True:
         _state(job_id, "RUNNING")
@@ -82,6 +84,15 @@ def slurmd(job_id: str) -> None:
             continue
         _state(job_id, "COMPLETED" if code == 0 else "FAILED")
         return
+
+
+def kill_jobs(state_dir: Path) -> None:
+    """SIGKILL to every job's slurmd session (the job's processes): none outlives the test that started it."""
+    for path in Path(state_dir).glob("slurmd.*"):
+        try:
+            os.killpg(int(path.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, ValueError):
+            pass
 
 
 def srun(args: list[str]) -> None:

@@ -64,11 +64,11 @@ def run_sequential(acc: np.ndarray, correct: np.ndarray, findings: list[list[tup
     `spach.battle.looks.run_looks` does on real runs. Returns the verdict of every (finding, comparison)
     and the runs used. `first == acc.shape[1]`: the fixed design's one look."""
     from spach.battle import stats
-    from spach.battle.sequential import Open, Spending, Track, allocate, step
+    from spach.battle.sequential import Open, Spending, Track, allocate, step  # noqa: F401
 
     c_n, most = acc.shape
     spending = spending or Spending(alpha, first, most)
-    kw = {} if prior_df is None else {"prior_df": prior_df}
+    kw = {"prior_df": spending.prior_df if prior_df is None else prior_df}
     have = {c: first for c in range(c_n)}
     tracks = {(i, j): Track() for i, f in enumerate(findings) for j in range(len(f))}
     used, look = c_n * first, 0

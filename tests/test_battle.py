@@ -1,8 +1,6 @@
 """The battle runner on the built-in tiny dataset: end to end, resume, failure isolation, parallel runs."""
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_group, spawn
 
 from spach.battle.command import battle_command
 from spach.battle.estimate import print_plan
@@ -112,8 +111,8 @@ def test_resume_after_a_killed_run(tmp_path):
     study_file = tmp_path / "s.toml"
     study_file.write_text(tiny(epochs=12))
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "spach", "battle", str(study_file), "--output", str(out), "--no-report"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = spawn([sys.executable, "-m", "spach", "battle", str(study_file), "--output", str(out), "--no-report"],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = out / "runs" / "attn" / "seed0" / "metrics.jsonl"
     deadline = time.time() + 240
     try:
@@ -121,8 +120,7 @@ def test_resume_after_a_killed_run(tmp_path):
             assert proc.poll() is None and time.time() < deadline, "the battle ended before it could be killed"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
     finished = summaries(out)
     assert list(finished) == ["runs/conv/seed0/summary.json"]
     # the epochs the checkpoint holds (a kill between its save and the metrics line leaves one line short)

@@ -52,3 +52,20 @@ def test_a_bad_pretrained_of_a_timm_contestant(tmp_path, capsys):
                                          f'name = "resnet"\nmodel = "resnet10t"\nrecipe = {{ pretrained = "{path}" }}\n')
         err = _cli(capsys, "battle", str(tmp_path / "s.toml"), "--output", str(tmp_path / path.stem), "--no-report")
         assert f"spach battle: error: contestant 'resnet': {message}" in err
+
+
+def test_a_data_folder_that_is_not_there_is_named_so(tmp_path, capsys):
+    """issue 26.6: --data /nonexistent was told it 'is not a folder with train/ and val/ class folders'."""
+    missing = tmp_path / "nonexistent"
+    err = _cli(capsys, "battle", "--preset", "paper", "--data", str(missing), "--dry-run")
+    assert f"data folder {missing} does not exist; pass --data to a folder holding train/ and val/ class folders" in err
+    (tmp_path / "f").write_text("x")
+    assert f"data path {tmp_path / 'f'} is a file, not a folder" in _cli(capsys, "battle", "--preset", "paper", "--data",
+                                                                        str(tmp_path / "f"), "--dry-run")
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    assert f"{tmp_path / 'd'} has no val/ folder" in _cli(capsys, "battle", "--preset", "paper", "--data",
+                                                        str(tmp_path / "d"), "--dry-run")
+    err = _cli(capsys, "battle", "--preset", "paper", "--dry-run")
+    assert "preset paper: data.data_path is not set: the study trains on image folders; pass --data DIR" in err
+    missing_fmnist = _cli(capsys, "train", "--preset", "fmnist", "--data-path", str(missing), "--output", str(tmp_path / "r"))
+    assert f"data folder {missing} does not exist" in missing_fmnist

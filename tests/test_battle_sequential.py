@@ -3,7 +3,6 @@ resumed to the same plan, and the batch launchers submitting each wave when a lo
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_group, run_process, spawn
 from test_slurm import STUDY as JOB_STUDY  # a fixed two-seed study
 from test_slurm import _events, _metrics, fake_slurm_on_path, jobs_env, same_metrics  # noqa: F401 (fixtures)
 
@@ -28,6 +28,7 @@ name = "tiny-sequential"
 seeds = [0, 1, 2, 3, 4, 5, 6, 7]
 budget = "12 runs"
 first_wave = 2
+spending = "obf"             # little alpha at the first look: the mechanics of several looks are what is tested
 margin = 5.0                 # wide enough for the toy set's noise: a look can decide equivalence
 questions = ["local-modeling"]
 
@@ -82,14 +83,13 @@ def test_a_killed_sequential_battle_resumes_to_the_same_plan(tmp_path, uninterru
     out = tmp_path / "b"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "spach", "battle", str(study), "--output", str(out), "--jobs", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and not (read_looks(out) and len(read_jsonl(out / "results.jsonl")) > 6):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     assert len(read_looks(out)) >= 1
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    run_process(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     assert _plan(out) == _plan(uninterrupted)
     assert same_metrics(_metrics(out), _metrics(uninterrupted))
 
@@ -127,28 +127,75 @@ def test_budget_flag_and_study_fields_are_checked(tmp_path, capsys):
     assert "--budget: '5 parsecs' is not a budget" in capsys.readouterr().err
     main(["battle", str(study), "--budget", "20m", "--dry-run"])
     said = capsys.readouterr().out
-    assert "sequential: a first wave of 2 seed(s) per contestant" in said and "first wave: 2 seed(s) x 2 contestants" in said
+    assert "sequential: a first wave of 2 seed(s) per contestant" in said and "the first wave takes" in said
     assert json.loads(json.dumps(parse_study(SEQUENTIAL).to_dict()))["budget"] == "12 runs"
-
-
-def test_the_dry_run_warns_when_the_first_wave_leaves_the_looks_no_room():
-    from spach.battle.estimate import room_warning
-
-    # the default's final run: a first wave of ~10 min in 11m30s, a pair of runs ~70 s
-    assert "it leaves the looks 1:16, less than three more seeds of a pair of contestants (~1:10 each here)" in \
-        room_warning(614, 690, 70)
-    assert room_warning(2960, 7200, 180) == ""  # the medium: 49 min of 2 h, a pair ~3 min
-    assert "does not fit" in room_warning(800, 690, 70)
 
 
 def test_a_look_that_is_not_one_ends_the_replay(tmp_path, capsys):
     """looks.jsonl edited by hand: the looks from the first bad one on are ignored, with one warning line."""
-    good = {"look": 1, "seeds": {"conv": 2}, "next": {"conv": 3}, "comparisons": [], "stop": ""}
+    good = {"look": 1, "seeds": {"conv": 2}, "next": {"conv": 3}, "comparisons": [], "stop": "", "used": 1.0}
     lines = [good, {**good, "look": 2, "seeds": "all"}, {**good, "look": 3}]
     (tmp_path / "looks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert read_looks(tmp_path) == [good]
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "look 2 is not a look the battle wrote" in err
+    assert err.count("\n") == 1 and "look 2 is not a look the results back" in err
     for bad in ({"conv": -1}, {"conv": True}, {"conv": 2.5}, {}, [2]):
         (tmp_path / "looks.jsonl").write_text(json.dumps({**good, "seeds": bad}) + "\n")
         assert read_looks(tmp_path) == []
+    for key, bad in (("used", "lots"), ("elapsed_s", [1]), ("left", None), ("look", 7), ("stop", 3)):
+        (tmp_path / "looks.jsonl").write_text(json.dumps({**good, key: bad}) + "\n")
+        assert read_looks(tmp_path) == [], key
+
+
+def test_a_look_the_results_do_not_back_ends_the_replay(uninterrupted, tmp_path, capsys):
+    """A hand-edited look (claimed decisions, seeds the run folders do not hold) and ledger lines of the
+    wrong types: the report replays only what the results back, says so in one line each, and does not
+    print the claims; a resume reads the same files without a traceback."""
+    import shutil
+
+    out = tmp_path / "b"
+    shutil.copytree(uninterrupted, out)
+    looks = read_looks(out)
+    forged = {**looks[0], "look": len(looks) + 1, "seeds": {n: 6 for n in looks[0]["seeds"]},
+              "findings": {"main/local-modeling": "supported"}, "stop": "every comparison is decided"}
+    with open(out / "looks.jsonl", "a") as f:
+        f.write(json.dumps(forged) + "\n")
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps({"contestant": "conv", "seed": 0, "status": "done", "attempt_s": [1], "final_top1": "high"}) + "\n")
+        f.write('{"contestant": "conv", "seed": 1, "status": "do')  # torn by a crash
+    capsys.readouterr()
+    main(["report", str(out)])
+    err = capsys.readouterr().err
+    assert f"look {len(looks) + 1} is not a look the results back" in err and "claims finished seeds" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    main(["battle", "--output", str(out)])  # the resume reads the ledger too
+    err = capsys.readouterr().err
+    assert "is not a run record the battle wrote" in err and "torn last line" in err and "Traceback" not in err
+    report = (out / "report.md").read_text()
+    assert f"| {len(looks) + 1} |" not in report  # the forged look is not in the Looks table
+    history: list = []
+    from spach.battle.findings import judge
+    from spach.battle.results import load_results
+    from spach.battle.study import Study
+    study = Study.from_dict(json.loads((out / "study.json").read_text()))
+    judge(load_results(out, study), study, read_looks(out, load_results(out, study)), None, history)
+    assert len(history) == len(looks)
+
+
+def test_budget_amounts_a_battle_cannot_mean_are_refused(tmp_path, capsys):
+    from spach.battle.budget import parse_budget
+    from spach.errors import SpachError
+
+    for bad in ("1" + "0" * 400 + "h", "2.5 runs", "0 runs", "1e9h", "nan m", "inf h"):
+        with pytest.raises(SpachError):
+            parse_budget(bad)
+    study = tmp_path / "s.toml"
+    for text, message in ((SEQUENTIAL.replace("first_wave = 2", "first_wave = 0"), "study.first_wave: must lie in 2..8"),
+                          (SEQUENTIAL.replace('"12 runs"', '"1.5 gpu-h"').replace('spending = "obf"', 'spending = "obf"\n')
+                           + '\n[recipe]\ndevice = "cpu"\n', "counts GPU hours"),
+                          (SEQUENTIAL.replace('spending = "obf"', 'spending = "fast"'), "study.spending: 'fast' is not a spending function")):
+        study.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            main(["battle", str(study), "--dry-run"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.count("\n") == 1, err

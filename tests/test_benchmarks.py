@@ -1,7 +1,8 @@
-"""benchmarks/vs_reference.py --battle and benchmarks/token_mlp_forms.py run end to end (one repeat or
-round: smoke tests, not measurements)."""
+"""benchmarks/vs_reference.py --battle, benchmarks/token_mlp_forms.py, benchmarks/scan_cpu.py and
+benchmarks/mixers_cpu.py run end to end (one repeat or round: smoke tests, not measurements)."""
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
@@ -41,4 +42,12 @@ def test_mixers_cpu_times_every_contender_against_conv(capsys):
     assert all(r["infer"] > 0 and r["train"] > 0 for r in rows)
     assert all(0.9 < r["macs"] / rows[0]["macs"] < 1.1 for r in rows)  # matched in MACs
     out = capsys.readouterr().out
-    assert "left out window7: window7: 7x7 windows do not tile" in out and "load average after" in out
+    assert re.search("left out window7: .*window7: 7x7 windows do not tile", out) and "load average after" in out
+
+
+def test_scan_cpu_times_the_scan_and_the_matched_models():
+    rows = _load("scan_cpu").main(["--quick", "--rounds", "1", "--batch", "4"])
+    assert [r["what"].split(",")[0] for r in rows[:1]] == ["scan fwd+bwd"] and rows[0]["ratio"] > 0
+    models = {r["what"].split(" (")[0]: r for r in rows[1:]}
+    assert set(models) == {"conv", "scan", "gatedconv"} and all(r["img_s"] > 0 for r in rows[1:])
+    assert all(abs(r["macs"] / models["conv"]["macs"] - 1) <= 0.1 for r in rows[1:])

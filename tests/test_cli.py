@@ -1,9 +1,9 @@
 """`spach models` and the CLI's error contract (one line, exit 2, no traceback)."""
 import json
-import subprocess
 import sys
 
 import pytest
+from conftest import run_process
 
 from spach.cli import main
 
@@ -20,7 +20,7 @@ def test_models_table_and_json(capsys):
 
 
 def test_user_error_is_one_line_without_traceback():
-    r = subprocess.run([sys.executable, "-m", "spach", "models", "nothing_like_this"], capture_output=True, text=True)
+    r = run_process([sys.executable, "-m", "spach", "models", "nothing_like_this"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "no model matches" in r.stderr

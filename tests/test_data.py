@@ -92,6 +92,75 @@ def test_a_crafted_cifar_file_runs_nothing(tmp_path, content, match):
     assert len(str(e.value).splitlines()) == 1
 
 
+def cifar_folder(root, labels=None, names=None, data=None, n=4):
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8) if data is None else data,
+                 b"labels": [i % 10 for i in range(n)] if labels is None else labels}
+        (root / name).write_bytes(pickle.dumps(batch))
+    meta = {b"label_names": [f"c{i}".encode() for i in range(10)] if names is None else names}
+    (root / "batches.meta").write_bytes(pickle.dumps(meta))
+    return root
+
+
+# issue 26.2: what an admitted file says is checked (type, dtype, shape, range) before any training
+@pytest.mark.parametrize("content, field, match", [
+    (dict(labels=[10**30] * 4), "labels", "must hold numbers, got values that are not machine numbers"),
+    (dict(labels=np.array([10**30] * 4, dtype=object)), "labels", "must hold numbers"),
+    (dict(labels=[float("inf")] * 4), "labels", r"must be whole numbers in 0\.\.9 \(class numbers\), found inf"),
+    (dict(labels=[-5] * 4), "labels", "found -5"),
+    (dict(labels=[1000] * 4), "labels", "found 1000"),
+    (dict(labels=[0.5] * 4), "labels", "found 0.5"),
+    (dict(labels=[[0, 1], [2, 3]]), "labels", r"got an array of shape \(2, 2\)"),
+    (dict(labels=["a"] * 4), "labels", "must hold numbers, got <U1 values"),
+    (dict(names=5), "label_names", "must be a list of 10 class names, got 5"),
+    (dict(names=[b"a", b"b", b"c"]), "label_names", "holds 3 names for 10 classes"),
+    (dict(names=[1] * 10), "label_names", "must hold printable names"),
+    (dict(names=[b"\xff"] * 10), "label_names", "not UTF-8"),
+    (dict(names=["a\x1b[31m"] * 10), "label_names", "must hold printable names"),
+    (dict(data=np.full((4, 3072), np.nan)), "data", r"must be whole numbers in 0\.\.255 \(pixel values\), found nan"),
+    (dict(data=np.full((4, 3072), 1e300)), "data", "found 1e\\+300"),
+    (dict(data=np.full((4, 3072), 256)), "data", "found 256"),
+    (dict(data=np.full((4, 3072), 0.5)), "data", "found 0.5"),
+    (dict(data=np.zeros((4, 3000), np.uint8)), "data", r"must be an array of shape \(N, 3, 32, 32\) or \(N, 3072\), got \(4, 3000\)"),
+    (dict(data=[[1, 2], [3]]), "data", "must hold numbers, got a ragged list"),
+])
+def test_a_cifar_file_whose_fields_are_wrong_is_refused_naming_file_and_field(tmp_path, content, field, match):
+    cifar_folder(tmp_path, **content)
+    with pytest.raises(SpachError, match=match) as e:
+        load_cifar(tmp_path, 10, True)
+    msg = str(e.value)
+    file = "batches.meta" if field == "label_names" else "data_batch_1"
+    assert msg.startswith(f"CIFAR file {tmp_path / file}: {field} ") and msg.endswith("re-extract the dataset")
+    assert len(msg.splitlines()) == 1
+
+
+def test_cifar_fields_of_other_numeric_types_are_used_as_the_same_values(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32))
+    cifar_folder(tmp_path, labels=np.array([1.0, 2.0, 3.0, 9.0]), data=data.astype(np.float64), names=[f"c{i}" for i in range(10)])
+    train = load_cifar(tmp_path, 10, True)
+    assert train.images.dtype == torch.uint8 and torch.equal(train.images[:4], torch.from_numpy(data.astype(np.uint8)))
+    assert train.labels.dtype == torch.int64 and train.labels[:4].tolist() == [1, 2, 3, 9] and train.classes[9] == "c9"
+
+
+@pytest.mark.parametrize("case, match", [
+    ("labels", r"IDX file .*train-labels-idx1-ubyte: labels must be whole numbers in 0\.\.9 \(class numbers\), found 200"),
+    ("shape", r"IDX file .*train-images-idx3-ubyte: images must be an array of shape \(N, 28, 28\) or \(N, 784\), got \(3, 56, 14\)"),
+    ("header", r"cannot read IDX file .*train-images-idx3-ubyte: its header gives sizes 4000000000x28x28 "
+               r"\(3,136,000,000,000 values\) but it holds 2,352"),
+])
+def test_an_idx_file_whose_contents_are_wrong_is_refused(tmp_path, case, match):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 56, 14) if case == "shape" else (3, 28, 28)), False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.full(3, 200 if case == "labels" else 1), False)
+    if case == "header":
+        raw = bytearray((tmp_path / "train-images-idx3-ubyte").read_bytes())
+        raw[4:8] = struct.pack(">I", 4_000_000_000)
+        (tmp_path / "train-images-idx3-ubyte").write_bytes(bytes(raw))
+    with pytest.raises(SpachError, match=match) as e:
+        load_fashion_mnist(tmp_path, True)
+    assert len(str(e.value).splitlines()) == 1
+
+
 def test_tiny_is_deterministic():
     a, b = make_tiny(True, seed=1), make_tiny(True, seed=1)
     assert torch.equal(a.images, b.images) and a.images.shape == (256, 1, 32, 32)

@@ -1,9 +1,9 @@
 """The 2-process CPU DDP run (gloo) that CI runs: torchrun -m spach train."""
 import json
 import os
-import subprocess
 import sys
 
+from conftest import run_process
 from test_engine import TINY
 
 
@@ -11,7 +11,7 @@ def test_two_process_ddp_run(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "spach", "train",
            "--preset", "tiny", "--model", "spach", "--model-kwargs", json.dumps(TINY), "--epochs", "2",
            "--repeated-aug", "3", "--eval-train-subset", "30", "--output", "run"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = run_process(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("epoch 2/2 train_loss") == 1  # only rank 0 reports
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

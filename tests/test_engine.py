@@ -3,11 +3,11 @@ non-finite loss, bad input, config files, the CLI."""
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import run_process
 
 import spach
 from spach import files
@@ -220,7 +220,7 @@ def test_config_file_and_precedence(tmp_path):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "spach", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return run_process([sys.executable, "-m", "spach", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def test_cli_train_eval_and_errors(tmp_path):

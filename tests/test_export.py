@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import randomize_, spawn
 
 import spach
 from spach.cli import main
@@ -82,13 +82,32 @@ def test_export_each_modern_mixer(tmp_path, mixer, fmt):
     torch.testing.assert_close(run_exported(out, fmt, x), expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("mixer", ["gatedconv", "scan"])
+def test_export_the_mixers_after_spach(tmp_path, mixer, fmt):
+    """One block on a 2x2 grid keeps the ONNX export of the scan's chunk loops short (the trace unrolls them)."""
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("ONNX export needs pip install 'spach[onnx]'")
+    kw = dict(TINY, img_size=32, net_arch=[(mixer, 1)])
+    name = FAMILIES["attn"]
+    model, weights = random_weights(tmp_path, name, **kw)
+    r = export(name, tmp_path / f"model.{fmt}", fmt, pretrained=str(weights), model_kwargs=kw)
+    print(f"{mixer} {fmt}: max abs error {r['max_abs_error']:.2e}")
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.abs().max() > 0.1 and r["max_abs_error"] <= TOLERANCE
+    torch.testing.assert_close(run_exported(tmp_path / f"model.{fmt}", fmt, x), expected, atol=TOLERANCE, rtol=0)
+
+
 def test_export_cli_from_a_checkpoint_at_another_resolution(tmp_path, capsys):
     _, weights = random_weights(tmp_path, FAMILIES["conv"])
     out = tmp_path / "sub" / "conv.pt"
     main(["export", FAMILIES["conv"], "--pretrained", str(weights), "--model-kwargs", json.dumps(TINY),
           "--img-size", "96", "--format", "torchscript", "--output", str(out)])
     line = capsys.readouterr().out
-    assert line.startswith(f"exported {FAMILIES['conv']} to {out} (torchscript") and "3x96x96, dynamic batch" in line
+    # issue 26.6: the line names the checkpoint it exported, as --format timm's does
+    assert line.startswith(f"exported {FAMILIES['conv']} ({weights}) to {out} (torchscript") and "3x96x96, dynamic batch" in line
     assert torch.jit.load(str(out))(torch.randn(2, 3, 96, 96)).shape == (2, 7)
 
 
@@ -147,8 +166,10 @@ main(sys.argv[1:])
 """
 
 
-def test_sigterm_mid_export_leaves_nothing(tmp_path):
-    """The export works beside its output (not in /tmp) and a SIGTERM there removes its scratch folder."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT to an export started in the background"])
+def test_sigterm_mid_export_leaves_nothing(stop, tmp_path):
+    """The export works beside its output (not in /tmp) and a SIGTERM there removes its scratch folder; so
+    does SIGINT, also to an export started with SIGINT ignored (as a shell starts a background job)."""
     import os
     import signal
     import subprocess
@@ -157,16 +178,13 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     out = tmp_path / "out" / "conv.pt"
     src = str(Path(spach.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", FAMILIES["conv"], "--model-kwargs", json.dumps(TINY),
-                             "--format", "torchscript", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    try:
-        assert proc.stdout.readline() == "exporting\n"
-        assert len(scratch_left(out.parent)) == 1  # beside the output, holding the half-written file
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
+    proc = spawn([sys.executable, "-c", SLOW_EXPORT, "export", FAMILIES["conv"], "--model-kwargs", json.dumps(TINY),
+                  "--format", "torchscript", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True, env=env, background=stop != "SIGTERM")
+    assert proc.stdout.readline() == "exporting\n"
+    assert len(scratch_left(out.parent)) == 1  # beside the output, holding the half-written file
+    proc.send_signal(signal.SIGTERM if stop == "SIGTERM" else signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and err == "spach export: interrupted\n"
     assert not out.exists() and scratch_left(out.parent) == []
 

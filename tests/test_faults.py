@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_process, spawn
 
 from spach.battle.runner import run_battle
 from spach.battle.study import parse_study
@@ -118,8 +119,8 @@ def test_sigkill_at_each_stage_then_rerun_equals_uninterrupted(stage, tmp_path, 
     study, out = tmp_path / "s.toml", tmp_path / "b"
     study.write_text(STUDY)
     module, attr, nth, when, (lines, summary) = KILL[stage]
-    p = subprocess.run([sys.executable, "-c", KILLER, module, attr, str(nth), when, str(study), str(out)],
-                       capture_output=True, text=True, timeout=300)
+    p = run_process([sys.executable, "-c", KILLER, module, attr, str(nth), when, str(study), str(out)],
+                    capture_output=True, text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, (stage, p.returncode, p.stderr[-2000:])
     assert len(read_jsonl(out / "results.jsonl")) == lines  # killed where the stage says
     assert (out / "runs/conv/seed1/summary.json").is_file() == summary
@@ -135,8 +136,8 @@ def test_two_battles_on_one_folder(tmp_path, one_thread):
     study, out = tmp_path / "s.toml", tmp_path / "b"
     text = STUDY.replace("epochs = 2", "epochs = 30")
     study.write_text(text)
-    first = subprocess.Popen([sys.executable, "-m", "spach", "battle", str(study), "--output", str(out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = spawn([sys.executable, "-m", "spach", "battle", str(study), "--output", str(out)],
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = out / ".lock"
     deadline = time.time() + 120
     while not (lock.is_file() and lock.read_text().strip()) and time.time() < deadline:

@@ -23,7 +23,7 @@ def entry(name, family, layout, top1, cpe=True, shared=False, macs=1_000_000, pa
         epochs[-1]["top1"] = t
         runs.append(RunResult(name, seed, "done", epochs, {"final_top1": t}))
     return ContestantResult(name, family, layout, arm=arm, cpe=cpe, shared=shared, params=params, macs=macs,
-                            arch_key=arch_key or name, runs=runs)
+                            arch_key=arch_key or name, scores_train=True, runs=runs)
 
 
 def study(entries, questions=(), arms=None, elsewhere=None, margin=0.5):

@@ -138,12 +138,17 @@ def test_model_kwargs_that_collide_with_flags_or_widen_loading(tmp_path, capsys,
     assert match in err
 
 
+STORED = {"pretrained_cfg_overlay": {"file": "other.pth"}, "pretrained": True, "checkpoint_path": "x",
+          # issue 26.2: keys with a flag of their own were silently ignored (eval) or used (export's img_size)
+          "img_size": 64, "num_classes": 7, "in_chans": 1, "drop_path_rate": 0.1, "drop_rate": 0.1}
+
+
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
-@pytest.mark.parametrize("key", ["pretrained_cfg_overlay", "pretrained", "checkpoint_path"])
+@pytest.mark.parametrize("key", list(STORED))
 def test_stored_model_kwargs_cannot_widen_loading(tmp_path, capsys, fmt, key):
     kw = json.loads(TINY_KW)
     state = spach.create_model("spach", num_classes=4, in_chans=1, img_size=32, **kw).state_dict()
-    value = {"file": str(tmp_path / "other.pth")} if key == "pretrained_cfg_overlay" else True if key == "pretrained" else "x"
+    value = STORED[key]
     args = {"model": "spach", "model_kwargs": {**kw, key: value}, "img_size": 32}
     path = save_weights(state, {"args": args}, tmp_path / "w", fmt)
     err = cli_error(["eval", "--pretrained", str(path), "--dataset", "tiny"], capsys)
@@ -266,3 +271,46 @@ def test_a_data_path_that_is_a_file(tmp_path, capsys):
     for dataset in ("imagefolder", "cifar10", "fmnist"):
         err = cli_error(tiny_train(tmp_path, "--dataset", dataset, "--data-path", str(tmp_path / "f")), capsys)
         assert f"data path {tmp_path / 'f'} is a file, not a folder" in err
+
+
+# -- 26.6: a checkpoint that does not fit the data's classes or channels blames the data, not the checkpoint --------
+@pytest.mark.parametrize("classes, chans, match", [
+    (7, 1, "classifies 7 classes but the tiny data holds 4: score it on the data it was trained on, or fine-tune it to "
+           "these classes first: spach train --model spach --pretrained {w} --dataset tiny"),
+    (4, 3, "takes 3-channel images but the tiny data holds 1-channel ones: score it on the data it was trained on"),
+])
+def test_eval_of_a_checkpoint_for_other_classes_or_channels_names_the_data(tmp_path, capsys, classes, chans, match):
+    w = tmp_path / "w.pth"
+    torch.save(spach.create_model("spach", num_classes=classes, in_chans=chans, img_size=32, **json.loads(TINY_KW)).state_dict(), w)
+    err = cli_error(["eval", "--model", "spach", "--model-kwargs", TINY_KW, "--pretrained", str(w), "--dataset", "tiny"], capsys)
+    assert err == f"spach eval: error: checkpoint {w} {match.format(w=w)}"
+
+
+# -- 26.6: a run never stays in warm-up: the default is cut to fit (said, recorded), a given one too long refused -----
+def test_a_default_warmup_is_cut_to_fit_the_run_and_a_given_one_must_fit(tmp_path, capsys):
+    from spach.battle.study import parse_study
+    from spach.train.config import warmup_note
+    from spach.train.presets import PRESETS
+
+    err = cli_error(tiny_train(tmp_path, "--epochs", "2", "--warmup-epochs", "2"), capsys)
+    assert err == ("spach train: error: --warmup-epochs must be fewer than the run's epochs (2 >= 2): it would never "
+                   "leave its warm-up; lower it (0: no warm-up)")
+    assert TrainConfig(epochs=300).warmup_epochs == 20 and TrainConfig(epochs=21).warmup_epochs == 20  # DeiT's, as is
+    assert TrainConfig(epochs=2, warmup_epochs=1.5).warmup_epochs == 1.5
+    recipe = {k: v for k, v in PRESETS["tiny"].items() if k != "warmup_epochs"}  # 2 epochs, TrainConfig's warm-up
+    cfg = TrainConfig(**recipe, model="spach", model_kwargs=json.loads(TINY_KW), output=str(tmp_path / "r"), progress="none")
+    assert cfg.warmup_epochs == 0.1333  # 2 x 20 / 300
+    engine.train(cfg)
+    note = ("the default warm-up would last the whole run (2 epoch(s)): cut to 0.1333 epochs, DeiT's share (20 of 300); "
+            "--warmup-epochs sets it")
+    assert warmup_note(cfg) == note and capsys.readouterr().err == f"note: {note}\n"
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["warmup_epochs"] == 0.1333 and config["resolved"]["warmup_note"] == note
+    # a preset's warm-up is a default too; a study's is given, and checked with the study
+    assert TrainConfig(**{**PRESETS["fmnist"], "epochs": 1}).warmup_epochs == 0.0667
+    study = """[study]\nname = "w"\n[data]\ndataset = "tiny"\n[recipe]\nepochs = 2\n{extra}
+[[contestant]]\nname = "c"\narch = {{ net_arch = [["conv", 1]], hidden_dim = 8, patch_size = 4 }}\n"""
+    s = parse_study(study.format(extra=""))
+    assert s.config(s.contestants[0]).warmup_epochs == 0.1333
+    with pytest.raises(SpachError, match=r"^study: recipe\.warmup_epochs: must be fewer than the run's epochs \(3 >= 2\)"):
+        parse_study(study.format(extra="warmup_epochs = 3"))

@@ -1,9 +1,10 @@
 """A fresh install takes the versions the suite passed with (constraints.txt), so a dependency's new
 release cannot break it; the newest are taken only when asked for."""
 import re
-import subprocess
 import tomllib
 from pathlib import Path
+
+from conftest import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def test_every_dependency_is_pinned():
 
 
 def make(*args: str) -> str:
-    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return run_process(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
 def test_make_setup_uses_the_constraints_unless_latest():

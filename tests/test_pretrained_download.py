@@ -6,18 +6,23 @@ import argparse
 import errno
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import REFERENCE
+from conftest import REFERENCE, spawn
 
 import spach
 from spach.cli import main
+from spach.files import FolderLock
 from spach.models import weights
 from spach.models.registry import family_of_variant
 from spach.models.table import model_rows
@@ -67,9 +72,13 @@ def served(released, layout, layout_2b, tmp_path_factory) -> dict:
 
 
 class Server(ThreadingHTTPServer):
-    """`/ok/FILE` serves the file (404 when there is none), `/cut/FILE` half of it under its full
-    Content-Length, `/html/FILE` an error page, `/wrong/FILE` ShiftViT-T light's checkpoint, `/stall/FILE`
-    its headers and a quarter of it, then nothing until the server shuts down, `/mute/FILE` nothing at all."""
+    """`/<kind>/FILE`: `ok` serves the file (404 when there is none); `cut` half of it under its full
+    Content-Length, `short` half of it under a Content-Length that says so; `html` an error page; `wrong`
+    ShiftViT-T light's checkpoint; `stall` its headers and a quarter of it, then nothing until the server
+    shuts down; `mute` nothing at all; `drip` its headers, then a byte a second (for 30 s). Broken HTTP: `garbage` a
+    status line of garbage (with an ESC byte), `longheader` a 70 kB header line, `headers` 200 headers,
+    `chunkcut` a chunked body cut in its first chunk, `chunkbad` a chunk size that is no number, `loop`
+    a redirect to itself."""
 
     daemon_threads = True
 
@@ -77,13 +86,28 @@ class Server(ThreadingHTTPServer):
         self.files, self.requests, self.stop = files, [], threading.Event()
         super().__init__(("127.0.0.1", 0), Handler)
 
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that gave up (a broken pipe): nothing to tell, and nothing on the stderr the tests read
+
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.server.requests.append(self.path)
         kind, _, name = self.path.strip("/").partition("/")
+        self.close_connection = True
         if kind == "mute":
             self.server.stop.wait(30)
+            return
+        if kind == "garbage":
+            self.wfile.write(b"GARBAGE \x1b[31m\r\n\r\n")
+            return
+        if kind in ("loop", "longheader", "headers"):
+            self.send_response(302 if kind == "loop" else 200)
+            headers = {"loop": [("Location", self.path)], "longheader": [("X-Padding", "a" * 70_000)],
+                       "headers": [(f"X-Header-{i}", "1") for i in range(200)]}[kind]
+            for key, value in headers:
+                self.send_header(key, value)
+            self.end_headers()
             return
         body = self.server.files.get("shiftvit_tiny_light.pth" if kind == "wrong" else name)
         if kind == "html":
@@ -92,15 +116,24 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        if kind in ("chunkcut", "chunkbad"):
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"zz\r\n" if kind == "chunkbad" else b"%x\r\n" % len(body) + body[: len(body) // 2])
+            return
+        self.send_header("Content-Length", str(len(body) // 2 if kind == "short" else len(body)))
         self.end_headers()
-        if kind == "stall":
-            self.wfile.write(body[: len(body) // 4])
+        if kind in ("stall", "drip"):
+            self.wfile.write(body[: len(body) // 4] if kind == "stall" else b"")
             self.wfile.flush()
+            for byte in body[:30] if kind == "drip" else []:
+                if self.server.stop.wait(1):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
             self.server.stop.wait(30)
             return
-        self.wfile.write(body[: len(body) // 2] if kind == "cut" else body)
-        self.close_connection = True
+        self.wfile.write(body[: len(body) // 2] if kind in ("cut", "short") else body)
 
     def log_message(self, *args) -> None:
         pass
@@ -187,24 +220,39 @@ def _refuse_writes(monkeypatch) -> None:
     monkeypatch.setattr(Path, "open", open_)
 
 
+CANNOT = r"cannot download the official weights of {name} from {src} "
 FAILURES = {
-    "404": ("ok", r"cannot download the official weights of {name} from {src} \(HTTP 404 Not Found\); copy "
+    "404": ("ok", CANNOT + r"\(HTTP 404 Not Found\); copy "
                   r"https://github.com/microsoft/SPACH/releases/download/v1.0/{file} to {cache}/{file}, set SPACH_WEIGHTS_URL "
                   r"to a mirror URL or a folder holding {file}, or load a copy with pretrained_cfg_overlay=dict\(file=PATH\)"),
-    "refused": ("refused", r"cannot download the official weights of {name} from {src} \(\[Errno 111\] Connection refused\); "),
-    "truncated": ("cut", r"the file downloaded from {src} is not the official checkpoint of {name} \(cannot read the file: "
-                         r"the file is truncated or not a PyTorch checkpoint .*\); nothing was cached: try again, or copy "
-                         r"the right file to {cache}/{file}$"),
+    "refused": ("refused", CANNOT + r"\(\[Errno 111\] Connection refused\); "),
+    "cut": ("cut", CANNOT + r"\(the server closed the connection after [\d.]+[kM]?B of [\d.]+[kM]?B\); copy "),
+    "truncated": ("short", r"the file downloaded from {src} is not the official checkpoint of {name} \(cannot read the file: "
+                           r"the file is truncated or not a PyTorch checkpoint .*\); nothing was cached: try again, or copy "
+                           r"the right file to {cache}/{file}$"),
     "html": ("html", r"the file downloaded from {src} is not the official checkpoint of {name} \(cannot read the file: it is "
                      r"a web page \(HTML\), not a checkpoint"),
     "wrong model": ("wrong", r"the file downloaded from {src} is not the official checkpoint of {name} \(checkpoint does not "
                              r"fit model {name} \(missing keys: .*; it is a ShiftViT checkpoint\)"),
-    "stalled": ("stall", r"cannot download the official weights of {name} from {src} \(the server sent nothing for 0.5 s; "
-                         r"SPACH_DOWNLOAD_TIMEOUT sets how long to wait\); copy "),
-    "mute": ("mute", r"cannot download the official weights of {name} from {src} \(the server sent nothing for 0.5 s; "),
+    "stalled": ("stall", CANNOT + r"\(the server sent nothing for 0.5 s; SPACH_DOWNLOAD_TIMEOUT sets how long to wait\); copy "),
+    "mute": ("mute", CANNOT + r"\(the server sent nothing for 0.5 s; "),
+    "dripping": ("drip", CANNOT + r"\(too slow: \d+B in 4 s, below the 1 MiB per 2 s a download must average; a higher "
+                                  r"SPACH_DOWNLOAD_TIMEOUT allows a slower link\); copy "),
+    "garbage status line": ("garbage", CANNOT + r"\(the server's answer is not valid HTTP \(BadStatusLine: GARBAGE "
+                                                r"\\x1b\[31m\)\); copy "),
+    "70 kB header line": ("longheader", CANNOT + r"\(the server's answer is not valid HTTP \(LineTooLong: got more than "
+                                                 r"65536 bytes when reading header line\)\); copy "),
+    "200 headers": ("headers", CANNOT + r"\(the server's answer is not valid HTTP \(HTTPException: got more than 100 "
+                                        r"headers\)\); copy "),
+    "cut chunked body": ("chunkcut", CANNOT + r"\(the connection broke off in the middle of the file\); copy "),
+    "broken chunked body": ("chunkbad", CANNOT + r"\(the connection broke off in the middle of the file\); copy "),
+    "redirect loop": ("loop", CANNOT + r"\(HTTP 302: the redirects go round in a loop or past 10\); copy "),
+    "malformed URL": ("ok", r"cannot download the official weights of {name} from http://127.0.0.1:bad/ok/{file} "
+                            r"\(not a valid URL: nonnumeric port: 'bad'\); copy "),
     "read-only cache": ("ok", r"cannot write to the weights cache {cache} \(Read-only file system\); point TORCH_HOME at a "
                               r"writable folder .*pretrained_cfg_overlay=dict\(file=PATH\)"),
 }
+TIMEOUTS = {"dripping": "2"}  # a byte a second keeps every read alive: only the minimum rate stops it
 
 
 @pytest.mark.parametrize("case", sorted(FAILURES))
@@ -222,18 +270,19 @@ def test_failures_are_one_line_and_leave_the_cache_clean(case, server, served, m
         _cache(tmp_path).mkdir(parents=True)
         _cache(tmp_path).chmod(0o555)
         _refuse_writes(monkeypatch)
-    base = f"http://127.0.0.1:{port}/{kind}/"
+    base = f"http://127.0.0.1:{'bad' if case == 'malformed URL' else port}/{kind}/"
     monkeypatch.setenv(weights.MIRROR_ENV, base)
-    monkeypatch.setenv(weights.TIMEOUT_ENV, "0.5")
-    expected = pattern.format(name=name, src=base + file, file=file, cache=_cache(tmp_path))
+    monkeypatch.setenv(weights.TIMEOUT_ENV, TIMEOUTS.get(case, "0.5"))
+    expected = pattern.format(name=name, src=re.escape(base + file), file=file, cache=_cache(tmp_path))
     with pytest.raises(spach.SpachError, match=expected) as e:
         timm.create_model(name, pretrained=True)
-    assert "\n" not in str(e.value) and _cached(tmp_path) == []
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value) and _cached(tmp_path) == []
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback either
     with pytest.raises(SystemExit) as exit_:  # the command line: the same line, exit 2
         main(["eval", "--model", name, "--pretrained", "--dataset", "tiny"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("spach eval: error: ")
-    assert _cached(tmp_path) == []
+    assert re.search(expected, err) and "Traceback" not in err and _cached(tmp_path) == []
     if case == "read-only cache":
         _cache(tmp_path).chmod(0o755)
         monkeypatch.undo()
@@ -241,12 +290,13 @@ def test_failures_are_one_line_and_leave_the_cache_clean(case, server, served, m
     # the next call downloads again, and succeeds once the source is right
     server.files = served
     monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}/ok/")
+    monkeypatch.setenv(weights.TIMEOUT_ENV, "30")
     before = len(server.requests)
     spach.create_model(name, pretrained=True)
     assert len(server.requests) == before + 1 and _cached(tmp_path) == [file]
 
 
-def test_the_timeout_is_checked_and_put_back(server, monkeypatch, tmp_path):
+def test_the_timeout_is_checked_and_bounds_each_read(server, monkeypatch, tmp_path):
     import socket
     for bad in ["0", "-3", "soon", "nan"]:
         monkeypatch.setenv(weights.TIMEOUT_ENV, bad)
@@ -255,16 +305,15 @@ def test_the_timeout_is_checked_and_put_back(server, monkeypatch, tmp_path):
             spach.create_model(XXS, pretrained=True)
         assert _cached(tmp_path) == []
     monkeypatch.setenv(weights.TIMEOUT_ENV, "7")
-    seen = []
-    monkeypatch.setattr(torch.hub, "download_url_to_file",
-                        lambda url, dst, progress=False: (seen.append(socket.getdefaulttimeout()),
-                                                          Path(dst).write_bytes(served_file(server, url))))
+    seen, real = [], socket.create_connection
+
+    def connect(address, timeout=None, *args, **kwargs):
+        seen.append(timeout)
+        return real(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", connect)
     spach.create_model(XXS, pretrained=True)
     assert seen == [7.0] and socket.getdefaulttimeout() is None and _cached(tmp_path) == ["spach_ms_conv_xxs.pth"]
-
-
-def served_file(server, url: str) -> bytes:
-    return server.files[url.rsplit("/", 1)[1]]
 
 
 def test_mirror_may_be_a_local_folder(served, monkeypatch, tmp_path):
@@ -323,14 +372,57 @@ def test_timm_create_model_pretrained_for_all_14(server, released, tmp_path):
 
 
 def test_an_interrupted_download_leaves_nothing(server, monkeypatch, tmp_path):
-    def cut(url, dst, progress=False):
-        Path(dst).write_bytes(b"PK\x03\x04 half a file")
+    def cut(url, out, timeout, progress=False):
+        out.write(b"PK\x03\x04 half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", cut)
+    monkeypatch.setattr(weights, "download", cut)
     with pytest.raises(KeyboardInterrupt):
         spach.create_model(XXS, pretrained=True)
     assert _cached(tmp_path) == []
+
+
+KILLED = "import spach, sys; spach.create_model(sys.argv[1], pretrained=True)"
+
+
+def _killed_download(tmp_path, how: signal.Signals) -> subprocess.Popen:
+    """A download in another process, `how` sent to it once part of the file is in the cache."""
+    proc = spawn([sys.executable, "-c", KILLED, XXS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(p.is_file() and p.stat().st_size and p.name != ".lock" for p in _cache(tmp_path).rglob("*")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(how)
+    proc.wait(timeout=60)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_mid_download_leaves_nothing(server, monkeypatch, tmp_path):
+    port = server.server_address[1]
+    monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{port}/stall/")  # a quarter, then it waits
+    proc = _killed_download(tmp_path, signal.SIGTERM)
+    assert proc.returncode != 0 and _cached(tmp_path) == [], proc.stderr.read()[-2000:]
+
+
+@pytest.mark.slow
+def test_a_download_killed_with_sigkill_is_cleaned_up_by_the_next(server, monkeypatch, tmp_path):
+    port = server.server_address[1]
+    monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{port}/stall/")
+    _killed_download(tmp_path, signal.SIGKILL)
+    assert _cached(tmp_path)  # what the killed download left: nobody could remove it then
+    # an earlier spach's temporary and torch.hub's, long abandoned; a recent one of torch.hub; a running download's
+    old = [_cache(tmp_path) / ".spach_ms_conv_xxs.pth.0123abcd.part", _cache(tmp_path) / "spach_ms_conv_xxs.pth.4567ef.partial"]
+    recent = _cache(tmp_path) / "spach_ms_conv_xxs.pth.89ab.partial"
+    for path in [*old, recent]:
+        path.write_bytes(b"half")
+    for path in old:
+        os.utime(path, (time.time() - 2 * weights.LEGACY_STALE_S,) * 2)
+    running = FolderLock(_cache(tmp_path) / ".spach-download-1-running", "download folder").acquire()
+    monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{port}/ok/")
+    spach.create_model(XXS, pretrained=True)
+    assert _cached(tmp_path) == [".spach-download-1-running", "spach_ms_conv_xxs.pth", recent.name]
+    running.release()
 
 
 def test_timm_cache_dir_is_honoured(server, tmp_path):

@@ -5,11 +5,10 @@ import io
 import os
 import shutil
 import stat
-import subprocess
 
 import pytest
 import torch
-from conftest import TINY_KW, cli_error
+from conftest import TINY_KW, cli_error, run_process
 from test_faults import STUDY
 
 from spach import files
@@ -63,7 +62,7 @@ def test_a_battle_whose_runs_all_fail_exits_non_zero(tmp_path, capsys):
     text = STUDY.replace('name = "faults"', 'name = "faults"\nimports = ["broken.py"]').replace('["conv", 1]', '["broken_for_test", 1]')
     (tmp_path / "s.toml").write_text(text)
     err = cli_error(["battle", str(tmp_path / "s.toml"), "--output", str(tmp_path / "b")], capsys)
-    assert "all 2 runs of faults failed (first error: model does not run: RuntimeError: this mixer always fails)" in err
+    assert "all 2 runs of faults that were tried failed (first error: model does not run: RuntimeError: this mixer always fails)" in err
     assert (tmp_path / "b" / "report.html").is_file()  # the report still lists the failures
 
 
@@ -137,7 +136,7 @@ def test_report_md_escapes_user_html(battle):
 
 def test_a_corrupt_ledger_line_is_skipped_and_named(battle, tmp_path, capsys):
     out = tmp_path / "b"
-    subprocess.run(["cp", "-r", str(battle), str(out)], check=True)
+    run_process(["cp", "-r", str(battle), str(out)], check=True)
     with open(out / "results.jsonl", "ab") as f:
         f.write(b'{"contestant": "conv", "seed": 7, "status": "d\xffone"}\n{"torn": ')
     assert len(read_jsonl(out / "results.jsonl")) == 1
@@ -154,7 +153,7 @@ def test_a_corrupt_ledger_line_is_skipped_and_named(battle, tmp_path, capsys):
 ])
 def test_report_survives_corrupt_files(battle, tmp_path, name, expect, capsys):
     out = tmp_path / "b"
-    subprocess.run(["cp", "-r", str(battle), str(out)], check=True)
+    run_process(["cp", "-r", str(battle), str(out)], check=True)
     (out / name).write_bytes(b"\x00{not json")
     if expect:
         assert expect in cli_error(["report", str(out)], capsys)

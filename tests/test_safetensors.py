@@ -2,12 +2,12 @@
 (`read_checkpoint`: `spach eval`, `spach.create_model(pretrained=...)`, timm), told by content."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_process
 from test_engine import TINY, tiny_cfg
 
 import spach
@@ -38,8 +38,8 @@ def test_train_saves_best_and_final_weights_as_safetensors(tmp_path):
 def test_cli_eval_of_a_safetensors_checkpoint(tmp_path):
     engine.train(tiny_cfg(tmp_path / "run", epochs=1, save_format="safetensors", log="none"))
     env = {**os.environ, "PYTHONPATH": str(Path(spach.__file__).parents[1])}  # the spach under test, wherever cwd is
-    p = subprocess.run([sys.executable, "-m", "spach", "eval", "--pretrained", "run/best.safetensors", "--dataset", "tiny"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    p = run_process([sys.executable, "-m", "spach", "eval", "--pretrained", "run/best.safetensors", "--dataset", "tiny"],
+                    capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     assert p.returncode == 0 and p.stdout.startswith("spach on tiny (64 images): top1"), p.stderr
 
 

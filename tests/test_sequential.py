@@ -13,7 +13,9 @@ import pytest
 from stats_sim import run_sequential, simulate
 
 from spach.battle import stats
-from spach.battle.sequential import FIXED, Open, Spending, Track, allocate, decide, obf_spent, parse_budget, step
+from spach.battle.budget import parse_budget
+from spach.battle.sequential import FIXED, Open, Spending, Track, allocate, decide, step
+from spach.battle.spending import obf_spent
 from spach.errors import SpachError
 
 PAIRS = [[(0, 1), (2, 3), (4, 5)]]
@@ -91,7 +93,7 @@ def test_allocation_cheapest_finding_first_and_out_of_reach():
     why = {r["comparison"]: r["why"] for r in records}
     assert wave == {"a": 4, "b": 4, "g": 4, "h": 4}  # f1 (cost 4) whole; g>h alone (f3 cannot be decided whole)
     assert why["c>d"].startswith("out of reach") and "more than what is left" in why["c>d"]
-    assert why["e>f"] == "out of reach: no number of seeds" and "the study has 8" in why["a>h"]
+    assert why["e>f"] == "out of reach: no number of seeds" and "it can reach 8" in why["a>h"]
     assert why["a>b"].startswith("chosen: its finding") and why["g>h"].startswith("chosen: a comparison")
     # the lagging contestant catches up first
     wave, _ = allocate([Open("f1", "a>b", "a", "b", 6, "")], {"a": 5, "b": 3}, cost, 100.0, 8)

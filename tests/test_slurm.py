@@ -16,6 +16,7 @@ import fake_slurm
 import numpy as np
 import pytest
 import torch
+from conftest import spawn
 
 import spach
 from spach.battle.job import JobLog, RunJob, distributed_env
@@ -108,7 +109,8 @@ def fake_slurm_on_path(tmp_path, monkeypatch):
         for key, value in fake_slurm.install(tmp_path / "bin", tmp_path / "slurm", run=run).items():
             monkeypatch.setenv(key, value)
         return tmp_path / "slurm"
-    return install
+    yield install
+    fake_slurm.kill_jobs(tmp_path / "slurm")
 
 
 @pytest.fixture(scope="module")
@@ -155,19 +157,17 @@ def test_the_monitor_stopped_and_rerun_watches_the_same_jobs(tmp_path, monkeypat
     go = tmp_path / "go"
     monkeypatch.setenv("SPACH_TEST_HOLD", str(go))  # the jobs wait at their first step until the test says go
     study, out = _study(tmp_path), tmp_path / "b"
-    first_log = (tmp_path / "first.txt").open("w")
-    first = subprocess.Popen([sys.executable, "-m", "spach", "battle", str(study), "--output", str(out), "--launcher",
-                              "submitit-local", "--cpus-per-task", "1"], stdout=first_log, stderr=subprocess.STDOUT)
+    with (tmp_path / "first.txt").open("w") as first_log:
+        first = spawn([sys.executable, "-m", "spach", "battle", str(study), "--output", str(out), "--launcher",
+                       "submitit-local", "--cpus-per-task", "1"], stdout=first_log, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
-    while sum(e.count("started") for e in _events(out).values()) < 4 and time.time() < deadline:
-        time.sleep(0.2)
+    _wait_until_started(out, 4, deadline)
     first.send_signal(signal.SIGINT)  # Ctrl-C for the monitor only: its jobs go on
     assert first.wait(timeout=60) == 130
     assert "monitor stopped: 4 job(s) stay running on this machine and keep training" in (tmp_path / "first.txt").read_text()
     second_log = tmp_path / "second.txt"
     with second_log.open("w") as f:  # no --launcher: the study folder's own (submitit-local, --cpus-per-task 1)
-        second = subprocess.Popen([sys.executable, "-m", "spach", "battle", "--output", str(out)], stdout=f,
-                                  stderr=subprocess.STDOUT)
+        second = spawn([sys.executable, "-m", "spach", "battle", "--output", str(out)], stdout=f, stderr=subprocess.STDOUT)
         while second_log.read_text().count("already in the queue (running") < 4 and time.time() < deadline:
             time.sleep(0.2)
         go.touch()
@@ -176,6 +176,31 @@ def test_the_monitor_stopped_and_rerun_watches_the_same_jobs(tmp_path, monkeypat
     assert "submitted:" not in text and "queue: 0 pending, 0 running, 0 requeued; 4 done" in text
     assert sorted(events for events in _events(out).values()) == [["submitted", "started", "finished"]] * 4
     assert [r["status"] for r in read_jsonl(out / "results.jsonl")] == ["done"] * 4 and (out / "report.html").is_file()
+
+
+def _wait_until_started(out: Path, jobs: int, deadline: float) -> None:
+    while sum(e.count("started") for e in _events(out).values()) < jobs and time.time() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_monitor_started_in_the_background_stops_on_sigint_and_sigterm(stop, tmp_path, monkeypatch):
+    """A background job (`spach battle ... &`, nohup, a script's) starts with SIGINT ignored: the monitor
+    still stops on SIGINT, and on SIGTERM, with its message; the job stays (the test's clean-up kills it)."""
+    monkeypatch.setenv("SPACH_TEST_HOLD", str(tmp_path / "go"))  # the job waits at its first step
+    one_job = STUDY.replace("seeds = [0, 1]", "seeds = [0]").split('[[contestant]]\nname = "attn"')[0]
+    study, out = _study(tmp_path, one_job), tmp_path / "b"
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        monitor = spawn([sys.executable, "-m", "spach", "battle", str(study), "--output", str(out), "--launcher",
+                         "submitit-local", "--cpus-per-task", "1"], stdout=f, stderr=subprocess.STDOUT, background=True)
+    _wait_until_started(out, 1, time.time() + 240)
+    monitor.send_signal(stop)
+    assert monitor.wait(timeout=60) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "monitor stopped: 1 job(s) stay running on this machine and keep training" in text
+    assert text.rstrip().endswith("spach battle: interrupted") and "Traceback" not in text
 
 
 def test_a_two_task_job_is_one_distributed_training(tmp_path):

@@ -1,5 +1,6 @@
 """Stopping a battle that trains two runs at a time: Ctrl-C (SIGINT to the process group, as a terminal
-sends it) or SIGTERM to the battle stops every job within seconds, the runs in flight save their
+sends it), or SIGINT or SIGTERM to a battle started in the background (with SIGINT ignored, as a shell
+starts a background job) stops every job within seconds, the runs in flight save their
 checkpoints, no queued run starts, the ledger holds exactly the finished runs, and a rerun completes."""
 import io
 import os
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import spawn
 
 from spach.battle.runner import run_battle
 from spach.files import read_jsonl
@@ -32,14 +34,13 @@ epochs = 40                  # a run outlasts the stop by far, even on a loaded 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def _battle(tmp_path: Path) -> tuple[subprocess.Popen, Path, list[str]]:
+def _battle(tmp_path: Path, background: bool) -> tuple[subprocess.Popen, Path, list[str]]:
     """`spach battle` in its own process group, returned once both first runs have trained an epoch."""
     (tmp_path / "s.toml").write_text(STUDY)
     out = tmp_path / "b"
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.Popen([sys.executable, "-m", "spach", "battle", str(tmp_path / "s.toml"), "--output", str(out),
-                          "--no-report"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                         start_new_session=True)
+    p = spawn([sys.executable, "-m", "spach", "battle", str(tmp_path / "s.toml"), "--output", str(out), "--no-report"],
+              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, background=background)
     lines: list[str] = []
     for line in p.stdout:
         lines.append(line)
@@ -49,18 +50,15 @@ def _battle(tmp_path: Path) -> tuple[subprocess.Popen, Path, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigint in the background", "sigterm in the background"])
 def test_a_stop_ends_every_job_and_a_rerun_completes(how, tmp_path):
-    p, out, lines = _battle(tmp_path)
+    p, out, lines = _battle(tmp_path, background=how.endswith("in the background"))
     if how == "ctrl-c":
         os.killpg(p.pid, signal.SIGINT)
-    else:
-        p.send_signal(signal.SIGTERM)
+    else:  # `kill -INT PID` / `kill PID`: to the battle alone
+        p.send_signal(signal.SIGINT if how.startswith("sigint") else signal.SIGTERM)
     sent = time.time()
-    try:
-        rest, _ = p.communicate(timeout=20)
-    finally:
-        os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
+    rest, _ = p.communicate(timeout=20)  # past it, the test's clean-up kills the battle and its workers
     took = time.time() - sent
     text = "".join(lines) + rest
     assert p.returncode == 130 and took < 15, (took, text[-3000:])
@@ -80,7 +78,7 @@ def test_a_stop_ends_every_job_and_a_rerun_completes(how, tmp_path):
             + ", ".join(f"{d.parent.name} {d.name.replace('seed', 'seed ')}" for d in stopped))
     assert told.split("; ")[0] in text and "saved a checkpoint when stopped" in text, text[-3000:]
     assert f"{4 - len(started)} run(s) did not start; resume with: spach battle --output {out}" in text
-    if how == "sigterm":
+    if how != "ctrl-c":
         return
     run_battle(None, out, jobs=1, report=False, stream=io.StringIO())
     ledger = sorted((r["contestant"], r["seed"], r["status"]) for r in read_jsonl(out / "results.jsonl"))

@@ -1,9 +1,9 @@
 """Study files: the presets parse, and every mistake gets one clear line naming the field."""
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import run_process
 
 from spach.battle.study import list_presets, load_study, parse_study
 from spach.errors import SpachError
@@ -168,7 +168,7 @@ def test_missing_file_and_unknown_preset():
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(GOOD.replace("lr = 1e-3", "lrr = 1"))
-    r = subprocess.run([sys.executable, "-m", "spach", "battle", str(bad), "--output", str(tmp_path / "o")],
-                       capture_output=True, text=True)
+    r = run_process([sys.executable, "-m", "spach", "battle", str(bad), "--output", str(tmp_path / "o")],
+                    capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == f"spach battle: error: {bad}: recipe.lrr: unknown key; did you mean 'lr'?"

@@ -25,19 +25,25 @@ SMALL = {
     ),
     "smlpnet_tiny": dict(img_size=64, depths=(1, 1, 2, 1)),
     "shiftvit_r2_tiny": dict(img_size=64, depths=(1, 1, 2, 1)),
-    # the mixers that came after SPACH, as `spach:<mixer>`: timm's "spach" (a model from its config alone), a
-    # pyramid on 16, 8, 4 and 2 token grids with two blocks a stage (window4: the second one shifted)
-    **{f"spach:{m}": dict(img_size=64, hidden_dim=16, num_heads=2, patch_size=4,
-                          net_arch=[[("conv", 1)], [(m, 2)], [(m, 2)], [(m, 1)]])
+    # the mixers after SPACH, in the layouts of registered names (`model`) with their own net_arch
+    "spach_ms_gatedconv": dict(model="spach_ms_xxs_patch4_224_conv", img_size=64,
+                               net_arch=[[("conv", 1)], [("gatedconv", 1)], [("gatedconv", 2)], [("gatedconv", 1)]]),
+    "spach_ms_scan": dict(model="spach_ms_xxs_patch4_224_conv", img_size=64,
+                          net_arch=[[("conv", 1)], [("scan", 1)], [("scan", 2)], [("scan", 1)]]),
+    "spach_ss_scan": dict(model="spach_xxs_patch16_224_attn", img_size=64, net_arch=[("scan", 3)]),
+    # window attention (window4: the second block of a stage shifted), large kernels, gMLP's gating, focal modulation
+    **{f"spach_ms_{m}": dict(model="spach_ms_xxs_patch4_224_conv", img_size=64,
+                             net_arch=[[("conv", 1)], [(m, 2)], [(m, 2)], [(m, 1)]])
        for m in ("window4", "dwconv7", "gmlp", "focal2")},
-    "spach:window4_single": dict(img_size=64, hidden_dim=16, num_heads=2, patch_size=4, net_arch=[("window4", 3)]),
+    "spach_ss_window4": dict(model="spach_xxs_patch16_224_attn", img_size=64, patch_size=4, net_arch=[("window4", 3)]),
 }
 NAMES = sorted(SMALL)
 BATCH = 2
 
 
 def _model(name: str, **kw) -> torch.nn.Module:
-    return timm.create_model(name.split(":")[0], **{**SMALL[name], **kw})
+    cfg = {**SMALL[name], **kw}
+    return timm.create_model(cfg.pop("model", name), **cfg)
 
 
 def _input(model: torch.nn.Module) -> torch.Tensor:
@@ -114,7 +120,7 @@ def test_model_forward_intermediates(name):
     x = _input(model)
     output, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
     assert len(intermediates) == len(info.channels())
-    if name.startswith("spach_xxs_patch16") or name.endswith("_single"):
+    if name.startswith(("spach_xxs_patch16", "spach_ss_")):
         assert len(intermediates) == 3  # one per block on single-stage models, as timm's ViTs
     for r, c, o in zip(info.reduction(), info.channels(), intermediates):
         assert o.shape[1] == c

@@ -6,7 +6,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import randomize_
+from conftest import cli_error, memory_cap, randomize_
 
 import spach
 from spach.cli import main
@@ -47,6 +47,9 @@ def test_zoo_model_round_trips_through_local_dir(tmp_path):
     assert config["architecture"] == ZOO and config["num_classes"] == 10 and config["num_features"] == model.num_features
     assert config["model_args"]["in_chans"] == 1 and config["model_args"]["img_size"] == [32, 32]
     assert config["pretrained_cfg"]["input_size"] == [1, 32, 32] and "top1" not in config["pretrained_cfg"]
+    # issue 26.6: the zoo entry's official notes and source describe the official checkpoint, not these weights
+    assert not {"notes", "origin_url", "license"} & set(config["pretrained_cfg"])
+    assert "official" not in (out / "README.md").read_text()
     loaded = load_back(out)
     assert type(loaded) is type(model) and loaded.config == model.config
     same_outputs(model, loaded, 1, 32)
@@ -73,6 +76,7 @@ def test_trained_battle_contestant_exports_from_its_run_folder(tmp_path, capsys)
     assert pcfg["input_size"] == [1, 32, 32] and pcfg["num_classes"] == 4
     card = (out / "README.md").read_text()
     assert f"Top-1 {summary['best_top1']:.2f}%" in card and "Trained with spach on tiny for 1 epoch(s)" in card
+    assert "epoch(s) (of 1), batch 32, lr 0.003125, seed 0." in card  # the lr as used: 5e-2 x 32 / 512
     arch = json.dumps(HYBRID_MS["net_arch"])
     assert f"A custom SPACH model (`net_arch` {arch}), battle contestant `hybrid-ms` (seed0)" in card
     original = spach.create_model("spach", **HYBRID_MS, num_classes=4, in_chans=1, img_size=32, pretrained=run / "best.pth")
@@ -148,3 +152,32 @@ def test_an_image_folder_run_keeps_the_models_preprocessing_and_its_class_folder
     assert config["label_names"] == ["ant", "cat", "dog"] and pcfg["input_size"] == [3, 64, 64]
     assert (pcfg["interpolation"], pcfg["crop_pct"], pcfg["mean"]) == ("bicubic", 0.875, list(model.pretrained_cfg["mean"]))
     same_outputs(model, load_back(tmp_path / "hub"), 3, 64)
+
+
+# issue 26.2: a config.json is data; what it asks for gets the limits every other way of building a model gets
+@pytest.mark.parametrize("args, match", [
+    (dict(img_size=100000), r"^spach_xxs_patch16_224_mlp: img_size 100000 is larger than 4096 pixels, the most spach builds"),
+    (dict(img_size=[4096, 4096], net_arch=[[["mlp", 8]]]),
+     r"^spach_xxs_patch16_224_mlp with these settings would have 34\.4G parameters \(137 GB of float32 weights; "
+     r"stages\.0\.blocks\.0\.mixer\.fc1\.weight alone 8\.6 GB\), more than the 2\.1G spach builds; lower img_size"),
+])
+def test_a_local_dir_config_asking_for_a_huge_model_is_refused_before_any_memory_is_taken(tmp_path, args, match):
+    config = {"architecture": "spach_xxs_patch16_224_mlp", "num_classes": 10, "model_args": {"num_classes": 10, **args},
+              "pretrained_cfg": {"input_size": [3, 224, 224], "num_classes": 10}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for pretrained in (True, False):
+        with pytest.raises(SpachError, match=match) as e, memory_cap():
+            timm.create_model(f"local-dir:{tmp_path}", pretrained=pretrained)
+        assert len(str(e.value).splitlines()) == 1
+
+
+def test_the_size_limit_holds_for_every_way_of_building(tmp_path, capsys):
+    kw = json.dumps({"net_arch": [["mlp", 1]], "hidden_dim": 8, "patch_size": 4, "num_heads": 1})
+    with memory_cap():
+        err = cli_error(["train", "--preset", "tiny", "--model", "spach", "--model-kwargs", kw, "--img-size", "4096",
+                         "--output", str(tmp_path / "r")], capsys)
+    assert "spach with these settings would have 1099.5G parameters (4,398 GB" in err and not (tmp_path / "r" / "checkpoint.pth").exists()
+    with pytest.raises(SpachError, match="smlpnet_tiny: img_size 8192 is larger than 4096"):
+        spach.create_model("smlpnet_tiny", img_size=8192)
+    with torch.device("meta"):  # a probe on the meta device takes no memory: not refused
+        assert spach.create_model("spach", net_arch=[["mlp", 1]], hidden_dim=8, patch_size=4, img_size=4096) is not None

@@ -21,8 +21,10 @@ from spach.bench.measure import BenchSettings
 from spach.errors import SpachError
 from spach.export import FORMATS, export
 from spach.files import atomic_write_text
+from spach.models.match import match_command
 from spach.models.table import print_models
 from spach.models.weights import MIRROR_ENV, official_weights
+from spach.signals import interrupting
 from spach.train.config import ConfigError, TrainConfig
 from spach.train.engine import train
 from spach.train.evaluate import evaluate_checkpoint
@@ -30,13 +32,37 @@ from spach.train.presets import PRESETS, resolve
 from spach.train.runtime import default_workers
 
 
+IMPORTS_HELP = ("plugins (modules or .py files registering custom mixers) to import first, instead of those the "
+                "checkpoint's run recorded (default: those; with nothing after it: none)")
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo: params, MACs, official ImageNet top-1, published weights")
-    p.add_argument("pattern", nargs="?", default="*", help="glob over model names (default: all)")
+    p = sub.add_parser("models", help="list the model zoo: params, MACs, official ImageNet top-1, published weights; "
+                       "'spach models match': the width that gives a layout a target cost",
+                       description="List the model zoo, or with 'match' ('spach models match --macs 5M --arch SPEC "
+                       "--img-size 32 --in-chans 1 --num-classes 10'), print the hidden_dim at which each SPEC (a JSON "
+                       "object of SPACH arguments without hidden_dim, or a SPACH zoo name) costs the target.")
+    p.add_argument("pattern", nargs="?", default="*", help="glob over model names (default: all), or 'match'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    match = p.add_argument_group("spach models match")
+    match.add_argument("--arch", action="append", default=[], metavar="SPEC", help="a layout to match (repeatable)")
+    match.add_argument("--macs", metavar="N", help="target MACs per image (5e6, 5.2M, 800k)")
+    match.add_argument("--params", metavar="N", help="target parameters")
+    match.add_argument("--like", metavar="SPEC", help="target: the cost of this model (a zoo name or a JSON spec)")
+    match.add_argument("--by", choices=["macs", "params"], default="macs", help="the cost --like matches (default: macs)")
+    match.add_argument("--img-size", type=int, default=224, help="input resolution (default: 224)")
+    match.add_argument("--in-chans", type=int, default=3, help="input channels (default: 3)")
+    match.add_argument("--num-classes", type=int, default=1000, help="classes (default: 1000)")
+    match.add_argument("--tolerance", type=float, default=0.1, help="largest relative error accepted (default: 0.1)")
 
     def run(args: argparse.Namespace) -> None:
-        print_models(args.pattern, as_json=args.json)
+        if args.pattern == "match":
+            match_command(args.arch, args.macs, args.params, args.like, args.by, args.img_size, args.in_chans,
+                          args.num_classes, args.tolerance, as_json=args.json)
+        elif args.arch or args.macs or args.params or args.like:
+            raise SpachError("--arch, --macs, --params and --like belong to 'spach models match'; add 'match'")
+        else:
+            print_models(args.pattern, as_json=args.json)
 
     p.set_defaults(func=run)
 
@@ -101,7 +127,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         elif isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            kw.update(nargs="*", type=float)
+            kw.update(nargs="*", type=f.metadata.get("item", float))
         elif not isinstance(default, dict):
             kw["type"] = {"int": int, "float": float, "str": str}[str(f.type)]  # the annotation: 20 may mean 20.0
         group.add_argument(flag, **kw)
@@ -141,6 +167,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throughput", action="store_true", help="also measure images/s the paper's way (one batch, 50 warm-up, 30 timed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first (pays off on long evaluations)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-': stdout only as JSON)")
+    p.add_argument("--imports", nargs="*", metavar="MODULE_OR_FILE", help=IMPORTS_HELP)
 
     def run(args: argparse.Namespace) -> None:
         if args.pretrained is True:
@@ -149,7 +176,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                  "model, or pass the path of a checkpoint")
             args.pretrained = str(official_weights(args.model))
         r = evaluate_checkpoint(args.model, args.pretrained, args.data_path, args.dataset, args.batch_size, args.workers,
-                                args.device, args.img_size, args.amp, _json_arg(args.model_kwargs), args.use_ema, args.skip_bad_images, args.throughput, args.compile)
+                                args.device, args.img_size, args.amp, _json_arg(args.model_kwargs), args.use_ema, args.skip_bad_images, args.throughput, args.compile,
+                                args.imports)
         if args.json == "-":
             print(json.dumps(r, indent=2))
             return
@@ -177,12 +205,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=0, help="input resolution (default: the model's; MLP models: only their own)")
     p.add_argument("--format", required=True, help=f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]} (a folder in timm's Hub layout)")
     p.add_argument("--output", required=True, metavar="PATH", help="the file to write (the timm format: a new or empty folder)")
+    p.add_argument("--imports", nargs="*", metavar="MODULE_OR_FILE", help=IMPORTS_HELP)
 
     def run(args: argparse.Namespace) -> None:
         if not args.model and not args.pretrained:
             raise SpachError("name the model to export (spach export MODEL; see 'spach models'), or pass a run folder "
                              "or --pretrained CKPT")
-        r = export(args.model, args.output, args.format, args.pretrained, _json_arg(args.model_kwargs), args.img_size)
+        r = export(args.model, args.output, args.format, args.pretrained, _json_arg(args.model_kwargs), args.img_size,
+                   args.imports)
         source = f" ({r['source']})" if r["source"] else ""
         if r["format"] == "timm":
             print(f"exported {r['model']}{source} to {r['output']}/ (timm: config.json, model.safetensors, README.md; "
@@ -190,7 +220,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                   f"timm.create_model('local-dir:{r['output']}', pretrained=True): "
                   f"max abs error {r['max_abs_error']:.1e} vs PyTorch")
             return
-        print(f"exported {r['model']} to {r['output']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, input batch x "
+        print(f"exported {r['model']}{source} to {r['output']} ({r['format']}, {r['bytes'] / 1e6:.1f} MB, input batch x "
               f"{'x'.join(map(str, r['input_shape'][1:]))}, dynamic batch); {r['runtime']} at batch sizes "
               f"{' and '.join(map(str, r['checked_batches']))}: max abs error {r['max_abs_error']:.1e} vs PyTorch")
 
@@ -220,7 +250,10 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset folder (sets data.data_path; the paper preset needs ImageNet here)")
     p.add_argument("--budget", help="run it sequentially within this budget, overriding the study's: \"15m\", \"2h\" "
                    "(wall time of the whole battle), \"300 gpu-h\" or \"120 runs\"; seeds go where verdicts are still open")
-    p.add_argument("--dry-run", action="store_true", help="print the runs and a time estimate, train nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the runs, their time on this machine and, for a "
+                   "sequential study, its plan and predicted decisions; train nothing")
+    p.add_argument("--pilot", metavar="DIR", help="with --dry-run: predict from this pilot battle's study folder (its "
+                   "contestants' means and noise, printed as a [prior] table to fix in the study file)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--list-presets", action="store_true", help="list the shipped studies and exit")
     batch = p.add_argument_group("batch jobs", "--launcher slurm: every run one Slurm job (submitit); this command "
@@ -241,7 +274,7 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
         resources = {key: getattr(args, key) for key in RESOURCE_FLAGS}
         battle_command(args.study, preset=args.preset, output=args.output, jobs=args.jobs, data=args.data,
                        dry_run=args.dry_run, report=not args.no_report, list_presets=args.list_presets,
-                       launcher=args.launcher, resources=resources, slurm=args.slurm, budget=args.budget)
+                       launcher=args.launcher, resources=resources, slurm=args.slurm, budget=args.budget, pilot=args.pilot)
 
     p.set_defaults(func=run)
 
@@ -268,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with interrupting():  # SIGINT and SIGTERM stop every command, also one started with SIGINT ignored
+            args.func(args)
     except SpachError as e:
         print(f"spach {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

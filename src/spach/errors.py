@@ -19,3 +19,12 @@ def first_line(e: BaseException) -> str:
     if len(lines) > 1 and lines[-1].split(": ", 1)[0].endswith("Error"):  # a re-raised traceback
         return lines[-1].split(": ", 1)[1]
     return lines[0]
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """`text` fit for a one-line message: runs of whitespace (newlines too) as one space, any other
+    control character escaped (words from a server or a file never drive the terminal), and at most
+    `limit` characters."""
+    s = " ".join(str(text).split())
+    s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
+    return s if len(s) <= limit else s[: limit - 1] + "…"

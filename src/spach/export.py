@@ -22,9 +22,6 @@ import contextlib
 import importlib.util
 import io
 import os
-import secrets
-import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,15 +30,15 @@ import torch
 import torch.nn as nn
 
 from spach.errors import CheckpointError, SpachError, first_line
-from spach.files import FolderLock, make_dirs, os_error, read_json
+from spach.files import make_dirs, os_error, read_json, scratch_folder
 from spach.hub_export import TIMM_FILES, write_timm_folder
-from spach.models.convert import read_checkpoint
+from spach.models.convert import head_and_channels, read_checkpoint
 from spach.models.mixers import TokenMLP
+from spach.signals import interrupting
 from spach.train import checkpoint
 from spach.train.config import MAX_IMG_SIZE, TrainConfig
 from spach.train.evaluate import load_strict
 from spach.train.factory import build_model
-from spach.train.runtime import handling
 
 FORMATS = ("onnx", "torchscript", "timm")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # exporter, its op library, the runtime that checks the file
@@ -52,7 +49,7 @@ SCRATCH_PREFIX = ".spach-export-tmp-"
 
 
 def export(model: str | None, output: str | Path, fmt: str, pretrained: str | None = None,
-           model_kwargs: dict[str, Any] | None = None, img_size: int = 0) -> dict[str, Any]:
+           model_kwargs: dict[str, Any] | None = None, img_size: int = 0, imports: list[str] | None = None) -> dict[str, Any]:
     """Export `model` (see the module docstring; a name, or a run folder) to `output` as `fmt`: a file for
     'onnx' and 'torchscript', a new or empty folder for 'timm'. Checks what it exported against the
     PyTorch model and returns what was done (`max_abs_error` included); writes only once that passed."""
@@ -66,7 +63,7 @@ def export(model: str | None, output: str | Path, fmt: str, pretrained: str | No
         raise SpachError(f"--img-size must lie in 1..{MAX_IMG_SIZE} (0: the model's own), got {img_size}")
     output = check_output(output, fmt)
     model, pretrained = run_source(model, pretrained)
-    net, name = build(model, pretrained, model_kwargs)
+    net, name = build(model, pretrained, model_kwargs, imports)
     size = resolution(net, name, img_size)
     if fmt == "timm":
         with scratch_beside(output) as tmp:
@@ -143,19 +140,10 @@ def run_source(model: str | None, pretrained: str | None) -> tuple[str | None, s
 
 @contextlib.contextmanager
 def scratch_beside(output: Path) -> Iterator[Path]:
-    """A private, locked folder beside `output` for the export in progress (the same file system, so the
-    result is moved into place); removed when the block ends, also on Ctrl-C and SIGTERM. Scratch
-    folders that killed exports left there (nobody holds their lock) are removed first."""
-    parent = make_dirs(output.absolute().parent)
-    for old in parent.glob(f"{SCRATCH_PREFIX}*"):
-        remove_if_abandoned(old)
-    lock = FolderLock(parent / f"{SCRATCH_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", "export scratch folder").acquire()
-    try:
-        with _sigterm_interrupts():
-            yield lock.folder
-    finally:
-        lock.release()
-        shutil.rmtree(lock.folder, ignore_errors=True)
+    """A private, locked folder beside `output` for the export in progress (`files.scratch_folder`),
+    removed when the block ends, also on Ctrl-C and SIGTERM."""
+    with interrupting(), scratch_folder(output, SCRATCH_PREFIX, "export scratch folder") as folder:
+        yield folder
 
 
 def _move(src: Path, dst: Path) -> None:
@@ -165,31 +153,12 @@ def _move(src: Path, dst: Path) -> None:
         raise os_error(e, dst) from None
 
 
-def remove_if_abandoned(folder: Path) -> bool:
-    """Remove a scratch folder whose export is gone (its lock is free); True when removed."""
-    if not folder.is_dir() or folder.is_symlink():
-        return False
-    try:
-        FolderLock(folder, "export scratch folder").acquire().release()
-    except SpachError:  # held by a running export, or not ours to touch
-        return False
-    shutil.rmtree(folder, ignore_errors=True)
-    return True
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (a scheduler, `kill`) ends the export as Ctrl-C does, so the scratch folder is removed."""
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    with handling(interrupt, (signal.SIGTERM,)):
-        yield
-
-
-def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str]:
-    """The model to export, in eval mode, with the checkpoint's weights loaded strictly; and its name."""
+def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[str, Any] | None = None,
+          imports: list[str] | None = None) -> tuple[nn.Module, str]:
+    """The model to export, in eval mode, with the checkpoint's weights loaded strictly; and its name. The
+    plugins the checkpoint's run imported (custom mixers) are imported first, or `imports` instead."""
     args = checkpoint.read_args(pretrained) if pretrained else {}
+    checkpoint.import_recorded_plugins(args, imports, pretrained)
     if model and args.get("model") and model != args["model"]:
         raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; "
                               "drop the model name or pass the right one")
@@ -203,7 +172,8 @@ def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[s
     if pretrained:
         with torch.device("meta"):  # a free probe, for where the model keeps its classifier and first conv, built
             probe = build_model(cfg, 1000, 3, size)  # at the export's size (a window may tile no other size's grids)
-        num_classes, in_chans = _classes_and_channels(read_checkpoint(pretrained), getattr(probe, "pretrained_cfg", {}))
+        head, chans = head_and_channels(read_checkpoint(pretrained), getattr(probe, "pretrained_cfg", {}))
+        num_classes, in_chans = head or 0, chans or 3  # no head: a headless checkpoint
     try:
         net = build_model(cfg, num_classes, in_chans, size)
     except (TypeError, ValueError) as e:  # a value of the wrong type in stored or given settings
@@ -232,14 +202,6 @@ def fixed_resolution(net: nn.Module) -> bool:
     return bool(getattr(net, "pretrained_cfg", {}).get("fixed_input_size")) \
         or any(isinstance(m, TokenMLP) for m in net.modules()) \
         or isinstance(getattr(net, "pos_embed", None), nn.Parameter)
-
-
-def _classes_and_channels(state: dict[str, torch.Tensor], pretrained_cfg: dict[str, Any]) -> tuple[int, int]:
-    """(classes, input channels) read off the weights: the classifier's rows (0: a headless checkpoint)
-    and the first conv's input channels (3 when it cannot be found)."""
-    head = state.get(f"{pretrained_cfg.get('classifier', 'head')}.weight")
-    conv = state.get(f"{pretrained_cfg.get('first_conv', 'stem.proj')}.weight")
-    return (head.shape[0] if head is not None else 0), (conv.shape[1] if conv is not None and conv.ndim == 4 else 3)
 
 
 def _run_img_size(pretrained: str | None) -> int:

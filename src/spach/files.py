@@ -13,6 +13,8 @@ folder locks. Every file spach writes goes through here.
 - `FolderLock`: one process owns a run or study folder at a time (an exclusive `flock` on
   `<folder>/.lock`, released by the kernel when the process dies, so a lock left by a killed process
   is taken over safely); the loser gets a one-line error naming the holder.
+- `scratch_folder`: a private, locked folder beside a file being made (an export, a download), removed
+  when done; those that killed processes left (nobody holds their lock) are removed by the next one.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ import fcntl
 import io
 import json
 import os
+import secrets
+import shutil
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -180,6 +184,14 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 _WARNED: set[tuple[str, int]] = set()
 
 
+def warn_once(path: str | os.PathLike, what: str) -> None:
+    """Say once per process, on stderr, that part of a file was ignored and why (`what`)."""
+    key = (f"{path}: {what}", -1)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"spach: {path}: {what}", file=sys.stderr, flush=True)
+
+
 def _warn(path: Path, line: int, reason: str) -> None:
     """Say once per process which line (0: the whole file) of `path` was skipped, and why."""
     key = (str(path), line)
@@ -189,9 +201,10 @@ def _warn(path: Path, line: int, reason: str) -> None:
         print(f"spach: {what}: {reason}", file=sys.stderr, flush=True)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete, valid JSON-object line of `path`. A last line without its newline is a write in
-    progress (or torn by a crash) and is left out silently; any other bad line is skipped and named."""
+def read_jsonl(path: str | os.PathLike, live: bool = False) -> list[dict[str, Any]]:
+    """Every complete, valid JSON-object line of `path` (JSON's own values only: no NaN or Infinity).
+    A bad line is skipped and named on stderr; so is a last line without its newline (torn by a crash),
+    unless the file is `live` (being appended to as we read: that line is a write in progress)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -200,12 +213,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     except OSError as e:
         raise os_error(e, path, "read") from None
     lines = raw.split(b"\n")
+    if lines[-1].strip() and not live:
+        _warn(path, len(lines), f"a torn last line ({len(lines[-1])} bytes without a newline), left out")
     records = []
     for i, line in enumerate(lines[:-1], start=1):  # lines[-1] is b"" or an unfinished line
         if not line.strip():
             continue
         try:
-            rec = json.loads(line.decode("utf-8"))
+            rec = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
             if not isinstance(rec, dict):
                 raise ValueError("not a JSON object")
         except (UnicodeDecodeError, ValueError) as e:
@@ -213,6 +228,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         records.append(rec)
     return records
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def read_json(path: str | os.PathLike, warn: bool = True) -> Any | None:
@@ -304,6 +323,34 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def remove_if_abandoned(folder: Path) -> bool:
+    """Remove a scratch folder whose process is gone (its lock is free); True when removed."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    try:
+        FolderLock(folder, "scratch folder").acquire().release()
+    except SpachError:  # held by a running process, or not ours to touch
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def scratch_folder(beside: str | os.PathLike, prefix: str, what: str) -> Iterator[Path]:
+    """A private, locked folder `<prefix><pid>-<random>` beside `beside` (the same file system, so what
+    is made there moves into place atomically), removed when the block ends. Folders of this prefix
+    that killed processes left there (nobody holds their lock) are removed first."""
+    parent = make_dirs(Path(beside).absolute().parent)
+    for old in parent.glob(f"{prefix}*"):
+        remove_if_abandoned(old)
+    lock = FolderLock(parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}", what).acquire()
+    try:
+        yield lock.folder
+    finally:
+        lock.release()
+        shutil.rmtree(lock.folder, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ def write_timm_folder(net: nn.Module, name: str, pretrained: str | None, size: t
         raise SpachError(f"timm cannot describe {name} in a config.json ({first_line(e)})") from None
     config = json.loads(draft.read_text())
     draft.unlink()
-    for key in ("top1", "tag", "license"):  # the official checkpoint's ImageNet top-1, tag and licence, not these weights'
+    # the zoo entry's facts about the official checkpoint (its ImageNet top-1, notes, source, tag, licence) are
+    # not these weights': the model card says where these come from
+    for key in ("top1", "notes", "origin_url", "tag", "license"):
         config["pretrained_cfg"].pop(key, None)
     atomic_save_safetensors(net.state_dict(), {}, folder / "model.safetensors")
     atomic_write_text(folder / "README.md", model_card(name, net, config, info, pretrained))
@@ -66,6 +69,9 @@ def _checkpoint_info(pretrained: str | None) -> dict[str, Any]:
     info["args"] = checkpoint.checked_args(info["args"], pretrained)  # read_args' checks, without loading the file again
     summary = read_json(Path(pretrained).parent / "summary.json", warn=False)
     info["summary"] = summary if isinstance(summary, dict) else {}
+    run = read_json(Path(pretrained).parent / "config.json", warn=False)  # the run's resolved lr and total batch
+    same_run = isinstance(run, dict) and all(run.get(k) == info["args"].get(k) for k in ("lr", "batch_size", "lr_base_size"))
+    info["resolved"] = run["resolved"] if same_run and isinstance(run.get("resolved"), dict) else {}
     return info
 
 
@@ -146,7 +152,7 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
         data = arg("dataset")
         subset = f", {arg('train_subset')} training images" if args.get("train_subset") else ""
         lines.append(f"- Trained with spach on {data}{subset} for {_plain(summary.get('epochs', args.get('epochs', '?')))} "
-                     f"epoch(s) (of {arg('epochs')}), batch {arg('batch_size')}, lr {arg('lr')}, seed {arg('seed')}.")
+                     f"epoch(s) (of {arg('epochs')}), {_batch_and_lr(args, info.get('resolved') or {})}, seed {arg('seed')}.")
         if isinstance(info.get("top1"), (int, float)):
             val = f"{arg('val_subset')} validation images" if args.get("val_subset") else "the validation split"
             epoch = _plain(info.get("epoch", "?"))
@@ -159,6 +165,10 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
         lines.append("- Not a spach training checkpoint: what it was trained on is not recorded here.")
     lines.append(f"- Input {'x'.join(map(str, pcfg['input_size']))}, mean {list(pcfg.get('mean', []))}, std "
                  f"{list(pcfg.get('std', []))}, {pcfg.get('interpolation', '?')} resize, crop_pct {pcfg.get('crop_pct', '?')}.")
+    plugins = [Path(i).name for i in args.get("imports") or []]
+    if plugins:  # a name as a code span when it is plain (no Markdown in it), else not shown
+        names = ", ".join(f"`{n}`" if re.fullmatch(r"[A-Za-z0-9_.-]+", n) else "(a file of another name)" for n in plugins)
+        lines.append(f"- Its mixers come from the plugin(s) its run imported ({names}): import them before loading it.")
     lines += ["", "## Use", "", "```python", "import spach  # registers the SPACH architectures with timm", "import timm",
               "", 'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()',
               "# after uploading (huggingface_hub.upload_folder(repo_id=..., folder_path=...)):",
@@ -166,6 +176,17 @@ def model_card(name: str, net: nn.Module, config: dict[str, Any], info: dict[str
               "cfg = timm.data.resolve_data_config({}, model=model)",
               "transform = timm.data.create_transform(**cfg)", "```", ""]
     return "\n".join(lines)
+
+
+def _batch_and_lr(args: dict[str, Any], resolved: dict[str, Any]) -> str:
+    """The batch and learning rate the run trained with: the total batch and the lr as scaled to it (the run's
+    config.json), else the per-process batch and the base lr with its scaling."""
+    total, lr = resolved.get("total_batch"), resolved.get("lr")
+    if isinstance(total, int) and isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return f"batch {total}, lr {lr:.6g}"
+    base = _plain(args.get("lr_base_size", "?"))
+    scaled = f"base lr {_plain(args.get('lr', '?'))} x total batch / {base}" if args.get("lr_base_size") else f"lr {_plain(args.get('lr', '?'))}"
+    return f"batch {_plain(args.get('batch_size', '?'))} per process, {scaled}"
 
 
 def _plain(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""Numbers and durations for people: `hms(seconds)`, `count(n)`."""
+"""Numbers and durations for people: `hms(seconds)`, `count(n)` and its inverse `parse_count(text)`."""
 from __future__ import annotations
 
 import math
@@ -18,3 +18,15 @@ def count(n: float) -> str:
         if n >= div:
             return f"{n / div:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def parse_count(text: str | float | int) -> float:
+    """`count`'s inverse: 5e6, "5.2M", "800k", "1.5G" (case-insensitive suffix) -> a number; ValueError otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    s = str(text).strip()
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(s[-1:].lower(), 1.0)
+    value = float(s[:-1] if scale != 1.0 else s)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value * scale

@@ -23,10 +23,11 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
                    jobs: int | None = None, data: str | None = None, dry_run: bool = False, report: bool = True,
                    list_presets: bool = False, stream: TextIO | None = None, launcher: str | None = None,
                    resources: dict[str, Any] | None = None, slurm: list[str] | None = None,
-                   budget: str | None = None) -> Path | None:
+                   budget: str | None = None, pilot: str | None = None) -> Path | None:
     """`spach battle`: pick the study (file, preset, the one already in --output, or the default), run it
     with `launcher` (local, submitit-local or slurm; `resources`: the --nodes ... flags, `slurm`: the
-    --slurm KEY=VALUE pairs; `budget`: overrides the study's, e.g. "15m", and makes it sequential)."""
+    --slurm KEY=VALUE pairs; `budget`: overrides the study's, e.g. "15m", and makes it sequential; `pilot`: a
+    pilot's study folder the dry run predicts decisions from)."""
     stream = stream or sys.stdout
     if list_presets:
         for name in presets():
@@ -35,6 +36,11 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
         return None
     if jobs is not None and jobs < 1:
         raise SpachError(f"--jobs must be >= 1, got {jobs}")
+    if pilot is not None and not dry_run:
+        raise SpachError("--pilot goes with --dry-run (it predicts decisions from a pilot's results); add --dry-run")
+    if pilot is not None and not (Path(pilot) / STUDY_FILE).is_file():
+        raise SpachError(f"--pilot {pilot}: not a battle's study folder (no {STUDY_FILE}); give the --output folder of a "
+                         "pilot battle")
     if output is not None and Path(output).exists() and not Path(output).is_dir():
         raise SpachError(f"--output {output} is a file, not a folder; give a new folder or a battle's folder")
     resuming = study_file is None and preset is None and output is not None and (Path(output) / STUDY_FILE).is_file()
@@ -54,7 +60,9 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
     if dry_run:
         dry_run_study = study or open_study(Path(output), None)
         check_data(dry_run_study)
-        print_plan(dry_run_study, stream)
+        if jobs is not None:
+            dry_run_study.jobs = jobs
+        print_plan(dry_run_study, stream, pilot)
         if batch is not None:
             print(f"each run: one job of {resolve(dry_run_study, batch.flags).describe()}", file=stream)
         return None

@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from spach.battle.plan import data_shape
 from spach.battle.results import COSTS_FILE, load_costs
 from spach.battle.study import Study
+import torch
+
 from spach.bench.profile import count_macs, count_params, throughput
+from spach.device import amp_dtype
 from spach.errors import SpachError, first_line
 from spach.files import atomic_write_text
 from spach.train.factory import build_model
@@ -25,17 +29,22 @@ def contestant_facts(model: Any) -> dict[str, Any]:
     arch = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k not in ("cpe", "pos_embed", "shared_spatial_func", "drop_path_rate", "drop_rate", "attn_drop_rate")}
     return {"family": model.family, "layout": "multi" if len(cfg.net_arch) > 1 else "single", "cpe": bool(cfg.cpe),
-            "shared": bool(cfg.shared_spatial_func), "arch_key": json.dumps(arch, sort_keys=True, default=str)}
+            "shared": bool(cfg.shared_spatial_func), "arch_key": json.dumps(arch, sort_keys=True, default=str),
+            "width": cfg.hidden_dim}
 
 
-def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bool = True) -> dict[str, dict[str, Any]]:
-    """Params, MACs and inference throughput (images/s, batch 64, `device`; NaN when not `timed`) of every
-    contestant, cached in `out/costs.json`. A model that cannot be built with the study's data is a user
-    error; one that crashes otherwise is recorded (`error`) and its runs fail without training."""
+def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bool = True,
+                  threads: int = 1, deadline: float = 0.0) -> dict[str, dict[str, Any]]:
+    """Params, MACs and, when `timed`, the measured speed of every contestant on `device` with `threads`
+    (one battle job's): training images/s (forward, backward and AdamW at its recipe's batch size and
+    precision) and evaluation images/s (at its eval batch size; `throughput`, the report's), cached in
+    `out/costs.json`. A model that cannot be built with the study's data is a user error; one that crashes
+    otherwise is recorded (`error`) and its runs fail without training. Past `deadline` (a battle's budget)
+    nothing more is timed: a contestant without its speed cannot be planned for, and is timed next time."""
     costs = load_costs(out) if out is not None else {}
     classes, chans, size = data_shape(study)
     for c in study.contestants:
-        if c.name in costs and "error" not in costs[c.name]:
+        if c.name in costs and "error" not in costs[c.name] and (costs[c.name].get("train_img_s") or not timed):
             continue
         cfg = study.config(c)
         where = f"contestant {c.name!r}: recipe.pretrained {cfg.pretrained!r}"
@@ -52,11 +61,27 @@ def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bo
                              "give a checkpoint of that model") from None
         try:
             img = size or model.pretrained_cfg["input_size"][-1]
-            costs[c.name] = {"params": count_params(model), "macs": count_macs(model, img),
-                             "throughput": throughput(model, 64, img, device) if timed else math.nan,
-                             "throughput_device": device, "model": c.model, **contestant_facts(model)}
+            late = bool(deadline) and time.time() >= deadline
+            rates = _rates(model, cfg, img, device, threads) if timed and not late else \
+                {"train_img_s": math.nan, "eval_img_s": math.nan}
+            costs[c.name] = {"params": count_params(model), "macs": count_macs(model, img), **rates,
+                             "throughput": rates["eval_img_s"], "throughput_device": device, "threads": threads,
+                             "model": c.model, **contestant_facts(model)}
         except Exception as e:
             costs[c.name] = {"error": f"{type(e).__name__}: {first_line(e)}", "model": c.model}
         if out is not None:
             atomic_write_text(out / COSTS_FILE, json.dumps(costs, indent=1) + "\n")
     return costs
+
+
+def _rates(model: Any, cfg: Any, img: int, device: str, threads: int) -> dict[str, float]:
+    """Training and evaluation images/s of `model` as a run of `cfg` trains and scores it, with `threads`."""
+    dtype = amp_dtype(cfg.amp, torch.device(device), training=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        train = throughput(model, cfg.batch_size, img, device, dtype, mode="train", warmup=2, repeats=3)
+        infer = throughput(model, min(cfg.eval_batch_size or cfg.batch_size, 256), img, device, dtype, warmup=1, repeats=2)
+    finally:
+        torch.set_num_threads(old)
+    return {"train_img_s": round(train, 1), "eval_img_s": round(infer, 1)}

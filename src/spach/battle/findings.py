@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,18 +31,31 @@ from spach.battle.questions import FINDINGS, NEEDS, QUESTION_KEYS
 from spach.battle.results import ContestantResult, RunResult
 from spach.battle.study import MAIN, Study
 
-METHOD = ("paired by seed (common random numbers: each seed's contestants see the same data, order and "
-          "augmentation); each pair's own seed noise moderated toward the noise pooled over its arm's contestants "
-          f"(empirical Bayes, the pooled noise worth {stats.PRIOR_DF:g} degrees of freedom: Smyth 2004) plus the test "
-          "set's noise from per-image predictions (seeds x images crossed); Student t with Welch-Satterthwaite "
-          "degrees of freedom; equivalence by TOST within the study's margin; Holm's correction within each finding")
-SEQUENTIAL_METHOD = ("Looks: the battle analysed after its first wave and after every added seed, and gave the next "
-                     "seeds only to contestants of open comparisons it could still decide within the budget, cheapest "
-                     "finding first. Each comparison spends alpha along its seeds in common (t = n / n_max) by the "
-                     "Lan-DeMets O'Brien-Fleming function (Lan & DeMets 1983; O'Brien & Fleming 1979), each look's "
-                     "released alpha the nominal level of that look's t-test (a union bound over the looks: valid "
-                     "whatever the allocation, with estimated noise and few degrees of freedom, at some cost in power "
-                     "against the exact group-sequential boundary); a decided comparison keeps its verdict")
+def method(study: Study) -> str:
+    """How every comparison is tested, with this study's moderation."""
+    return ("paired by seed (common random numbers: each seed's contestants see the same data, order and "
+            "augmentation); each pair's own seed noise moderated toward the noise pooled over its arm's contestants "
+            f"(empirical Bayes, the pooled noise worth {study.prior_df:g} degrees of freedom: Smyth 2004) plus the test "
+            "set's noise from per-image predictions (seeds x images crossed); Student t with Welch-Satterthwaite "
+            "degrees of freedom; equivalence by TOST within the study's margin; Holm's correction within each finding")
+
+
+SPENDING_NAMES = {"obf": "O'Brien-Fleming", "pocock": "Pocock"}
+
+
+def sequential_method(study: Study) -> str:
+    """How a sequential battle looked and spent its alpha, with this study's spending function."""
+    from spach.battle.spending import DEFAULT
+    name = study.spending or DEFAULT
+    shape = SPENDING_NAMES.get(name, f"Hwang-Shih-DeCani {name[3:]}" if name.startswith("hsd") else name)
+    return ("Looks: the battle analysed after its first wave and after every added seed, and gave the next seeds only "
+            "to contestants of open comparisons it could still decide within the budget, cheapest finding first. Each "
+            "comparison spends alpha along its seeds in common, t = n / n_max, where n_max, the most seeds the budget "
+            "could buy it at the run costs measured before the first run, was fixed before any result was seen; the "
+            f"Lan-DeMets {shape} spending function (Lan & DeMets 1983) releases alpha look by look and the look at n_max "
+            "spends the rest, each look's released alpha the nominal level of that look's t-test (a union bound over "
+            "the looks: valid whatever the allocation, with estimated noise and few degrees of freedom, at some cost in "
+            "power against the exact group-sequential boundary); a decided comparison keeps its verdict")
 
 
 @dataclass
@@ -94,7 +108,7 @@ class Finding:
     number: int
     key: str
     title: str
-    verdict: str  # supported / contradicted / equivalent / mixed / inconclusive / untested / elsewhere
+    verdict: str  # supported / contradicted / equivalent / mixed / inconclusive / untested / elsewhere / unafforded
     summary: str
     comparisons: list[Comparison] = field(default_factory=list)
     not_tested: list[str] = field(default_factory=list)  # parts of the finding the design cannot test
@@ -129,7 +143,7 @@ class _Arm:
         return self._tables[metric]
 
 
-def _comparison(p: Pair, arm: _Arm, margin: float, alpha: float) -> tuple[Comparison, stats.PairTest]:
+def _comparison(p: Pair, arm: _Arm, margin: float, alpha: float, prior_df: float) -> tuple[Comparison, stats.PairTest]:
     margin = margin if p.equivalence else 0.0
     if p.metric == "top1_at_loss":
         # every contestant of the arm scored at the pair's level for the pooled noise; the test-set term
@@ -145,7 +159,7 @@ def _comparison(p: Pair, arm: _Arm, margin: float, alpha: float) -> tuple[Compar
         with_images = p.metric in ("final_top1", "gap")  # the test-set part of both is the same images
         correct_a, correct_b = (_correct(p.a), _correct(p.b)) if with_images else (None, None)
         note = p.note
-    test = stats.pair_test(table, a, b, correct_a, correct_b, margin=margin, alpha=alpha)
+    test = stats.pair_test(table, a, b, correct_a, correct_b, margin=margin, alpha=alpha, prior_df=prior_df)
     return Comparison(p.claim, p.a.name, p.b.name, p.label, a, b, p.higher_is_claimed, margin, note), test
 
 
@@ -163,20 +177,23 @@ def _summary(f: Finding, alpha: float) -> str:
     return text
 
 
-def judge(entries: list[ContestantResult], study: Study, looks: list[dict] | None = None) -> list[Finding]:
+def judge(entries: list[ContestantResult], study: Study, looks: list[dict] | None = None, plan: Any = None,
+          history: list[dict[str, str]] | None = None) -> list[Finding]:
     """The study's questions, each judged on its arm; a question named in `tested_elsewhere` is listed
-    with the preset that tests it.
+    with the preset that tests it, one the budget could not afford (`plan`, `spach.battle.afford`) with why.
 
     A sequential battle's verdicts come from replaying its `looks` (`looks.jsonl`: the seeds each
     contestant had at each look): every look judges the runs it saw, at the levels the spending
-    releases, and a comparison decided at a look keeps its verdict. Without looks (a fixed design, or
-    a report while the first wave runs) there is one look at every finished run."""
-    spending = study.spending()
+    releases (each comparison along its own n_max, from `plan`), and a comparison decided at a look keeps
+    its verdict. Without looks (a fixed design, or a report while the first wave runs) there is one look
+    at every finished run. `history`, when given, receives each look's verdict per finding ("arm/key")."""
     tracks: dict[tuple[str, str], list[sequential.Track]] = {}
     views = [look.get("seeds") for look in looks] if looks else [None]
     out: list[Finding] = []
     for number, view in enumerate(views, 1):
-        out = _judge_look(_as_seen(entries, view), study, spending, tracks, number)
+        out = _judge_look(_as_seen(entries, view), study, plan, tracks, number)
+        if history is not None:
+            history.append({f"{f.arm}/{f.key}": f.verdict for f in out if f.comparisons})
     for key, preset in study.tested_elsewhere.items():
         number = QUESTION_KEYS[key]
         out.append(Finding(number, key, FINDINGS[number][1], "elsewhere",
@@ -193,21 +210,28 @@ def _as_seen(entries: list[ContestantResult], view: dict[str, int] | None) -> li
                                          for i, r in enumerate(e.runs)]) for e in entries]
 
 
-def _judge_look(entries: list[ContestantResult], study: Study, spending: sequential.Spending,
+def _judge_look(entries: list[ContestantResult], study: Study, plan: Any,
                 tracks: dict[tuple[str, str], list[sequential.Track]], look: int) -> list[Finding]:
     out = []
+    skipped = {(f.arm, f.key): f.why for f in plan.findings if not f.admitted} if plan is not None else {}
     for arm_name in study.arm_names():
         arm = _Arm([e for e in entries if e.arm == arm_name])
         for key in study.questions_of(arm_name):
             number = QUESTION_KEYS[key]
+            if (arm_name, key) in skipped:
+                out.append(Finding(number, key, FINDINGS[number][1], "unafforded",
+                                   f"Not tested: the budget could not afford it on this machine: {skipped[arm_name, key]}.",
+                                   arm=arm_name))
+                continue
             pairs, missing = TESTS[number](arm.entries)
-            judged = [_comparison(p, arm, study.margin, study.alpha) for p in pairs]
+            judged = [_comparison(p, arm, study.margin, study.alpha, study.prior_df) for p in pairs]
             comps = [c for c, _ in judged]
             track = tracks.setdefault((arm_name, key), [])
             if [c.claim for c in comps] != [getattr(t, "claim", None) for t in track]:
                 track[:] = [sequential.Track(claim=c.claim) for c in comps]  # the pairs are fixed by the contestants' facts
+            spendings = [study.spending_of(plan.n_max(c.a, c.b) if plan is not None else None) for c in comps]
             decision = sequential.aggregate(sequential.step(track, [t for _, t in judged],
-                                                            [c.higher_is_claimed for c in comps], spending, look))
+                                                            [c.higher_is_claimed for c in comps], spendings, look))
             for c, d in zip(comps, decision.comparisons):
                 c.decision = d
             f = Finding(number, key, FINDINGS[number][1], decision.verdict, "", comps, missing, arm_name,

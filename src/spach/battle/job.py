@@ -25,8 +25,8 @@ import torch
 
 from spach.battle.plan import Run
 from spach.battle.runner import execute
-from spach.battle.study import import_plugins
 from spach.files import append_jsonl, read_jsonl
+from spach.plugins import import_plugins
 from spach.train.engine import train
 from spach.train.runtime import StopFlag
 
@@ -46,7 +46,7 @@ class JobLog:
         append_jsonl(self.path, {"event": event, "job_id": job_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
 
     def events(self, job_id: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in read_jsonl(self.path) if job_id is None or e.get("job_id") == job_id]
+        return [e for e in read_jsonl(self.path, live=True) if job_id is None or e.get("job_id") == job_id]
 
     def last_job(self) -> dict[str, Any] | None:
         """The `submitted` line of the run's latest job."""

@@ -27,7 +27,7 @@ from spach.battle.job import JOBS_SUFFIX, JobLog, RunJob
 from spach.battle.plan import Run
 from spach.battle.resources import Resources, flag_name, resolve
 from spach.battle.results import LEDGER_FILE, RUNS_DIR, Ledger, read_jsonl
-from spach.battle.runner import Launcher, Progress, ledger_record
+from spach.battle.runner import Guard, Launcher, Progress, ledger_record
 from spach.battle.study import Study, check_runnable
 from spach.errors import SpachError, first_line
 from spach.files import atomic_write_text, read_json
@@ -76,7 +76,7 @@ def unfinished_jobs(out: Path) -> list[str]:
     busy = []
     for path in sorted((out / RUNS_DIR).glob(f"*/*{JOBS_SUFFIX}")):
         seed = path.name.removesuffix(JOBS_SUFFIX)
-        last = next((e for e in reversed(read_jsonl(path)) if e.get("event") == "submitted"), None)
+        last = next((e for e in reversed(read_jsonl(path, live=True)) if e.get("event") == "submitted"), None)
         if last and str(last["job_id"]) not in recorded and not (path.parent / seed / "summary.json").is_file():
             busy.append(f"job {last['job_id']} of {path.parent.name} {seed}")
     return busy
@@ -159,16 +159,21 @@ class SubmititLauncher(Launcher):
                 f"'spach battle --output {out}' to watch them again and build the report{cancel}")
 
     # ------------------------------------------------------------------ the monitor
-    def run(self, runs: list[Run], progress: Progress, ledger: Ledger) -> None:
+    def run(self, runs: list[Run], progress: Progress, ledger: Ledger, guard: Guard | None = None) -> dict[str, Any]:
         progress.say(None, f"{self.name}: each run one job of {self.resources.describe()}; jobs in {self.out / JOBS_DIR}")
         watching, queue = self._attach(runs, progress, ledger)
         self.watching = watching  # the list the loop updates: stopped() counts the jobs still watched
         if watching:
             self._record_settings()
-        submitted = False
+        submitted, walled = False, []
         while watching or queue:
             while queue and len(watching) < (self.limit or len(queue) + len(watching)):
                 run = queue.pop(0)
+                why = guard(run) if guard is not None else ""
+                if why:  # the budget cannot pay for it: not submitted
+                    walled.append(run.name)
+                    progress.say(run, f"not submitted: {why}")
+                    continue
                 try:
                     watching.append(self.submit(run))
                 except SpachError as e:
@@ -191,6 +196,7 @@ class SubmititLauncher(Launcher):
                 self._say_table(watching, queue, progress)
             if watching or queue:
                 time.sleep(self.poll_s)
+        return {"walled": walled}
 
     def _record_settings(self) -> None:
         """launcher.json: how this study's jobs are run, the default of the next battle on the folder."""
@@ -289,7 +295,7 @@ class SubmititLauncher(Launcher):
             if not quiet:
                 progress.say(w.run, text)
         w.seen = len(events)
-        for rec in read_jsonl(w.run.folder / "metrics.jsonl")[progress.epochs_done[id(w.run)]:]:
+        for rec in read_jsonl(w.run.folder / "metrics.jsonl", live=True)[progress.epochs_done[id(w.run)]:]:
             if quiet:
                 progress.epochs_done[id(w.run)] = rec["epoch"]
             else:

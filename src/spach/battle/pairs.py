@@ -20,7 +20,7 @@ GROWTH = 1.5  # a "larger" model has at least this many times the parameters
 TOP1 = "test top-1 (%)"
 GAP = "generalisation gap (train-subset top-1 minus test top-1, points)"
 AT_LOSS = "test top-1 (%) at equal training loss"
-FIT = "final training loss (clean, on a training subset)"
+FIT = "clean training loss (the final model in eval mode, on the scored training subset)"
 
 
 @dataclass
@@ -88,7 +88,7 @@ def local_modeling(entries: list[ContestantResult]) -> tuple[list[Pair], list[st
 def mlp_overfit(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
     """Finding 3, on the generalisation gap: a larger MLP over-fits more; multi-stage and weight sharing
     over-fit less."""
-    mlp = [e for e in entries if e.family == "mlp" and e.values("gap")]
+    mlp = [e for e in entries if e.family == "mlp" and e.scores_train]
     pairs, missing = [], []
     groups: dict[tuple, list[ContestantResult]] = {}
     for e in mlp:

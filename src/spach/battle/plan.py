@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spach.battle.results import STUDY_FILE, load_study_folder, run_dir
-from spach.battle.study import Arm, Contestant, Study, import_plugins
+from spach.battle.study import Arm, Contestant, Study
 from spach.errors import SpachError
 from spach.files import read_json
+from spach.plugins import import_plugins
 from spach.train.config import RESUMABLE_CHANGES, TrainConfig, config_dict
-from spach.train.datasets import DATASETS, canonical_dataset, load_dataset, load_folders
+from spach.train.datasets import DATASETS, canonical_dataset, dataset_shape, load_dataset, load_folders
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Run:
 
     def is_done(self) -> bool:
         summary = read_json(self.folder / "summary.json")
-        return summary is not None and summary.get("epochs", 0) >= self.config.epochs
+        epochs = summary.get("epochs") if isinstance(summary, dict) else None
+        return isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= self.config.epochs
 
 
 def plan(study: Study, out: Path) -> list[Run]:
@@ -48,7 +50,7 @@ def open_study(out: Path, study: Study | None) -> Study:
     """The study to run in `out`: the given one (recorded there), or the one recorded by an earlier battle."""
     if study is None:
         study = load_study_folder(out)
-        import_plugins(study.imports, study.source)
+        import_plugins(study.imports, f"{study.source}: study.imports")
     else:
         check_same_study(out, study)
     return study
@@ -89,11 +91,10 @@ def check_data(study: Study) -> None:
     runs will train and be tested on."""
     name = canonical_dataset(study.data.get("dataset", "imagefolder"))
     path = study.data.get("data_path", "")
-    if name == "imagefolder":
-        if not path or not (Path(path) / "train").is_dir() or not (Path(path) / "val").is_dir():
-            raise SpachError(f"data.data_path: {path or '(not set)'} is not a folder with train/ and val/ class folders; "
-                             "pass --data DIR")
-    try:
+    if name == "imagefolder" and not path:
+        raise SpachError(f"{study.source}: data.data_path is not set: the study trains on image folders; pass --data DIR "
+                         "(a folder holding train/ and val/ class folders)")
+    try:  # what is wrong with a path given (missing, a file, no train/ folder, ...), said by the loaders
         study.data_sizes = _arm_sizes(study)
     except SpachError as e:  # the loaders speak to `spach train`, whose flag is --data-path
         raise SpachError(str(e).replace("--data-path", "--data")) from None
@@ -132,16 +133,11 @@ def _full_sizes(name: str, path: str, skip_bad: bool) -> tuple[int, int]:
 
 def data_shape(study: Study) -> tuple[int, int, int]:
     """(classes, channels, image size) the engine will build the models for, without loading the data."""
-    name = canonical_dataset(study.data.get("dataset", "imagefolder"))
-    classes, chans, native = DATASETS[name][:3]
-    path = Path(study.data.get("data_path", "") or ".") / "train"
-    if name == "imagefolder" and path.is_dir():
-        classes = sum(1 for p in path.iterdir() if p.is_dir()) or classes
-    return classes, chans, study.data.get("img_size", 0) or native
+    return dataset_shape(study.data)
 
 
 def epoch_images(cfg: TrainConfig) -> tuple[int, int]:
-    """(images trained on, images scored) per epoch of a run with this config."""
+    """(images trained on per epoch, images scored at each scored epoch) of a run with this config."""
     n_train, n_val = DATASETS[canonical_dataset(cfg.dataset)][3:]
     n_train = min(cfg.train_subset or n_train, n_train)
     return n_train, min(cfg.val_subset or n_val, n_val) + min(cfg.eval_train_subset, n_train)

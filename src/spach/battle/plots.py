@@ -100,18 +100,29 @@ def accuracy_vs_cost(entries: list[ContestantResult], path: Path, cost: str) -> 
 
 
 def _mean_curve(e: ContestantResult, key_x: str, key_y: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-epoch means over the finished seeds (up to the shortest run)."""
+    """Per-epoch means over the finished seeds (up to the shortest run), at the epochs where both values
+    were recorded (an epoch the recipe did not score has no test top-1). `fit`: the training loss as the
+    findings read it (`RunResult.curve`)."""
     runs = [r for r in e.done if r.epochs] or [r for r in e.runs if r.epochs]
     if not runs:
         return np.array([]), np.array([])
     n = min(len(r.epochs) for r in runs)
 
-    def col(key: str) -> np.ndarray:
+    def value(r: Any, rec: dict, key: str) -> float:
         if key == "fit":
-            return np.mean([[c[0] for c in r.curve()[:n]] for r in runs], axis=0)
-        return np.mean([[float(rec.get(key, math.nan)) for rec in r.epochs[:n]] for r in runs], axis=0)
+            key = "train_eval_loss" if any("train_eval_loss" in x for x in r.epochs) else "train_loss"
+            if "top1" not in rec:
+                return math.nan
+        v = rec.get(key, math.nan)
+        return float(v) if isinstance(v, (int, float)) else math.nan
 
-    return col(key_x), col(key_y)
+    def col(key: str) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return np.array([np.mean([value(r, r.epochs[i], key) for r in runs]) for i in range(n)])
+
+    x, y = col(key_x), col(key_y)
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
 
 
 def accuracy_vs_loss(entries: list[ContestantResult], path: Path) -> Path:
@@ -151,13 +162,13 @@ def learning_curves(entries: list[ContestantResult], path: Path) -> Path:
     any_curve = False
     for e in entries:
         ep, top1 = _mean_curve(e, "epoch", "top1")
-        _, loss = _mean_curve(e, "epoch", "train_loss")
-        if not len(ep):
+        ep_loss, loss = _mean_curve(e, "epoch", "train_loss")
+        if not len(ep_loss):
             continue
         any_curve = True
         st = _style(e)
         a1.plot(ep, top1, linestyle=st["linestyle"], marker=st["marker"], color=st["color"], ms=4, label=e.name)
-        a2.plot(ep, loss, linestyle=st["linestyle"], marker=st["marker"], color=st["color"], ms=4, label=e.name)
+        a2.plot(ep_loss, loss, linestyle=st["linestyle"], marker=st["marker"], color=st["color"], ms=4, label=e.name)
     if not any_curve:
         _empty(a1, "no epochs recorded yet")
         return _save(fig, path)
@@ -227,6 +238,10 @@ def accuracy_vs_params(entries: list[ContestantResult], path: Path) -> Path:
     return _save(fig, path)
 
 
+ALL_FIGURES = ("accuracy_vs_macs", "accuracy_vs_throughput", "accuracy_vs_params", "accuracy_vs_training_loss",
+               "learning_curves", "pairs")
+
+
 def make_all(entries: list[ContestantResult], findings: list[Finding], folder: Path) -> dict[str, Path]:
     """Every figure, in `folder`; returns {name: path} in reading order. Cost and size plots show the
     main arm (the other arms train under another regime); the accuracy-vs-loss figure shows the arm that
@@ -235,11 +250,16 @@ def make_all(entries: list[ContestantResult], findings: list[Finding], folder: P
     main = [e for e in entries if e.arm == "main"] or entries
     fit_arm = next((f.arm for f in findings if f.number in (3, 4) and f.comparisons), "main")
     fit = [e for e in entries if e.arm == fit_arm] or entries
-    return {
+    figures = {
         "accuracy_vs_macs": accuracy_vs_cost(main, folder / "accuracy_vs_macs.png", "macs"),
         "accuracy_vs_throughput": accuracy_vs_cost(main, folder / "accuracy_vs_throughput.png", "throughput"),
         "accuracy_vs_params": accuracy_vs_params(main, folder / "accuracy_vs_params.png"),
-        "accuracy_vs_training_loss": accuracy_vs_loss(fit, folder / "accuracy_vs_training_loss.png"),
-        "learning_curves": learning_curves(main, folder / "learning_curves.png"),
-        "pairs": pairs(entries, findings, folder / "pairs.png"),
     }
+    if any(sum("top1" in rec for rec in r.epochs) > 1 for e in fit for r in e.runs):  # curves were scored
+        figures["accuracy_vs_training_loss"] = accuracy_vs_loss(fit, folder / "accuracy_vs_training_loss.png")
+    figures["learning_curves"] = learning_curves(main, folder / "learning_curves.png")
+    if any(f.number in (1, 2) and f.comparisons for f in findings):
+        figures["pairs"] = pairs(entries, findings, folder / "pairs.png")
+    for stale in set(ALL_FIGURES) - set(figures):  # a figure this study does not draw: none left from before
+        (folder / f"{stale}.png").unlink(missing_ok=True)
+    return figures

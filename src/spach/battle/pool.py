@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Iterator
 
-from spach.train.runtime import handling
+from spach.signals import handling
 
 STOPS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.5
@@ -100,18 +100,23 @@ class Workers:
         return proc, mine
 
     def run(self, items: list[Any], stop: Stop, started: Callable[[Any], None], done: Callable[[Any, Any], None],
-            tick: Callable[[], None]) -> list[Any]:
+            tick: Callable[[], None], admit: Callable[[Any], bool] | None = None) -> list[Any]:
         """Run `items` in order, at most `jobs` at a time, until all are done or `stop` is set: `started(item)`
         when one is handed out, `done(item, result)` with the task's result (`NOT_STARTED` when a stop came
-        first, `lost(exit code)` when its worker died without an answer), `tick()` every poll. Returns the items that never started."""
-        queue, idle, busy = deque(items), [], {}
+        first, `lost(exit code)` when its worker died without an answer), `tick()` every poll; an item that
+        `admit(item)` refuses when its turn comes is skipped (a budget it would not finish within). Returns the
+        items that never started."""
+        queue, idle, busy, refused = deque(items), [], {}, []
         try:
             while (queue or busy) and not stop:
                 while queue and len(busy) < self.jobs:
+                    item = queue.popleft()
+                    if admit is not None and not admit(item):
+                        refused.append(item)
+                        continue
                     proc, conn = idle.pop() if idle else self._spawn()
                     if not proc.is_alive():  # a worker stopped on its own (a signal to it alone)
                         proc, conn = self._spawn()
-                    item = queue.popleft()
                     conn.send(item)
                     busy[proc] = [conn, item, False]
                     started(item)
@@ -144,7 +149,7 @@ class Workers:
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
-        return list(queue)
+        return refused + list(queue)
 
     @staticmethod
     def _collect(busy: dict, idle: list, done: Callable[[Any, Any], None], timeout: float) -> None:

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from spach.battle.findings import METHOD, SEQUENTIAL_METHOD, Comparison, Finding, judge
-from spach.battle.looks import describe, read_looks
-from spach.battle.sequential import parse_budget
+from spach.battle.afford import read_plan
+from spach.battle.findings import Comparison, Finding, judge, method
+from spach.battle.looks import read_looks
 from spach.battle.plan import data_shape
 from spach.battle.plots import make_all
 from spach.battle.render import Block, render_html, render_markdown
+from spach.battle.report_looks import looks_blocks, plan_blocks, read_prediction
 from spach.battle.results import ContestantResult, load_results, load_study_folder
 from spach.battle.study import Study
 from spach.files import atomic_write_text
@@ -38,7 +39,8 @@ REFERENCE_TOP1 = {  # typical test top-1 (%) on these sets, to judge whether a r
 }
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 VERDICT_MARK = {"supported": "supported", "contradicted": "CONTRADICTED", "equivalent": "equivalent", "mixed": "mixed",
-                "inconclusive": "inconclusive", "untested": "not testable here", "elsewhere": "tested in another preset"}
+                "inconclusive": "inconclusive", "untested": "not testable here", "elsewhere": "tested in another preset",
+                "unafforded": "not afforded by the budget here"}
 
 
 
@@ -106,7 +108,7 @@ def _scale_note(study: Study, entries: list[ContestantResult]) -> list[Block]:
 
 
 def _findings_blocks(study: Study, findings: list[Finding]) -> list[Block]:
-    asked = [f for f in findings if f.verdict not in ("elsewhere", "untested")]
+    asked = [f for f in findings if f.verdict not in ("elsewhere", "untested", "unafforded")]
     paper, beyond = [f for f in asked if f.number <= 5], [f for f in asked if f.number > 5]
     tally = f"{sum(f.decided for f in paper)} of the {len(paper)} findings of the paper this study tests are decided"
     if beyond:
@@ -134,39 +136,6 @@ def _findings_blocks(study: Study, findings: list[Finding]) -> list[Block]:
     return blocks
 
 
-def _looks_blocks(study: Study, looks: list[dict[str, Any]]) -> list[Block]:
-    """A sequential battle: its plan, every look (the seeds it saw, the budget, what it chose next), why it
-    stopped, and what each comparison still open would cost."""
-    if not study.sequential:
-        return []
-    blocks: list[Block] = [("h2", "Looks"), ("p", describe(study) + ". " + SEQUENTIAL_METHOD + ".")]
-    if not looks:
-        return blocks + [("p", "No look yet: the first wave is running.")]
-    rows = []
-    budget = parse_budget(study.budget)
-    for look in looks:
-        seeds = sorted(set(look["seeds"].values()))
-        seen = (f"{seeds[0]} each" if len(seeds) == 1 else
-                ", ".join(f"{n}: {k}" for n, k in look["seeds"].items()))
-        chosen = ", ".join(f"{n} -> {k}" for n, k in look.get("next", {}).items()) or "-"
-        decided = sum(v not in ("inconclusive", "untested") for v in look.get("findings", {}).values())
-        rows.append([str(look["look"]), seen, f"{decided} of {len(look.get('findings', {}))}",
-                     f"{budget.show(look.get('used', 0))} / {budget.show(look.get('left', 0))}", chosen, look.get("stop") or ""])
-    blocks.append(("table", (["look", "seeds per contestant", "findings decided", "budget used / left (after the report "
-                              "reserve)", "next seeds (contestant -> seeds)", "stop"], rows)))
-    last = looks[-1]
-    blocks.append(("p", f"Stopped: {last['stop']}." if last.get("stop") else
-                   "The battle has not stopped yet (interrupted, or still running): rerun it to go on."))
-    still = last.get("comparisons", [])
-    if still:
-        blocks.append(("p", "Comparisons open at the last look, and what deciding each would take (the observed "
-                            "difference taken as the truth, 80% power; cost in the budget's unit):"))
-        blocks.append(("table", (["finding", "comparison", "seeds", "would need", "cost", "why"],
-                                 [[c["finding"], c["comparison"], str(c["seeds"]), str(c["need"] or "-"),
-                                   "-" if c.get("cost") is None else f"{c['cost']:g}", c["why"]] for c in still])))
-    return blocks
-
-
 def _p_name(study: Study) -> str:
     return "p (Holm and looks)" if study.sequential else "Holm p"
 
@@ -182,7 +151,7 @@ def method_paragraph(study: Study, tally: str) -> str:
     """How the verdicts were reached, with this study's seeds and test-set size (what ran, not a template)."""
     seeds = study.first_wave if study.sequential else len(study.seeds)
     _, n_test = data_sizes(study)
-    return (f"{tally} (every comparison supported, contradicted or equivalent). Method: " + METHOD + f". Margin "
+    return (f"{tally} (every comparison supported, contradicted or equivalent). Method: " + method(study) + f". Margin "
             f"{study.margin:g} points, alpha {study.alpha:g}, both fixed in the study file before it ran (sha256 "
             f"{study.sha256[:16] or '-'}). Why: {NUMBERS.get(seeds, str(seeds))} seed{'s' * (seeds != 1)} alone "
             f"({seeds - 1} df) cannot tell a point from noise; moderating each pair's noise toward the noise pooled over "
@@ -234,10 +203,22 @@ def _contestant_table(entries: list[ContestantResult]) -> Block:
         top1 = f"{_f(e.mean('final_top1'))} ± {_f(e.std('final_top1'))} (n={n})" if n else "-"
         rows.append([e.name + (f" ({e.label})" if e.label else ""), e.arm, e.family, e.layout + ("" if e.cpe else ", no CPE") + (", shared" if e.shared else ""),
                      count(e.params) if e.params else "-", _f(e.macs / 1e6, 1) if e.macs else "-", _f(e.throughput, 0),
-                     top1, _f(e.mean("best_top1")), _f(e.mean("final_train_loss"), 3), _f(e.mean("gap"), 2, signed=True),
-                     hms(e.mean("wall_time_s"))])
+                     top1, _f(e.mean("best_top1")), _f(e.mean("final_train_loss"), 3), _f(e.mean("fit_loss"), 3),
+                     _f(e.mean("gap"), 2, signed=True), hms(e.mean("wall_time_s")), _width(e)])
     return ("table", (["contestant", "arm", "family", "layout", "params", "MMACs", "img/s", "top-1 % (mean ± std)",
-                       "best top-1", "final train loss", "gap (pts)", "time/run"], rows))
+                       "best top-1", "training loss while training", "clean training loss", "gap (pts)", "time/run", "width"], rows))
+
+
+def _width(e: ContestantResult) -> str:
+    """hidden_dim, and for a contestant matched in cost what it was matched to (study's `match`)."""
+    if not e.width:
+        return "-"
+    by = "macs" if "macs" in e.match else "params" if "params" in e.match else ""
+    if not by or "error" not in e.match:
+        return str(e.width)
+    unit = "MACs" if by == "macs" else "params"
+    target = f"{unit} of {e.match[by]}" if isinstance(e.match[by], str) else f"{count(e.match['target'])} {unit}"
+    return f"{e.width} ({target} {e.match['error']:+.1%})"
 
 
 def _failures(entries: list[ContestantResult]) -> list[Block]:
@@ -269,7 +250,9 @@ FIGURE_CAPTIONS = {
 
 
 def build_blocks(study: Study, entries: list[ContestantResult], findings: list[Finding],
-                 figures: dict[str, Path], looks: list[dict[str, Any]] | None = None) -> list[Block]:
+                 figures: dict[str, Path], looks: list[dict[str, Any]] | None = None,
+                 history: list[dict[str, str]] | None = None, plan: Any = None,
+                 prediction: dict[str, Any] | None = None) -> list[Block]:
     elapsed = sum(r.wall_time_s for e in entries for r in e.runs if r.epochs)
     if study.sequential:  # the runs the looks asked for: the others were never meant to run
         asked = {**looks[-1]["seeds"], **looks[-1].get("next", {})} if looks else {}
@@ -278,11 +261,15 @@ def build_blocks(study: Study, entries: list[ContestantResult], findings: list[F
     blocks += _study_facts(study, entries, elapsed)
     blocks += _arms(study)
     blocks += _findings_blocks(study, findings)
-    blocks += _looks_blocks(study, looks or [])
+    blocks += plan_blocks(study, plan, findings, prediction)
+    blocks += looks_blocks(study, looks or [], history or [], plan)
     blocks += [("h2", "Contestants"), _contestant_table(entries),
-               ("p", "top-1: final-epoch test accuracy; best top-1: the best epoch (optimistic: chosen on the test set); "
-                     "gap: top-1 on a training subset minus test top-1 at the end (un-augmented; larger = more over-fitting); "
-                     "img/s: inference, batch 64, on this machine.")]
+               ("p", "top-1: final-epoch test accuracy; best top-1: the best scored epoch (optimistic: chosen on the test "
+                     "set); training loss while training: the last epoch's running loss over its augmented, regularised "
+                     "batches; clean training loss: the model at the end, in eval mode, on the scored training subset "
+                     "(the running loss when none is scored); gap: top-1 on that training subset minus test top-1 at the "
+                     "end (larger = more over-fitting); img/s: evaluation on this machine, at the recipe's evaluation batch "
+                     "size and one battle job's threads.")]
     blocks += _failures(entries)
     blocks += _scale_note(study, entries)
     blocks.append(("h2", "Figures"))
@@ -300,10 +287,12 @@ def write_report(study_dir: str | Path) -> Path:
     study_dir = Path(study_dir)
     study = load_study_folder(study_dir)
     entries = load_results(study_dir, study)
-    looks = read_looks(study_dir)
-    findings = judge(entries, study, looks)
+    looks = read_looks(study_dir, entries)
+    plan = read_plan(study_dir) if study.sequential else None
+    history: list[dict[str, str]] = []
+    findings = judge(entries, study, looks, plan, history)
     figures = make_all(entries, findings, study_dir / "plots")
-    blocks = build_blocks(study, entries, findings, figures, looks)
+    blocks = build_blocks(study, entries, findings, figures, looks, history, plan, read_prediction(study_dir))
     atomic_write_text(study_dir / "report.md", render_markdown(blocks, study_dir))
     atomic_write_text(study_dir / "report.html", render_html(blocks, f"spach battle: {study.name}"))
     atomic_write_text(study_dir / "findings.json", json.dumps([_finding_dict(f) for f in findings], indent=1) + "\n")

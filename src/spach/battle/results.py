@@ -20,12 +20,13 @@ import numpy as np
 
 from spach.battle.study import Study
 from spach.errors import SpachError
-from spach.files import append_jsonl, read_json, read_jsonl
+from spach.files import append_jsonl, read_json, read_jsonl, warn_once
 from spach.train.evaluate import PREDICTIONS_FILE
 
 STUDY_FILE = "study.json"
 COSTS_FILE = "costs.json"
 LEDGER_FILE = "results.jsonl"
+PREDICTION_FILE = "prediction.json"
 RUNS_DIR = "runs"
 
 
@@ -44,7 +45,40 @@ class Ledger:
         append_jsonl(self.path, record)
 
     def records(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path)
+        """The run records, read as data: a line whose fields have the wrong types (edited by hand, another
+        program's) is skipped, and named once on stderr."""
+        out = []
+        for i, rec in enumerate(read_jsonl(self.path), 1):
+            problem = _bad_record(rec)
+            if problem:
+                warn_once(self.path, f"record {i} is not a run record the battle wrote ({problem}); it is ignored")
+                continue
+            out.append(rec)
+        return out
+
+
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "contestant": (str,), "seed": (int,), "status": (str,), "time": (str,), "error": (str,), "log": (str,),
+    "attempt_s": (int, float, type(None)), "final_top1": (int, float, type(None)), "best_top1": (int, float, type(None)),
+    "final_train_loss": (int, float, type(None)), "wall_time_s": (int, float, type(None)), "epochs": (int, type(None)),
+    "reconciled": (bool,), "job_id": (str, int), "state": (str,)}
+
+
+def _bad_record(rec: dict[str, Any]) -> str:
+    for key in ("contestant", "seed", "status"):
+        if key not in rec:
+            return f"no {key}"
+    for key, kinds in _RECORD_TYPES.items():
+        value = rec.get(key)
+        if key in rec and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            return f"{key} is {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key} is {value!r}"
+    if rec["status"] not in ("done", "failed"):
+        return f"status is {rec['status']!r}"
+    if isinstance(rec.get("attempt_s"), (int, float)) and rec["attempt_s"] < 0:
+        return f"attempt_s is {rec['attempt_s']!r}"
+    return ""
 
 
 def load_study_folder(study_dir: Path) -> Study:
@@ -59,6 +93,11 @@ def load_study_folder(study_dir: Path) -> Study:
     except (TypeError, KeyError, AttributeError):
         raise SpachError(f"{path} is corrupt; rerun 'spach battle STUDY --output {study_dir}' with the study file to "
                          "rewrite it (finished runs are kept)") from None
+
+
+def _num(x: Any) -> float:
+    """A number read from a file, NaN when it is not one (a hand-edited "high" is no top-1)."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
 
 
 @dataclass
@@ -85,27 +124,28 @@ class RunResult:
 
     def _last(self, key: str) -> float:
         for rec in reversed(self.epochs):
-            if rec.get(key) is not None:
-                return float(rec[key])
+            if _num(rec.get(key)) == _num(rec.get(key)):
+                return _num(rec[key])
         return math.nan
+
+    def _summary(self, key: str) -> float:
+        return _num(self.summary.get(key)) if self.summary else math.nan
 
     @property
     def final_top1(self) -> float:
-        if self.summary and self.summary.get("final_top1") is not None:
-            return float(self.summary["final_top1"])
-        return self._last("top1")
+        value = self._summary("final_top1")
+        return value if math.isfinite(value) else self._last("top1")
 
     @property
     def best_top1(self) -> float:
-        if self.summary and self.summary.get("best_top1") is not None:
-            return float(self.summary["best_top1"])
-        return max((float(r["top1"]) for r in self.epochs if "top1" in r), default=math.nan)
+        value = self._summary("best_top1")
+        return value if math.isfinite(value) else max((_num(r.get("top1")) for r in self.epochs
+                                                        if math.isfinite(_num(r.get("top1")))), default=math.nan)
 
     @property
     def final_train_loss(self) -> float:
-        if self.summary and self.summary.get("final_train_loss") is not None:
-            return float(self.summary["final_train_loss"])
-        return self._last("train_loss")
+        value = self._summary("final_train_loss")
+        return value if math.isfinite(value) else self._last("train_loss")
 
     @property
     def fit_loss(self) -> float:
@@ -121,14 +161,15 @@ class RunResult:
 
     @property
     def wall_time_s(self) -> float:
-        if self.summary and self.summary.get("wall_time_s") is not None:
-            return float(self.summary["wall_time_s"])
-        return float(sum(r.get("epoch_time", 0.0) for r in self.epochs))
+        value = self._summary("wall_time_s")
+        return value if math.isfinite(value) else float(sum(_num(r.get("epoch_time")) for r in self.epochs
+                                                            if math.isfinite(_num(r.get("epoch_time")))))
 
     def curve(self) -> list[tuple[float, float]]:
         """(training loss, test top-1) per epoch, the training loss as in `fit_loss`."""
-        key = "train_eval_loss" if all("train_eval_loss" in r for r in self.epochs) else "train_loss"
-        return [(float(r[key]), float(r["top1"])) for r in self.epochs if key in r and "top1" in r]
+        scored = [r for r in self.epochs if math.isfinite(_num(r.get("top1")))]
+        key = "train_eval_loss" if scored and all("train_eval_loss" in r for r in scored) else "train_loss"
+        return [(_num(r.get(key)), _num(r["top1"])) for r in scored if math.isfinite(_num(r.get(key)))]
 
 
 @dataclass
@@ -147,6 +188,9 @@ class ContestantResult:
     throughput: float = math.nan  # inference images/s on the machine that ran the battle
     arch_key: str = ""  # the architecture apart from local modeling and weight sharing
     model: str = "spach"
+    scores_train: bool = False  # its recipe scores a training subset (the generalisation gap is measured)
+    width: int = 0  # hidden_dim of a SPACH model (0: another model)
+    match: dict = field(default_factory=dict)  # the study's cost target for it, if it stated one
     runs: list[RunResult] = field(default_factory=list)
 
     @property
@@ -175,10 +219,10 @@ def load_costs(study_dir: Path) -> dict[str, dict[str, Any]]:
 
 def load_run(study_dir: Path, contestant: str, seed: int) -> RunResult:
     folder = run_dir(study_dir, contestant, seed)
-    epochs = read_jsonl(folder / "metrics.jsonl")
+    epochs = read_jsonl(folder / "metrics.jsonl", live=True)
     summary = read_json(folder / "summary.json")
     error_file = folder.with_name(folder.name + ".error.txt")
-    if isinstance(summary, dict):
+    if isinstance(summary, dict) and math.isfinite(_num(summary.get("final_top1"))):
         return RunResult(contestant, seed, "done", epochs, summary, folder=folder)
     if error_file.exists():
         lines = error_file.read_bytes().decode("utf-8", "replace").strip().splitlines()
@@ -186,17 +230,24 @@ def load_run(study_dir: Path, contestant: str, seed: int) -> RunResult:
     return RunResult(contestant, seed, "partial" if epochs else "pending", epochs, folder=folder)
 
 
-def load_results(study_dir: Path, study: Study) -> list[ContestantResult]:
-    """Everything the findings and the report need, in the study's contestant order; each contestant's
-    runs in the study's seed order (a missing run is there too, as pending)."""
-    costs = load_costs(study_dir)
+def contestant_entries(study: Study, costs: dict[str, dict[str, Any]]) -> list[ContestantResult]:
+    """The study's contestants with their facts (from `costs`) and no runs yet."""
     out = []
     for c in study.contestants:
         facts = costs.get(c.name, {})
         known = {k: facts[k] for k in ContestantResult.__dataclass_fields__
-                 if k in facts and k not in ("runs", "name", "arm", "label")}
+                 if k in facts and k not in ("runs", "name", "arm", "label", "scores_train", "match")}
         known.setdefault("family", "?")
         known.setdefault("layout", "?")
-        out.append(ContestantResult(name=c.name, arm=c.arm, label=c.label, **known,
-                                    runs=[load_run(study_dir, c.name, s) for s in study.seeds]))
+        out.append(ContestantResult(name=c.name, arm=c.arm, label=c.label, match=c.match, **known,
+                                    scores_train=study.config(c).eval_train_subset > 0))
     return out
+
+
+def load_results(study_dir: Path, study: Study) -> list[ContestantResult]:
+    """Everything the findings and the report need, in the study's contestant order; each contestant's
+    runs in the study's seed order (a missing run is there too, as pending)."""
+    entries = contestant_entries(study, load_costs(study_dir))
+    for e in entries:
+        e.runs = [load_run(study_dir, e.name, s) for s in study.seeds]
+    return entries

@@ -25,18 +25,23 @@ from typing import Any, Callable, TextIO
 import torch
 
 from spach.battle.costs import measure_costs
-from spach.battle.looks import Clock, describe, run_looks
+from spach.battle.afford import available_cores
+from spach.battle.budget import Clock, parse_budget
+from spach.battle.looks import run_sequential
 from spach.battle.plan import Run, check_compatible, check_data, epoch_images, open_study, plan
 from spach.battle.pool import NOT_STARTED, Workers, catching_stops
 from spach.battle.report import write_report
 from spach.battle.results import LEDGER_FILE, STUDY_FILE, Ledger, read_jsonl
-from spach.battle.sequential import parse_budget
-from spach.battle.study import Study, check_runnable, import_plugins
+from spach.battle.study import Study, check_runnable
 from spach.errors import SpachError, first_line
 from spach.files import FolderLock, atomic_write_text, os_error, read_json
 from spach.humanize import hms
-from spach.train.engine import train
+from spach.plugins import import_plugins
+from spach.signals import interrupting
+from spach.train.engine import Deadline, train
 from spach.train.runtime import StopFlag
+
+Guard = Callable[[Run], str]  # '' when the run may start now, else why not (the budget's wall)
 
 
 def ledger_record(run: Run, summary: dict | None, error: str | None, started: float) -> dict[str, Any]:
@@ -61,6 +66,8 @@ def execute(run: Run, on_epoch: Callable[[dict], None] | None = None, progress: 
         with open(run.log_file, "a") as log, contextlib.redirect_stdout(log):
             summary = train(cfg, on_epoch_end=on_epoch)
         return ledger_record(run, summary, None, started)
+    except Deadline:  # the budget's wall: saved, and a later battle with more budget resumes it
+        return {"status": "interrupted", "saved": True, "deadline": True}
     except Exception as e:
         error = first_line(e) if isinstance(e, SpachError) else f"{type(e).__name__}: {first_line(e)}"
         atomic_write_text(run.error_file, traceback.format_exc())
@@ -85,7 +92,7 @@ class Progress:
         self.started = time.time()
         self.note: Callable[[], str] | None = None  # appended to epoch lines (a sequential battle's budget left)
         for r in runs:
-            recs = read_jsonl(r.folder / "metrics.jsonl")
+            recs = read_jsonl(r.folder / "metrics.jsonl", live=True)
             self.epochs_done[id(r)] = len(recs)
             self.epoch_times.setdefault(r.contestant.name, []).extend(x.get("epoch_time", math.nan) for x in recs)
 
@@ -117,8 +124,9 @@ class Progress:
         self.epoch_times.setdefault(run.contestant.name, []).append(rec.get("epoch_time", math.nan))
         left = [r for r in self.runs if not r.finished]
         study_eta = sum(self.remaining(r) for r in left) / max(1, min(self.jobs, len(left)))
+        scored = f"test top-1 {rec['top1']:.2f}%" if isinstance(rec.get("top1"), (int, float)) else "not scored"
         self.say(run, f"epoch {rec['epoch']}/{run.config.epochs}  train loss {rec['train_loss']:.3f}  "
-                      f"test top-1 {rec['top1']:.2f}%  {rec.get('images_per_s', 0):.0f} img/s  |  "
+                      f"{scored}  {rec.get('images_per_s', 0):.0f} img/s  |  "
                       f"run ETA {hms(self.remaining(run))}  "
                       + (self.note() if self.note else f"study ETA {hms(study_eta)}"))
 
@@ -143,8 +151,10 @@ class Launcher(ABC):
         return 1
 
     @abstractmethod
-    def run(self, runs: list[Run], progress: Progress, ledger: Ledger) -> None:
-        """Train `runs`: each outcome appended to `ledger` and told to `progress.finish`."""
+    def run(self, runs: list[Run], progress: Progress, ledger: Ledger, guard: Guard | None = None) -> dict[str, Any]:
+        """Train `runs`: each outcome appended to `ledger` and told to `progress.finish`. A run that `guard`
+        refuses when its turn comes does not start (it would not finish within the budget); returns
+        {"walled": the names of the runs the budget's wall kept from starting or stopped}."""
 
     @abstractmethod
     def stopped(self, out: Path) -> str:
@@ -155,7 +165,8 @@ class LocalPool(Launcher):
     """`--launcher local`: the runs train here, one after another or `jobs` at a time in spawned processes."""
 
     def __init__(self, jobs: int, imports: list[str]):
-        self.jobs, self.imports = jobs, imports
+        # two jobs on one core (taskset, a cgroup) only share it: the pool runs no more jobs than cores
+        self.jobs, self.imports = min(jobs, available_cores()), imports
         self.halt = Halt()
 
     def check(self, study: Study) -> None:
@@ -164,12 +175,13 @@ class LocalPool(Launcher):
     def slots(self, pending: int) -> int:
         return self.jobs
 
-    def run(self, runs: list[Run], progress: Progress, ledger: Ledger) -> None:
+    def run(self, runs: list[Run], progress: Progress, ledger: Ledger, guard: Guard | None = None) -> dict[str, Any]:
         self.halt = Halt()
         if self.jobs <= 1:
-            _run_serial(runs, progress, ledger, progress.stream, self.halt)
+            _run_serial(runs, progress, ledger, self.halt, guard)
         else:
-            _run_parallel(runs, progress, ledger, self.jobs, self.imports, self.halt)
+            _run_parallel(runs, progress, ledger, self.jobs, self.imports, self.halt, guard)
+        return {"walled": self.halt.walled}
 
     def stopped(self, out: Path) -> str:
         return self.halt.message(out)
@@ -189,7 +201,9 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
     study = open_study(out, study)
     launcher = launcher or LocalPool(jobs or study.jobs, study.imports)
     launcher.check(study)
-    with FolderLock(out, "study folder"):
+    # SIGINT and SIGTERM stop the battle (and a batch launcher's monitor) also when it was started in the
+    # background with SIGINT ignored; the local pool and the engine install their own handlers within
+    with interrupting(), FolderLock(out, "study folder"):
         runs = plan(study, out)
         check_compatible(runs)
         check_data(study)
@@ -198,8 +212,13 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
         say(f"battle {study.name}: {len(study.contestants)} contestants x {len(study.seeds)} seeds -> {out}")
         # inference speed is measured where the runs train: here for the local pool, not on a login node
         t_costs = time.time()
-        costs = measure_costs(study, out, device, timed=isinstance(launcher, LocalPool))
-        say(f"costs (params, MACs, throughput) measured in {time.time() - t_costs:.1f} s")
+        here = isinstance(launcher, LocalPool) or getattr(launcher, "cluster", "") == "local"
+        clock = Clock(parse_budget(study.budget), out, started=started, gpus=_gpus(study)) if study.sequential else None
+        costs = measure_costs(study, out, device, timed=here,
+                              threads=max(1, available_cores() // max(launcher.slots(len(runs)), 1)),
+                              deadline=clock.deadline() if clock else 0.0)
+        say(f"costs (params, MACs{', training and evaluation speed' if here else ''}) measured in "
+            f"{time.time() - t_costs:.1f} s")
         ledger = Ledger(out / LEDGER_FILE)
         for record in reconcile(runs, ledger):
             say(f"recorded {record['contestant']} seed {record['seed']}: it finished before the last battle stopped")
@@ -216,12 +235,10 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
             progress.finish(r, outcome)
         pending = [r for r in pending if r not in broken]
         try:
-            if study.sequential:
-                clock = Clock(parse_budget(study.budget), started=started, gpus=_gpus(study))
+            if clock is not None:
                 progress.note = lambda: f"budget left {clock.budget.show(clock.left(ledger))}"
-                say(describe(study))
-                run_looks(study, runs, out, lambda wave: launcher.run(wave, progress, ledger), ledger, clock,
-                          launcher.slots(len(pending)), say)
+                run_sequential(study, runs, out, lambda wave, guard: launcher.run(wave, progress, ledger, guard), ledger,
+                               clock, costs, launcher.slots(len(pending)), say)
             else:
                 launcher.run(pending, progress, ledger)
         except KeyboardInterrupt:
@@ -232,10 +249,12 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
         result = write_report(out) if report else out
         if report:
             say(f"report written in {time.time() - t_report:.1f} s; the battle took {hms(time.time() - started)} in all")
-    failed = [r for r in runs if not r.is_done()]
-    if failed and len(failed) == len(runs):
-        first = next((rec["error"] for rec in ledger.records() if rec.get("status") == "failed"), "unknown error")
-        raise SpachError(f"all {len(runs)} runs of {study.name} failed (first error: {first}); see "
+    records = ledger.records()
+    tried = {(r["contestant"], r["seed"]) for r in records}
+    failed = [r for r in runs if (r.contestant.name, r.seed) in tried and not r.is_done()]
+    if failed and len(failed) == len(tried):
+        first = next((rec["error"] for rec in records if rec.get("status") == "failed" and "error" in rec), "unknown error")
+        raise SpachError(f"all {len(failed)} runs of {study.name} that were tried failed (first error: {first}); see "
                          f"{result if report else out / LEDGER_FILE} and the runs' .error.txt files")
     return result
 
@@ -259,13 +278,15 @@ def reconcile(runs: list[Run], ledger: Ledger) -> list[dict[str, Any]]:
     return added
 
 
-def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, stream: TextIO, halt: Halt) -> None:
+def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, halt: Halt, guard: Guard | None) -> None:
     bar = "bar" if sys.stderr.isatty() else "lines"  # the engine's within-epoch bar on a terminal, else its log lines
     with catching_stops() as stop:  # between runs; inside one, the engine's own handler saves and stops it
         for i, run in enumerate(runs):
             if stop:
                 halt.unstarted = len(runs) - i
                 raise KeyboardInterrupt
+            if not halt.admit(run, progress, guard):
+                continue
             progress.say(run, f"training ({'resuming' if progress.epochs_done[id(run)] else 'starting'}, "
                               f"{run.config.epochs} epochs)")
             started = time.time()
@@ -279,10 +300,10 @@ def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, stream: Tex
 
 
 def _run_parallel(runs: list[Run], progress: Progress, ledger: Ledger, jobs: int, imports: list[str],
-                  halt: Halt) -> None:
+                  halt: Halt, guard: Guard | None) -> None:
     """`jobs` runs at a time in worker processes sharing the cores; progress is read from their metrics files.
     A stop signal (see `spach.battle.pool`) starts nothing new and lets the runs in flight save."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, available_cores() // jobs)
     started: dict[int, float] = {}
 
     def start(run: Run) -> None:
@@ -292,7 +313,7 @@ def _run_parallel(runs: list[Run], progress: Progress, ledger: Ledger, jobs: int
     def tick() -> None:
         for run in runs:
             if id(run) in started and not run.finished:
-                for rec in read_jsonl(run.folder / "metrics.jsonl")[progress.epochs_done[id(run)]:]:
+                for rec in read_jsonl(run.folder / "metrics.jsonl", live=True)[progress.epochs_done[id(run)]:]:
                     progress.epoch(run, rec)
 
     def done(run: Run, outcome: dict[str, Any]) -> None:
@@ -307,7 +328,8 @@ def _run_parallel(runs: list[Run], progress: Progress, ledger: Ledger, jobs: int
 
     workers = Workers(jobs, functools.partial(_worker_init, threads, imports), _attempt)
     with catching_stops() as stop:
-        halt.unstarted += len(workers.run(runs, stop, start, done, tick))
+        left = workers.run(runs, stop, start, done, tick, lambda run: halt.admit(run, progress, guard))
+        halt.unstarted += sum(1 for run in left if run.name not in halt.walled)
     if stop:
         raise KeyboardInterrupt
 
@@ -345,11 +367,26 @@ class Halt:
     saved: list[str] = dataclasses.field(default_factory=list)
     unsaved: list[str] = dataclasses.field(default_factory=list)
     unstarted: int = 0
+    walled: list[str] = dataclasses.field(default_factory=list)  # kept from starting, or stopped, by the budget's wall
+
+    def admit(self, run: Run, progress: Progress, guard: Guard | None) -> bool:
+        """Whether `run` may start now; a refusal is told and remembered."""
+        why = guard(run) if guard is not None else ""
+        if why:
+            run.finished = True
+            self.walled.append(run.name)
+            progress.say(run, f"not started: {why}")
+        return not why
 
     def record(self, run: Run, outcome: dict[str, Any], progress: Progress, ledger: Ledger) -> None:
         if outcome == NOT_STARTED:
             self.unstarted += 1
             progress.say(run, "stopped before it started")
+            return
+        if outcome.get("deadline"):
+            run.finished = True
+            self.walled.append(run.name)
+            progress.say(run, "stopped at the budget's wall: its checkpoint is saved (a larger budget resumes it)")
             return
         if outcome["status"] == "interrupted":
             (self.saved if outcome["saved"] else self.unsaved).append(run.name)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from typing import Any
+from collections.abc import Collection
+from typing import Any, NamedTuple
 
 import timm
 
@@ -17,7 +18,7 @@ from spach.train.config import MODEL_KWARGS_FLAGS, ConfigError, TrainConfig
 from spach.train.datasets import DATASETS, canonical_dataset
 
 # TrainConfig fields a study may not set: the battle owns them.
-MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset"}
+MANAGED = {"model", "model_kwargs", "output", "resume", "seed", "progress", "preset", "imports", "deadline"}
 # Recipe knobs one contestant may change on its own (everything else is shared, for a fair fight).
 CONTESTANT_KNOBS = {"lr", "weight_decay", "drop_path", "drop", "batch_size", "warmup_epochs", "clip_grad", "opt",
                     "pretrained"}
@@ -30,16 +31,83 @@ _STUDY_FIX = {"img_size": "set [data].img_size instead", "drop_path_rate": "set 
 ENGINE_SET = {key: _STUDY_FIX.get(key, why) for key, why in MODEL_KWARGS_FLAGS.items()}
 MAX_SEED = 2**32 - 1  # numpy's generators take no larger seed
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-TABLES = {"study", "data", "recipe", "arm", "contestant", "slurm"}
-STUDY_KEYS = {"name", "description", "seeds", "questions", "imports", "jobs", "notes", "base", "margin", "alpha",
-              "tested_elsewhere", "budget", "first_wave"}
-ARM_KEYS = {"description", "questions", "data", "recipe"}
-CONTESTANT_KEYS = {"name", "model", "arch", "recipe", "label", "arm"}
-# [slurm]: the resources of every run's batch job (--launcher slurm / submitit-local): type and least value;
-# `extra` passes submitit's other slurm_* parameters through (checked against submitit when a launcher uses them).
-SLURM_KEYS: dict[str, tuple[type, int | None]] = {
-    "nodes": (int, 1), "gpus_per_node": (int, 0), "cpus_per_task": (int, 1), "timeout_min": (int, 1),
-    "partition": (str, None), "account": (str, None), "constraint": (str, None), "extra": (dict, None)}
+# The study file, table by table and key by key, each with what it means: the one definition the checks below
+# use and the docs' study-file reference is generated from (docs/_ext/spach_docs.py; defaults: the dataclasses
+# in spach.battle.study; [data] and [recipe] keys: TrainConfig's fields and their help).
+TABLES = {
+    "study": "What the study is: its name, seeds, questions, statistics and budget.",
+    "data": "The data of the main arm: `spach.train.TrainConfig`'s data fields.",
+    "recipe": "The training recipe every contestant of the main arm shares: `TrainConfig`'s other fields.",
+    "arm": "`[arm.NAME]`: another training regime (its own data and recipe overrides) and the findings judged on it.",
+    "contestant": "`[[contestant]]`: one model of the battle, one table each.",
+    "slurm": "The batch job of every run (`--launcher slurm` or `submitit-local`); the command-line flags win.",
+    "prior": "What the study expects before it runs (each contestant's mean and run-to-run noise per metric), the "
+             "numbers `spach battle --dry-run` predicts decisions from; `--dry-run --pilot DIR` writes it from a pilot.",
+}
+STUDY_KEYS = {
+    "name": "The study's name and the default folder, `battles/<name>` (default: the file's name).",
+    "description": "One paragraph, shown at the top of the report.",
+    "seeds": "The seeds (default `[0]`): every contestant trains once per seed; with a budget, every seed a "
+             "contestant may get, in order.",
+    "questions": "The findings judged on the main arm (default: every finding that no arm and no other preset "
+                 "judges).",
+    "imports": "Modules, or `.py` files relative to the study file, that register custom mixers.",
+    "jobs": "Runs trained at a time (`--jobs` overrides).",
+    "notes": "Free text shown in the report, e.g. how far this setting is from the paper's.",
+    "base": "A preset to start from: the tables given here override its keys, and a contestant replaces the "
+            "preset's one of the same name or is added.",
+    "margin": "The equivalence margin in points of top-1 (and of the generalisation gap), fixed before the runs; "
+              "0: no equivalence test.",
+    "alpha": "The significance level of each finding, Holm-corrected over its comparisons.",
+    "tested_elsewhere": "A table of question = preset: findings the report names another preset for instead of "
+                        "judging them here.",
+    "budget": "Makes the battle sequential: `\"15m\"`, `\"2h\"` (wall time of the whole battle), `\"300 gpu-h\"` or "
+              "`\"120 runs\"`; `--budget` overrides it.",
+    "first_wave": "With a budget: the seeds every contestant gets before the first look (2 or more; unset: 3, or "
+                  "all the seeds when fewer).",
+    "spending": "With a budget: how each comparison spends its alpha over the looks: \"obf\" (O'Brien-Fleming), "
+                "\"pocock\" or \"hsd(G)\" (Hwang-Shih-DeCani; default: `spach.battle.spending.DEFAULT`).",
+}
+ARM_KEYS = {
+    "description": "What this regime is, shown in the report.",
+    "questions": "The findings judged on this arm's contestants.",
+    "data": "Overrides of `[data]` for this arm.",
+    "recipe": "Overrides of `[recipe]` for this arm.",
+}
+CONTESTANT_KEYS = {
+    "name": "A unique, folder-safe name (letters, digits, `- _ . +`): also its folder, `runs/<name>/`.",
+    "model": "`\"spach\"` (built from `arch` alone), a spach zoo name, or any timm model name (an outside baseline).",
+    "arch": "The model's arguments: `spach.SpachConfig`'s fields, `net_arch` included.",
+    "recipe": "This contestant's own values of the knobs it may change (the rest is shared, for a fair fight).",
+    "label": "A longer name, shown in the report.",
+    "arm": "The arm it trains in (an `[arm.NAME]` of this file).",
+    "match": "A cost target instead of a width: `{ macs = \"CONTESTANT\" or N, tolerance = 0.1 }` (or `params`); the "
+             "battle picks the hidden_dim that meets it when the study is read and records it.",
+}
+
+
+class Resource(NamedTuple):
+    """A [slurm] key: its type, its least value, and what it sets."""
+
+    kind: type
+    least: int | None
+    help: str
+
+
+# [slurm]: the resources of every run's batch job (--launcher slurm / submitit-local); each but `extra` is also a
+# flag of `spach battle`. `extra` passes submitit's other slurm_* parameters through (checked when a launcher uses them).
+SLURM_KEYS: dict[str, Resource] = {
+    "nodes": Resource(int, 1, "Nodes per run (default 1)."),
+    "gpus_per_node": Resource(int, 0, "GPUs per node, one task (process) each (default 0)."),
+    "cpus_per_task": Resource(int, 1, "CPUs per task, also the run's torch threads."),
+    "timeout_min": Resource(int, 1, "A job's time limit in minutes; at the limit it is requeued and resumes "
+                                    "(default 1440)."),
+    "partition": Resource(str, None, "The Slurm partition."),
+    "account": Resource(str, None, "The Slurm account."),
+    "constraint": Resource(str, None, "A Slurm node constraint (e.g. `volta32gb`)."),
+    "extra": Resource(dict, None, "Any other submitit `slurm_*` parameter, without the prefix: "
+                                  "`{ qos = \"high\", mem_gb = 480 }`."),
+}
 
 # submitit slurm_* parameters that a resource above (or the one-task-per-GPU rule) already sets: passing them
 # through `extra` / --slurm would skip its checks and make the summary lie, so they are refused for it.
@@ -61,7 +129,7 @@ class Validator:
     def fail(self, where: str, problem: str) -> None:
         raise SpachError(f"{self.source}: {where}: {problem}" if self.source else f"{where}: {problem}")
 
-    def keys(self, table: dict, allowed: set[str], where: str, hint: str = "") -> None:
+    def keys(self, table: dict, allowed: Collection[str], where: str, hint: str = "") -> None:
         for key in table:
             if key not in allowed:
                 close = difflib.get_close_matches(key, sorted(allowed), n=1)
@@ -106,6 +174,8 @@ class Validator:
     def train_fields(self, table: dict, where: str, fields: dict[str, dataclasses.Field], allowed: set[str]) -> dict:
         for key, value in table.items():
             if key not in allowed:
+                if key == "imports":
+                    self.fail(f"{where}.{key}", "plugins are the study's: move it to [study] imports")
                 if key in MANAGED:
                     self.fail(f"{where}.{key}", "is set by the battle itself (per contestant and seed); remove it")
                 other = "recipe" if where == "data" else "data"
@@ -136,7 +206,7 @@ class Validator:
 
     def resource(self, where: str, key: str, value: Any) -> None:
         """One batch-job resource (a [slurm] key or its command-line flag) of the right type and size."""
-        kind, least = SLURM_KEYS[key]
+        kind, least, _ = SLURM_KEYS[key]
         if not _is(value, kind):
             self.fail(where, f"expected {_kind_name(kind)}, got {value!r}")
         if least is not None and value < least:
@@ -188,7 +258,28 @@ class Validator:
         if arm not in arms:
             self.fail(f"{where}.arm", f"no arm named {arm!r}; define it as [arm.{arm}] or use one of {', '.join(sorted(arms))}")
         return dict(name=name, model=model, arch=arch, recipe=recipe, arm=arm,
-                    label=self.get(entry, f"{where}.label", str, default=""))
+                    label=self.get(entry, f"{where}.label", str, default=""),
+                    match=self.match(f"{where}.match", self.get(entry, f"{where}.match", dict, default={}), arch))
+
+    def match(self, where: str, match: dict, arch: dict) -> dict:
+        """`match = { macs = <number or contestant name>, tolerance = 0.1 }` (or `params = ...`): a cost
+        target instead of a width (resolved by `spach.battle.matching` once the study is read)."""
+        if not match:
+            return {}
+        self.keys(match, {"macs", "params", "tolerance"}, where)
+        targets = [k for k in ("macs", "params") if k in match]
+        if len(targets) != 1:
+            self.fail(where, "give one target: macs or params, e.g. match = { macs = \"conv-ss\" } (another "
+                      "contestant's) or match = { macs = 5.2e6 }")
+        target = match[targets[0]]
+        if not (isinstance(target, str) or (_is(target, float) and target > 0)):
+            self.fail(f"{where}.{targets[0]}", f"expected a number > 0 or a contestant's name, got {target!r}")
+        tolerance = match.get("tolerance", 0.1)
+        if not _is(tolerance, float) or tolerance <= 0:
+            self.fail(f"{where}.tolerance", f"expected a number > 0 (a fraction: 0.1 is 10%), got {tolerance!r}")
+        if "hidden_dim" in arch:
+            self.fail(where, "picks arch.hidden_dim; remove hidden_dim from arch (or the match)")
+        return {**match, "tolerance": tolerance}
 
     def model(self, where: str, model: str, arch: dict) -> None:
         if model == "spach" and "net_arch" not in arch:

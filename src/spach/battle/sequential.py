@@ -4,69 +4,34 @@ A study with a `budget` runs in looks: a first wave of seeds for every contestan
 look at the results, one more seed for the contestants of the comparisons that are still open and can
 still be decided within what is left, until every finding is decided or nothing open fits.
 
-Validity under repeated looks (Lan & DeMets 1983, O'Brien & Fleming 1979; Jennison & Turnbull 2000,
-ch. 7). Each comparison spends its alpha along its own information fraction t = n / n_max (n: seeds
-in common, n_max: the study's seed list) by the Lan-DeMets O'Brien-Fleming spending function
-    alpha(t) = 2 - 2 Phi(z_{1 - alpha/2} / sqrt(t)),
-and a test at n has the level released since the comparison's previous test: alpha(t_n) - alpha(t_prev).
-Each level is used as the nominal level of that look's own Student-t test, not solved for the exact
-correlated boundary: by the union bound the false-decision rate over all looks is <= alpha whatever
-decides which comparison gets the next seed, with estimated noise and few degrees of freedom, where
-the exact boundary would need the joint distribution the adaptive allocation makes unknowable. The
-price is a little power against the exact boundary; O'Brien-Fleming's shape spends almost nothing at
-the first looks, where a t-test on three seeds is least reliable. TOST equivalence spends its own
-alpha the same way (each one-sided test at the released level). Within a finding the comparisons are
-Holm-corrected at every look, recycling the share of a comparison once it is decided in that family
-(a sequentially rejective Bonferroni procedure: at the first false decision every true null is still
-open, so no look's level exceeds its share of alpha / m0). A decided comparison keeps its verdict.
-tests/test_sequential.py calibrates the whole procedure, looks and allocation included, on simulated
-studies. A study without a budget has one look at its full seed list: the fixed design's Holm tests.
+Validity under repeated looks (Lan & DeMets 1983; Jennison & Turnbull 2000, ch. 7). Each comparison
+spends its alpha along its own information fraction t = n / n_max (n: seeds in common; n_max: the most
+it can reach, fixed from the budget and the run costs before any result is seen, `spach.battle.afford`)
+by the study's spending function (`spach.battle.spending`: O'Brien-Fleming, Pocock or Hwang-Shih-DeCani),
+and a test at n has the level released since the comparison's previous test, alpha(t_n) - alpha(t_prev);
+the test at n_max spends the rest. Seeds in common grow by at most one between two looks, so each
+comparison's levels are fixed numbers per n that sum to alpha. Each level is used as the nominal level of
+that look's own Student-t test, not solved for the exact correlated boundary: by the union bound the
+false-decision rate over all looks is <= alpha whatever decides which comparison gets the next seed, with
+estimated noise and few degrees of freedom, where the exact boundary would need the joint distribution
+the adaptive allocation makes unknowable; the price is a little power against the exact boundary. TOST
+equivalence spends its own alpha the same way (each one-sided test at the released level). Within a
+finding the comparisons are Holm-corrected at every look, recycling the share of a comparison once it is
+decided in that family (a sequentially rejective Bonferroni procedure: at the first false decision every
+true null is still open, so no look's level exceeds its share of alpha / m0). A decided comparison keeps
+its verdict. tests/test_sequential.py calibrates the whole procedure, looks and allocation included, on
+simulated studies, for every spending function. A study without a budget has one look at its full seed
+list: the fixed design's Holm tests.
 """
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scipy import special
-
 from spach.battle import stats
-from spach.errors import SpachError
-from spach.humanize import hms
-
-
-def obf_spent(t: float, alpha: float) -> float:
-    """Lan-DeMets O'Brien-Fleming alpha spent by information fraction t (0 at 0, alpha at 1)."""
-    if t <= 0:
-        return 0.0
-    if t >= 1:
-        return alpha
-    return float(2 * special.ndtr(-special.ndtri(1 - alpha / 2) / math.sqrt(t)))
-
-
-@dataclass(frozen=True)
-class Spending:
-    """The alpha a comparison may spend at each number of seeds in common: looks from `first` to `most`
-    seeds (a fixed design: first == most, all alpha at its one look)."""
-
-    alpha: float
-    first: int
-    most: int
-
-    def spent(self, n: int) -> float:
-        return obf_spent(min(max(n, self.first), self.most) / self.most, self.alpha) if n > 0 else 0.0
-
-    def level(self, tested: list[int]) -> float:
-        """The level of a test at `tested[-1]` seeds, after tests at the earlier entries."""
-        return self.spent(tested[-1]) - (self.spent(tested[-2]) if len(tested) > 1 else 0.0)
-
-    def level_at(self, tested: list[int], k: int) -> float:
-        """For planning: the level a test at k seeds would have after the tests so far (none at seeds
-        already tested: their alpha is spent)."""
-        if tested and k <= tested[-1]:
-            return 0.0
-        return self.spent(k) - (self.spent(tested[-1]) if tested else 0.0)
+from spach.battle.spending import Spending
 
 
 FIXED = Spending(stats.ALPHA, 1, 1)
@@ -85,13 +50,15 @@ class Track:
         return self.decision is not None and self.decision.verdict != "inconclusive"
 
 
-def step(tracks: list[Track], tests: list[stats.PairTest], claims: list[bool], spending: Spending,
+def step(tracks: list[Track], tests: list[stats.PairTest], claims: list[bool], spending: Spending | Sequence[Spending],
          look: int = 1) -> list[stats.Decision]:
     """One look at one finding: test every open comparison at its level (Holm step-down within each of
     the two families, difference and equivalence, recycling the shares of the comparisons it decides),
-    freeze what is decided, and plan the rest. `tracks` carry the history and are updated in place."""
+    freeze what is decided, and plan the rest. `tracks` carry the history and are updated in place;
+    `spending` is one for all comparisons or one per comparison (each its own n_max)."""
     m = len(tests)
-    alpha = spending.alpha
+    spendings = [spending] * m if isinstance(spending, Spending) else list(spending)
+    alpha = spendings[0].alpha if spendings else stats.ALPHA
     fresh = []  # tested at this look: each comparison once per number of seeds, when it grows
     for tr, t in zip(tracks, tests):
         grew = not tr.decided and t.seeds and not math.isnan(t.se) and (not tr.tested or t.seeds > tr.tested[-1])
@@ -103,7 +70,7 @@ def step(tracks: list[Track], tests: list[stats.PairTest], claims: list[bool], s
     changed = True
     while changed:
         changed = False
-        for tr, t, claim, new in zip(tracks, tests, claims, fresh):
+        for tr, t, claim, new, spending in zip(tracks, tests, claims, fresh, spendings):
             if tr.decided or not new:
                 continue
             level = spending.level(tr.tested)
@@ -118,7 +85,7 @@ def step(tracks: list[Track], tests: list[stats.PairTest], claims: list[bool], s
                                          _mdd(t, m), level=level, look=look)
             changed = True
     out = []
-    for tr, t, claim, new in zip(tracks, tests, claims, fresh):
+    for tr, t, claim, new, spending in zip(tracks, tests, claims, fresh, spendings):
         if tr.decided:
             out.append(tr.decision)
             continue
@@ -126,7 +93,7 @@ def step(tracks: list[Track], tests: list[stats.PairTest], claims: list[bool], s
         at = (lambda k, tr=tr: spending.level_at(tr.tested, k) / share_diff) if spending.first < spending.most else None
         seeds, plan = stats.seeds_needed(t, share_diff, level_at=at)
         if seeds is not None and seeds > spending.most and spending.first < spending.most:
-            seeds, plan = None, f"more seeds than the study's {spending.most}: {plan}"
+            seeds, plan = None, f"more seeds than the {spending.most} it can reach: {plan}"
         tr.decision = stats.Decision(t, claim, _adjusted(t.p_diff, share_diff, level, alpha),
                                      _adjusted(t.p_tost, share_eq, level, alpha), "inconclusive", _mdd(t, m), seeds, plan,
                                      level=level / share_diff if level == level else level, look=look)
@@ -168,44 +135,6 @@ def decide(tests: list[stats.PairTest], higher_is_claimed: list[bool]) -> stats.
     return aggregate(step([Track() for _ in tests], list(tests), list(higher_is_claimed), spending))
 
 
-# --- budgets -------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Budget:
-    """What a study may spend: wall seconds of the whole battle ("15m", "2h", "1h30m"), GPU hours of
-    training ("300 gpu-h"), or runs ("120 runs")."""
-
-    kind: str  # "wall", "gpu-h" or "runs"
-    amount: float
-    text: str
-
-    def show(self, value: float) -> str:
-        if self.kind == "wall":
-            return hms(max(value, 0.0))
-        return f"{value:.1f} GPU-h" if self.kind == "gpu-h" else f"{value:.0f} runs"
-
-
-_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
-
-
-def parse_budget(text: Any, where: str = "study.budget") -> Budget:
-    """'15m', '2h', '1h30m', '90s' (wall time), '300 gpu-h' (GPU hours), '120 runs' (runs)."""
-    s = str(text).strip().lower() if isinstance(text, str) else ""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gpu-?h|gpu-?hours?|runs?)", s)
-    if m:
-        amount, unit = float(m.group(1)), m.group(2)
-        kind = "runs" if unit.startswith("run") else "gpu-h"
-        if amount > 0:
-            return Budget(kind, amount, str(text))
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|min|m|s)", s)
-    if parts and re.fullmatch(r"(?:\s*\d+(?:\.\d+)?\s*(?:h|min|m|s))+", s):
-        seconds = sum(float(v) * _UNITS[u] for v, u in parts)
-        if seconds > 0:
-            return Budget("wall", seconds, str(text))
-    raise SpachError(f"{where}: {text!r} is not a budget; e.g. \"15m\", \"2h\", \"1h30m\" (wall time), \"300 gpu-h\" "
-                     "or \"120 runs\"")
-
-
 # --- where the next seeds go ----------------------------------------------------------------------------
 
 @dataclass
@@ -218,6 +147,7 @@ class Open:
     b: str
     need: int | None  # seeds in common that would decide it (80% power, the observed difference as the truth)
     why: str  # the plan in words
+    most: int = 0  # the most seeds it can reach (its n_max; 0: the `most` given to `allocate`)
 
 
 def allocate(items: list[Open], have: dict[str, int], run_cost: dict[str, float], left: float, most: int,
@@ -237,7 +167,7 @@ def allocate(items: list[Open], have: dict[str, int], run_cost: dict[str, float]
                 target[c] = max(target.get(c, 0), o.need or 0)
         return sum(max(0, n - have.get(c, 0)) * run_cost.get(c, math.inf) for c, n in target.items()) / max(slots, 1)
 
-    reachable = [o for o in items if o.need is not None and o.need <= most]
+    reachable = [o for o in items if o.need is not None and o.need <= (o.most or most)]
     by_finding: dict[str, list[Open]] = {}
     for o in items:
         by_finding.setdefault(o.finding, []).append(o)
@@ -264,9 +194,12 @@ def allocate(items: list[Open], have: dict[str, int], run_cost: dict[str, float]
                 if have.get(c, 0) < n <= most:
                     wave[c] = max(wave.get(c, 0), n)
             record["why"] = chosen[o.claim]
-        elif o.need is None or o.need > most:
-            record["why"] = f"out of reach: {o.why}" if o.need is None else f"out of reach: needs {o.need} seeds, the study has {most}"
+        elif o.need is None or o.need > (o.most or most):
+            record["why"] = (f"out of reach: {o.why}" if o.need is None else
+                             f"out of reach: needs {o.need} seeds, it can reach {o.most or most}")
+            record["blocked"] = "seeds"
         else:
             record["why"] = f"out of reach: ~{record['cost']:.3g} to decide, more than what is left"
+            record["blocked"] = "budget"
         records.append(record)
     return wave, records

@@ -162,12 +162,13 @@ def _satterthwaite(seed_term: float, df_seed: float, image_term: float, images: 
 
 def compare(a: ArrayLike, b: ArrayLike, noise: SeedNoise, correct_a: Sequence[ArrayLike | None] | None = None,
             correct_b: Sequence[ArrayLike | None] | None = None, margin: float = MARGIN,
-            alpha: float = ALPHA) -> PairTest:
+            alpha: float = ALPHA, image: tuple[float, int] | None = None) -> PairTest:
     """Test a - b (per-seed scores, aligned by seed, NaN where a run is missing) with the study's noise.
 
     Difference of means over the common seeds; variance 2 sigma^2 / S (seed effects cancel) plus the
     test-set term when per-run correctness vectors are given (lists aligned by seed, None for a run
-    without stored predictions; the term is estimated on the common seeds that have both). Student t
+    without stored predictions; the term is estimated on the common seeds that have both), or as `image`
+    = (sigma_image^2 / N, N) when it is known. Student t
     with Welch-Satterthwaite df gives the two-sided p for a difference and TOST's p for equivalence
     within +-margin (the larger of the two one-sided p's), with the (1 - 2 alpha) and 95% intervals.
     """
@@ -175,7 +176,7 @@ def compare(a: ArrayLike, b: ArrayLike, noise: SeedNoise, correct_a: Sequence[Ar
     both = np.isfinite(a) & np.isfinite(b)
     s = int(both.sum())
     diff = float(np.mean(a[both] - b[both])) if s else math.nan
-    term, images = 0.0, 0
+    term, images = image if image is not None else (0.0, 0)  # a known test-set term (simulated studies)
     if correct_a is not None and correct_b is not None:
         keep = [i for i in np.flatnonzero(both) if correct_a[i] is not None and correct_b[i] is not None]
         if keep:

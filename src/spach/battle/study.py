@@ -5,6 +5,7 @@
     seeds = [0, 1, 2]                       # with a budget: every seed a contestant may get, in order
     budget = "2h"                           # optional: a sequential battle ("15m", "2h", "300 gpu-h", "120 runs")
     first_wave = 3                          # with a budget: the seeds every contestant gets before the first look
+    spending = "pocock"                     # with a budget: how alpha is spent over the looks (obf, pocock, hsd(G))
     questions = ["multi-stage", "hybrid"]   # optional: the findings judged on the main arm (default: all)
     margin = 0.5                            # equivalence margin in points of top-1, fixed before the runs
     imports = ["my_mixers.py"]              # optional: modules or files that register custom mixers
@@ -28,6 +29,12 @@
     recipe = { lr = 1e-3 }                  # optional: only the knobs in CONTESTANT_KNOBS
     arm = "scarce"                          # optional: default "main"
 
+    [[contestant]]
+    name = "attn-ms"
+    arch = { net_arch = [[["conv", 2]], [["attn", 4]]], num_heads = 2 }
+    match = { macs = "conv-ms", tolerance = 0.1 }  # optional, instead of hidden_dim: the width whose MACs
+                                            # (or params) are another contestant's, or a number (5.2e6)
+
     [slurm]                                 # optional: each run's batch job (--launcher slurm; flags win)
     gpus_per_node = 8                       # also nodes, cpus_per_task, timeout_min, partition, account,
     partition = "gpu"                       # constraint, and extra = { qos = "high" } (submitit's slurm_*)
@@ -39,9 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,6 +53,7 @@ from typing import Any
 
 import tomllib
 
+from spach.battle.prior import parse_prior
 from spach.battle.questions import PAPER_FINDINGS, QUESTION_KEYS
 from spach.battle.schema import (
     ARM_KEYS,
@@ -59,10 +64,14 @@ from spach.battle.schema import (
     Validator,
     train_fields,
 )
-from spach.battle.sequential import Spending, parse_budget
+from spach.battle.budget import parse_budget
+from spach.battle.matching import resolve_matches
+from spach.battle.spending import DEFAULT as DEFAULT_SPENDING
+from spach.battle.spending import Spending, spending_function
 from spach.device import parse_device
 from spach.errors import SpachError
 from spach.files import read_text
+from spach.plugins import import_plugins
 from spach.train.config import ConfigError, TrainConfig
 
 MAIN = "main"  # the arm of contestants that name none
@@ -76,6 +85,7 @@ class Contestant:
     recipe: dict[str, Any] = field(default_factory=dict)  # overrides of CONTESTANT_KNOBS
     label: str = ""
     arm: str = MAIN
+    match: dict[str, Any] = field(default_factory=dict)  # a cost target instead of a width, and what it resolved to
 
 
 @dataclass
@@ -108,8 +118,10 @@ class Study:
     source: str = ""  # the file (or preset) it came from, for messages
     sha256: str = ""  # of the study file's text, recorded in the report
     slurm: dict[str, Any] = field(default_factory=dict)  # [slurm]: the batch-job resources of every run
-    budget: str = ""  # a sequential battle's budget (spach.battle.sequential.parse_budget); "": fixed design
+    budget: str = ""  # a sequential battle's budget (spach.battle.budget.parse_budget); "": fixed design
     first_wave: int = 0  # seeds per contestant before the first look (sequential battles)
+    spending: str = ""  # how a sequential battle's comparisons spend alpha ("" : spach.battle.spending.DEFAULT)
+    prior: dict[str, Any] = field(default_factory=dict)  # [prior]: effects and noise the dry run predicts from
     # per arm, the images its runs train and are tested on: recorded by the battle from the data (the report's numbers)
     data_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -117,10 +129,18 @@ class Study:
     def sequential(self) -> bool:
         return bool(self.budget)
 
-    def spending(self) -> Spending:
-        """How the comparisons spend alpha over the looks (a fixed design: all of it at its one look)."""
-        most = len(self.seeds)
-        return Spending(self.alpha, min(self.first_wave, most) if self.sequential else most, most)
+    def spending_of(self, most: int | None = None) -> Spending:
+        """How a comparison that can reach `most` seeds (default: the study's seed list) spends alpha over
+        the looks (a fixed design: all of it at its one look)."""
+        most = most or len(self.seeds)
+        if not self.sequential:
+            return Spending(self.alpha, most, most)
+        return Spending(self.alpha, min(self.first_wave, most), most, self.spending or DEFAULT_SPENDING)
+
+    @property
+    def prior_df(self) -> float:
+        """The degrees of freedom the arm's pooled noise lends each pair (`spach.battle.spending.Spending.prior_df`)."""
+        return self.spending_of().prior_df
 
     def config(self, contestant: Contestant | None = None, seed: int | None = None, output: str = "",
                **extra: Any) -> TrainConfig:
@@ -129,7 +149,8 @@ class Study:
         c = contestant or self.contestants[0]
         arm = self.arms.get(c.arm, Arm(MAIN))
         return TrainConfig(**{**self.data, **self.recipe, **arm.data, **arm.recipe, **c.recipe}, model=c.model,
-                           model_kwargs=c.arch, seed=self.seeds[0] if seed is None else seed, output=output, **extra)
+                           model_kwargs=c.arch, imports=self.imports, seed=self.seeds[0] if seed is None else seed,
+                           output=output, **extra)
 
     def questions_of(self, arm: str) -> list[str]:
         """The findings judged on `arm` (the main arm: the study's questions, by default every finding
@@ -205,19 +226,22 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         tested_elsewhere=v.get(st, "study.tested_elsewhere", dict, default={}),
         budget=v.get(st, "study.budget", str, default=""),
         first_wave=v.get(st, "study.first_wave", int, default=0),
+        spending=v.get(st, "study.spending", str, default=""),
         contestants=[],
         source=source,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
     )
     if study.jobs < 1:
         v.fail("study.jobs", f"must be >= 1, got {study.jobs}")
+    if st.get("first_wave") == 0:
+        v.fail("study.first_wave", f"must lie in 2..{len(study.seeds)} (the seeds listed), got 0")
     if study.margin < 0:
         v.fail("study.margin", f"must be >= 0 (points of top-1; 0: no equivalence test), got {study.margin}")
     if not 0 < study.alpha < 0.5:
         v.fail("study.alpha", f"must lie in (0, 0.5), got {study.alpha}")
     check_looks(study, v.fail)
     v.questions(list(study.tested_elsewhere), "study.tested_elsewhere")
-    import_plugins(study.imports, source)
+    import_plugins(study.imports, f"{source}: study.imports")
     fields = train_fields()
     recipe_fields = set(fields) - MANAGED - DATA_FIELDS
     study.data = v.train_fields(v.table(raw, "data"), "data", fields, allowed=DATA_FIELDS)
@@ -253,11 +277,14 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
             v.channels(study.config(c))
         except ConfigError as e:
             v.config_error(e, c.name, c.recipe, c.arm)
+    study.prior = parse_prior(raw.get("prior"), set(names), v.fail)
+    resolve_matches(study, v.fail)
     return study
 
 
 def check_looks(study: Study, fail: Any) -> None:
-    """A sequential study's budget and first wave (`fail(where, problem)` raises)."""
+    """A sequential study's budget, first wave and spending function (`fail(where, problem)` raises);
+    an unset first wave (0) becomes min(3, seeds) with a budget."""
     if study.budget:
         try:
             parse_budget(study.budget)
@@ -268,19 +295,31 @@ def check_looks(study: Study, fail: Any) -> None:
     elif study.first_wave:
         fail("study.first_wave", "needs a budget: add study.budget (e.g. \"15m\") for a sequential battle, or drop first_wave")
     if study.first_wave and not 2 <= study.first_wave <= len(study.seeds):
-        fail("study.first_wave", f"must lie in 2..{len(study.seeds)} (the seeds listed), got {study.first_wave}")
+        fail("study.first_wave", f"must lie in 2..{len(study.seeds)} (the seeds listed; two are the fewest a pair's noise "
+             f"can be estimated from), got {study.first_wave}")
+    if study.budget and parse_budget(study.budget).kind == "gpu-h" and study.config().device == "cpu":
+        fail("study.budget", f"{study.budget!r} counts GPU hours, but recipe.device is \"cpu\"; give wall time (e.g. "
+             "\"15m\") or runs (e.g. \"40 runs\")")
+    if study.spending:
+        if not study.budget:
+            fail("study.spending", "needs a budget: a fixed design spends all its alpha at its one look; drop spending")
+        try:
+            spending_function(study.spending)
+        except SpachError as e:
+            fail("study.spending", str(e))
 
 
 def check_runnable(study: Study) -> None:
-    """What only matters when the study is about to train here: the device it asks for exists."""
+    """What only matters when the study is about to train here: the device it asks for exists, and a
+    budget of GPU hours has GPUs to count."""
     device = study.config().device
     try:
-        parse_device(device)
+        found = parse_device(device)
     except SpachError as e:
         raise SpachError(f"{study.source}: recipe.device: {e}") from None
-
-
-_IMPORTED: set[str] = set()  # a plugin file registers its mixers once per process
+    if study.budget and parse_budget(study.budget).kind == "gpu-h" and found.type == "cpu":
+        raise SpachError(f"{study.source}: study.budget: {study.budget!r} counts GPU hours, but this study's runs train on "
+                         "the CPU here; give wall time (e.g. \"15m\") or runs (e.g. \"40 runs\")")
 
 
 def _with_base(raw: dict, v: Validator) -> dict:
@@ -289,7 +328,7 @@ def _with_base(raw: dict, v: Validator) -> dict:
     base = raw.get("study", {}).get("base") if isinstance(raw.get("study"), dict) else None
     if base is None:
         return raw
-    for name in sorted(TABLES - {"contestant"}):  # merged key by key below: each must be a table
+    for name in sorted(set(TABLES) - {"contestant"}):  # merged key by key below: each must be a table
         v.table(raw, name)
     entries = raw.get("contestant", [])
     for i, entry in enumerate(entries if isinstance(entries, list) else [entries]):
@@ -304,49 +343,6 @@ def _with_base(raw: dict, v: Validator) -> dict:
     merged["contestant"] = [own.pop(c.get("name"), c) for c in parent.get("contestant", [])] + list(own.values())
     merged["study"].pop("base", None)
     return merged
-
-
-def import_plugins(imports: list[str], source: str = "study") -> None:
-    """Import the modules or .py files that register custom mixers (`spach.register_mixer`)."""
-    taken = [f"{Path(item).stem} ({taken_by})" for item in imports if item not in _IMPORTED and item.endswith(".py")
-             for taken_by in [_module_taken(item)] if taken_by]
-    if taken:
-        raise SpachError(f"{source}: study.imports: a plugin file is imported under its file name, and these names "
-                         f"are taken by installed modules: {', '.join(taken)}; rename the file(s)")
-    for item in imports:
-        if item in _IMPORTED:
-            continue
-        try:
-            if item.endswith(".py"):
-                spec = importlib.util.spec_from_file_location(Path(item).stem, item)
-                if spec is None or not Path(item).is_file():
-                    raise FileNotFoundError(item)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[spec.name] = module
-                spec.loader.exec_module(module)
-            else:
-                importlib.import_module(item)
-        except SpachError:
-            raise
-        except Exception as e:
-            why = " ".join(str(e).split())  # one line, whatever the plugin's message holds
-            raise SpachError(f"{source}: study.imports: cannot import {item!r} ({type(e).__name__}: {why})") from None
-        _IMPORTED.add(item)
-
-
-def _module_taken(item: str) -> str:
-    """Where the module named like plugin file `item` comes from, when that is not `item` itself ('' if free)."""
-    name = Path(item).stem
-    try:
-        module = sys.modules.get(name)
-        origin = getattr(module, "__file__", None) if module else getattr(importlib.util.find_spec(name), "origin", None)
-    except (ImportError, ValueError):
-        return ""
-    if origin is None and (module is not None or importlib.util.find_spec(name) is not None):
-        return "a built-in module"
-    if origin is None or Path(origin).resolve() == Path(item).resolve():
-        return ""
-    return origin
 
 
 def _resolve_import(item: Any, base: Path | None) -> str:

@@ -26,6 +26,7 @@ from spach.models.blocks import (
     Stem,
     to_nchw,
 )
+from spach.models import dwconv, focal, gated, gmlp, scan, window  # noqa: F401  (register the mixers after SPACH, DESIGN.md 2c)
 from spach.models.checks import check_global_pool, check_grid
 from spach.models.mixers import MixerContext, build_mixer, canonical_mixer
 
@@ -190,7 +191,7 @@ class SpachNet(nn.Module):
             dim = cfg.width(i)
             ctx = MixerContext(
                 dim=dim, grid_size=cfg.grid(i), num_heads=cfg.num_heads, token_ratio=cfg.token_ratio,
-                qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate,
+                qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate, drop=cfg.drop_rate, channel_ratio=cfg.channel_ratio,
             )
             shared: dict[str, nn.Module | None] = {}
             blocks = []
@@ -244,10 +245,8 @@ class SpachNet(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters timm's optimizer factory keeps out of weight decay (besides 1-d ones)."""
         skip = {"pos_embed"} if self.pos_embed is not None else set()
-        for prefix, m in self.named_modules():  # those a mixer names (Swin's relative position bias table)
-            if m is not self and callable(getattr(m, "no_weight_decay", None)):
-                skip |= {f"{prefix}.{n}" for n in m.no_weight_decay()}
-        return skip | {n for n, p in self.named_parameters() if n.endswith(".gamma") or p.ndim <= 1}
+        return skip | {n for n, p in self.named_parameters()
+                       if n.endswith(".gamma") or p.ndim <= 1 or getattr(p, "_no_weight_decay", False)}
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

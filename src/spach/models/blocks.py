@@ -70,6 +70,8 @@ class MixingBlock(nn.Module):
     (the same sum, up to rounding), in the residual stream's own precision.
 
     `mixer=None` is the conv family: no LN1, no gamma, only the depthwise-conv bypass (CPE).
+    A mixer that `replaces_channel_mlp` (MambaOut's Gated CNN) goes in the MLP's place instead:
+    `y = x + CPE(x)`, `out = y + DropPath(mixer(LN2(y)))`.
     A shared mixer is passed in already built; the block only holds a reference to it.
     """
 
@@ -84,6 +86,9 @@ class MixingBlock(nn.Module):
         drop_path: float = 0.0,
     ):
         super().__init__()
+        channel_mixer = mixer if getattr(mixer, "replaces_channel_mlp", False) else None
+        if channel_mixer is not None:
+            mixer = None
         if mixer is not None:
             self.norm1 = LayerNorm(dim, eps=LN_EPS)
             self.mixer = mixer
@@ -94,7 +99,9 @@ class MixingBlock(nn.Module):
         if cpe:  # the identity as a depthwise 3x3 kernel: x + CPE(x) is one conv with it added
             self.register_buffer("cpe_identity", F.pad(torch.ones(dim, 1, 1, 1), (1, 1, 1, 1)), persistent=False)
         self.norm2 = LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * channel_ratio), act_layer=nn.GELU, drop=drop)
+        if channel_mixer is None:
+            channel_mixer = Mlp(dim, int(dim * channel_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = channel_mixer
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ def is_official(state_dict: dict[str, Any]) -> bool:
 
 
 def official_to_spach(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official SPACH state dict in our parameter names (`layer2.1.spatial_func.qkv` -> `stages.1.blocks.0.mixer.qkv`)."""
     out = {}
     for key, value in state_dict.items():
         if m := re.match(r"^blocks\.(\d+)\.(.+)$", key):
@@ -203,6 +204,15 @@ def check_fits(state_dict: dict[str, torch.Tensor], model: nn.Module, skip_prefi
     else:
         hint = "is it a checkpoint of another model or img_size?"
     raise CheckpointError(f"checkpoint does not fit model {name} ({'; '.join(parts)}); {hint}")
+
+
+def head_and_channels(state_dict: dict[str, torch.Tensor], pretrained_cfg: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(classes, input channels) read off a checkpoint's weights: its classifier's rows and its first conv's
+    input channels (names from the model's pretrained config); None where it has no such tensor."""
+    head = state_dict.get(f"{pretrained_cfg.get('classifier', 'head')}.weight")
+    conv = state_dict.get(f"{pretrained_cfg.get('first_conv', 'stem.proj')}.weight")
+    return (int(head.shape[0]) if head is not None and head.ndim else None), \
+        (int(conv.shape[1]) if conv is not None and conv.ndim == 4 else None)
 
 
 def _dtype(t: torch.Tensor) -> str:

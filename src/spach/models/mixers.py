@@ -17,8 +17,8 @@ exactly those, so a new mixer is a small class plus one `@register_mixer("name")
 Ops that torch's FLOP counter does not see (pooling, say) are counted by an `uncounted_macs(x)`
 method on the mixer (see `spach.models.flops`). A mixer whose weights need their own initialisation
 (the backbone gives every Linear xavier-uniform weights) does it in an `init_weights()` method, which
-the backbone calls after its own init (as timm's models do); parameters to keep out of weight decay
-it names in `no_weight_decay()` (Swin's relative position bias table).
+the backbone calls after its own init (as timm's models do); a parameter to keep out of weight decay
+carries `_no_weight_decay = True` (Swin's relative position bias table, the scan's A and D).
 
 A mixer with one integer hyper-parameter registers with `param=` naming its constructor argument:
 `@register_mixer("dwconv", param="kernel_size")` makes `dwconv7`, `dwconv31`, ... name it with that
@@ -26,6 +26,8 @@ value; the bare `dwconv` is the constructor's default (`dwconv7`), which is also
 
 The "conv" family has no spatial-mixing module at all (its block is only the 3x3 depthwise conv bypass
 and the channel MLP): its name is listed in `MIXERS_WITHOUT_MODULE` and `build_mixer` returns None.
+A mixer class with `replaces_channel_mlp = True` (MambaOut's Gated CNN, `spach.models.gated`) is put in
+the block's channel-MLP slot instead: its block has the CPE and that module, no LN1/gamma branch.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class MixerContext:
     qkv_bias: bool = True
     attn_drop: float = 0.0
     drop: float = 0.0
+    channel_ratio: float = 2.0
     block_index: int = 0  # the block's place in its net_arch run of this mixer (0 = first): Swin shifts odd ones
 
     @property

@@ -294,6 +294,7 @@ def _official_depths(state_dict: dict[str, torch.Tensor]) -> list[int]:
 
 
 def official_to_smlpnet(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official sMLPNet state dict in our layout (the flat block lists grouped into stages)."""
     starts, k = [], 0
     for d in _official_depths(state_dict):
         starts.append(k)

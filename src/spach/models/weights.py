@@ -3,25 +3,27 @@ spach`), `spach.create_model(name, pretrained=True)` and `spach eval --model NAM
 
 Each model whose checkpoint the authors publish has it as the `url` of its pretrained config
 (`registry.OFFICIAL_WEIGHTS`). It is downloaded once into timm's and torch hub's cache
-(`torch.hub.get_dir()/checkpoints`: `$TORCH_HOME/hub/checkpoints`, or timm's `cache_dir=`) with torch's
-downloader (a progress bar on a terminal only), into a temporary file beside its place there, and
-moved into place only once it reads as this model's checkpoint (the official-to-spach conversion
-and the strict fit pass): a cut transfer, an HTML error page or another model's file is one line
-and leaves nothing behind, so the next call downloads again. It then loads through spach's one
-loader (`convert.load_checkpoint`: weights_only, the official `argparse.Namespace` allowed, strict).
+(`torch.hub.get_dir()/checkpoints`: `$TORCH_HOME/hub/checkpoints`, or timm's `cache_dir=`) by
+`download` (bounded in time, every failure one line; a progress bar on a terminal only), into a
+locked scratch folder beside its place there (`.spach-download-<pid>-<hex>/`), and moved into place
+only once it reads as this model's checkpoint (the official-to-spach conversion and the strict fit
+pass): a cut transfer, an HTML error page or another model's file is one line and leaves nothing
+behind, so the next call downloads again. Ctrl-C and SIGTERM remove the scratch folder; one that a
+killed process left (nobody holds its lock) is removed by the next download. The checkpoint then
+loads through spach's one loader (`convert.load_checkpoint`: weights_only, the official
+`argparse.Namespace` allowed, strict).
 
 `SPACH_WEIGHTS_URL` redirects every download to a mirror (`https://host/path/`) or a local folder:
-the file of the same name there is fetched (and cached) instead. A server that stops sending for
-`SPACH_DOWNLOAD_TIMEOUT` seconds (default 60) fails the download instead of hanging it.
+the file of the same name there is fetched (and cached) instead. `SPACH_DOWNLOAD_TIMEOUT` (default
+60 s) bounds the wait for the server's next bytes and sets the slowest average rate a download may
+keep (1 MiB per that many seconds, after twice that long; see `download`).
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import os
-import socket
 import sys
-import urllib.error
-import uuid
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -32,12 +34,16 @@ import timm
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from spach.errors import CheckpointError, SpachError
+from spach.files import os_error, scratch_folder
 from spach.models.convert import check_fits, load_checkpoint, read_checkpoint
+from spach.models.download import TIMEOUT_ENV, DownloadError, download, download_timeout  # noqa: F401 (TIMEOUT_ENV: re-exported)
+from spach.models.limits import check_size
 from spach.models.registry import OFFICIAL_WEIGHTS, Family, family_of_variant, feature_net, sync_cfg
+from spach.signals import interrupting
 
 MIRROR_ENV = "SPACH_WEIGHTS_URL"
-TIMEOUT_ENV = "SPACH_DOWNLOAD_TIMEOUT"
-DEFAULT_TIMEOUT_S = 60.0
+SCRATCH_PREFIX = ".spach-download-"  # a download's scratch folder in the cache: <prefix><pid>-<hex>/<file>
+LEGACY_STALE_S = 3600  # an unlocked temporary of an earlier spach or torch.hub untouched this long is abandoned
 _FILE_WAY = "or load a copy with pretrained_cfg_overlay=dict(file=PATH) (spach eval: --pretrained PATH)"
 
 
@@ -100,20 +106,27 @@ def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Pa
     if target.is_file():
         return target
     src, timeout = source_url(url), download_timeout()  # a bad timeout is refused before anything is written
-    part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")  # beside its place: the rename is atomic
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part.open("xb").close()
-    except OSError as e:
-        raise SpachError(f"cannot write to the weights cache {target.parent} ({e.strerror or e}); point TORCH_HOME at a "
-                         f"writable folder (the cache is $TORCH_HOME/hub/checkpoints), {_FILE_WAY}") from None
-    try:
+    with interrupting(), contextlib.ExitStack() as stack:  # SIGTERM too ends it as Ctrl-C does: nothing is left
         try:
-            _download(src, part, timeout)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise SpachError(f"cannot download the official weights of {name} from {src} ({_reason(e, timeout)}); copy {url} "
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(target)
+            part = stack.enter_context(scratch_folder(target, SCRATCH_PREFIX, "download folder")) / target.name
+            file = stack.enter_context(part.open("xb"))
+        except (OSError, SpachError) as e:
+            # scratch_folder's SpachError is one about an OSError: its strerror names the cause best
+            cause = e if isinstance(e, OSError) else e.__context__
+            raise SpachError(f"cannot write to the weights cache {target.parent} ({getattr(cause, 'strerror', None) or e}); "
+                             f"point TORCH_HOME at a writable folder (the cache is $TORCH_HOME/hub/checkpoints), "
+                             f"{_FILE_WAY}") from None
+        try:
+            download(src, file, timeout, progress=sys.stderr.isatty())
+        except DownloadError as e:
+            raise SpachError(f"cannot download the official weights of {name} from {src} ({e}); copy {url} "
                              f"to {target}, set {MIRROR_ENV} to a mirror URL or a folder holding {target.name}, "
                              f"{_FILE_WAY}") from None
+        except OSError as e:
+            raise os_error(e, part) from None
+        file.close()
         try:
             validate(part, name)
         except CheckpointError as e:
@@ -121,42 +134,19 @@ def fetch(name: str, url: str, cache_dir: str | os.PathLike | None = None) -> Pa
             raise SpachError(f"the file downloaded from {src} is not the official checkpoint of {name} ({reason}); "
                              f"nothing was cached: try again, or copy the right file to {target}") from None
         os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
     return target
 
 
-def download_timeout() -> float:
-    """Seconds a download may wait for the server's next bytes (`SPACH_DOWNLOAD_TIMEOUT`, default 60)."""
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    try:
-        value = float(text) if text else DEFAULT_TIMEOUT_S
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise SpachError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds above 0; e.g. {TIMEOUT_ENV}=120")
-    return value
-
-
-def _download(src: str, part: Path, timeout: float) -> None:
-    # torch's downloader opens the URL without a timeout, so a stalled server would hang it for good;
-    # the socket default bounds each connect and read (not the whole transfer) and is put back after.
-    before = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        torch.hub.download_url_to_file(src, str(part), progress=sys.stderr.isatty())
-    finally:
-        socket.setdefaulttimeout(before)
-
-
-def _reason(e: BaseException, timeout: float) -> str:
-    if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
-        return f"the server sent nothing for {timeout:g} s; {TIMEOUT_ENV} sets how long to wait"
-    if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code} {e.reason}"
-    if isinstance(e, urllib.error.URLError):
-        return str(e.reason)
-    return str(e) or type(e).__name__
+def _remove_stale(target: Path) -> None:
+    """Remove what killed downloads of `target` left before spach locked its temporaries: spach's own
+    `.<name>.<hex>.part` and torch.hub's `<name>.<hex>.partial`, once untouched for LEGACY_STALE_S
+    (nobody locks them, so only their age tells they are abandoned)."""
+    for old in [*target.parent.glob(f".{target.name}.*.part"), *target.parent.glob(f"{target.name}.*.partial")]:
+        try:
+            if time.time() - old.stat().st_mtime > LEGACY_STALE_S:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def load_official(model: nn.Module, name: str, url: str, cache_dir: str | os.PathLike | None = None) -> nn.Module:
@@ -182,6 +172,8 @@ def build(family: Family, variant: str, pretrained: bool = False, **kwargs: Any)
     features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
     kwargs.pop("feature_cls", None)  # always the getter: every family has forward_intermediates
     official = official_source(variant, kwargs) if pretrained else None
+    check_size(variant, kwargs.get("img_size"),
+               lambda: build_model_with_cfg(family.model_cls, variant, False, pretrained_filter_fn=family.filter_fn, **kwargs))
     model = build_model_with_cfg(
         family.model_cls, variant, pretrained and official is None, pretrained_filter_fn=family.filter_fn, **kwargs,
     )

@@ -92,11 +92,8 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * self.wh - 1) * (2 * self.ww - 1), num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.relative_position_bias_table._no_weight_decay = True  # as in Swin
         self.register_buffer("relative_position_index", relative_position_index(self.wh, self.ww), persistent=False)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"relative_position_bias_table"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = check_windows(x, self.wh, self.ww)

@@ -17,6 +17,7 @@ from spach.errors import SpachError
 from spach.models import shiftvit, smlpnet, spach_variants  # noqa: F401  (registers the variants)
 from spach.models.backbone import SpachConfig, SpachNet
 from spach.models.convert import load_checkpoint
+from spach.models.limits import check_size
 from spach.models.registry import (
     OFFICIAL_TOP1,
     family_cfg,
@@ -66,6 +67,7 @@ def create_model(
         raise SpachError("pretrained=True loads the official weights of a zoo model; name one (see 'spach models'), "
                          "or pass the path of a checkpoint")
     if name == "spach":
+        check_size(name, overrides.get("img_size"), lambda: SpachNet(SpachConfig(**overrides)))
         model: nn.Module = SpachNet(SpachConfig(**overrides))
         model.pretrained_cfg = family_cfg(family)
         sync_cfg(model, "spach")

@@ -4,6 +4,7 @@ run starts: fresh, resumed from its folder's checkpoint, or refused because the 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from spach.errors import CheckpointError, SpachError
 from spach.files import LOCK_FILE, atomic_save, atomic_save_safetensors, is_safetensors, read_json, safetensors_metadata
 from spach.models.convert import load_file
+from spach.plugins import import_plugins
 from spach.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_dict
 
 
@@ -50,8 +52,9 @@ def save_weights(state_dict: dict[str, torch.Tensor], info: dict[str, Any], path
     return path
 
 
-# (model_kwargs are checked where they are used: stored ones may not widen what loading does)
-_USED_ARGS = ("model", "img_size", "mean", "std")
+# The settings `spach eval` and `spach export` take from a checkpoint: checked as the flags are (model_kwargs
+# may neither set what a flag sets nor widen what loading does)
+_USED_ARGS = ("model", "model_kwargs", "img_size", "mean", "std", "imports")
 
 
 def read_args(path: str | os.PathLike) -> dict[str, Any]:
@@ -70,12 +73,28 @@ def checked_args(args: Any, path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} stores model_kwargs = {kwargs!r}, not a JSON object: the file was "
                               "altered or not written by spach; re-save it from the trained model")
     stored = {k: args[k] for k in _USED_ARGS if k in args}
-    try:  # the settings `spach eval` and `spach export` take from the file get the flags' checks
+    try:
         TrainConfig(**stored)
     except ConfigError as e:
+        if e.field == "model_kwargs":  # what --model-kwargs may not do, a stored one may not either
+            raise CheckpointError(f"checkpoint {path} stores model_kwargs that {e.problem}; it was refused (the file "
+                                  "was altered or written by an older spach)") from None
         raise CheckpointError(f"checkpoint {path} stores an invalid {e.field} (it {e.problem}): the file was altered "
                               "or not written by spach; re-save it from the trained model") from None
     return args
+
+
+def import_recorded_plugins(args: dict[str, Any], given: list[str] | None, path: str | os.PathLike) -> None:
+    """Import the plugins (custom mixers) the run of checkpoint `path` recorded in its `args`, said on
+    stderr; `given` (--imports) replaces them (an empty list: none)."""
+    if given is not None:
+        import_plugins(given, "--imports")
+        return
+    recorded = args.get("imports") or []  # checked_args checked: a list of module names or absolute .py paths
+    if recorded:
+        import_plugins(recorded, f"checkpoint {path}: imports (recorded by its run; pass --imports to name them anew)")
+        print(f"imported the plugin(s) the run of {path} recorded: {', '.join(recorded)} (--imports overrides)",
+              file=sys.stderr, flush=True)
 
 
 def resume_point(cfg: TrainConfig, out: Path) -> Path | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from timm.optim import list_optimizers
 
 from spach.device import AMP_CHOICES
 from spach.errors import SpachError
+from spach.models.limits import MAX_IMG_SIZE
 from spach.train.logs import parse_log
 from spach.train.runtime import default_workers
 
@@ -26,6 +28,19 @@ class ConfigError(SpachError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field} {problem}")
         self.field, self.problem = field, problem
+
+
+class Default(float):
+    """A recipe default (TrainConfig's or a preset's), told apart from the same number given by a flag, a
+    config file or a study: a default warm-up that would fill the whole run is cut to fit it, a given one
+    is refused (`check`)."""
+
+
+class _Cut(Default):
+    """A default warm-up cut to fit the run (said by `warmup_note`)."""
+
+
+DEIT_WARMUP = (20, 300)  # DeiT's warm-up: 20 of its 300 epochs
 
 
 def _knob(default: Any, help: str, **kw: Any) -> Any:
@@ -44,6 +59,9 @@ class TrainConfig:
     pretrained: str = _knob("", "start from this checkpoint (official or spach); a head for another class count is re-initialised (fine-tuning)", group="model")
     drop_path: float = _knob(0.1, "stochastic depth rate", group="model")
     drop: float = _knob(0.0, "dropout rate", group="model")
+    imports: list = _knob([], "modules or .py files to import first: plugins that register custom mixers or models (their "
+                              "code runs); recorded (absolute paths), so eval, export and a resume import them too",
+                          group="model", item=str)
     # data
     dataset: str = _knob("imagefolder", "imagefolder (train/ and val/ class folders), fashion-mnist (fmnist), cifar10, cifar100, or tiny (built-in toy set)", group="data")
     data_path: str = _knob("", "data folder (fashion-mnist defaults to /usr/share/datasets/fashion-mnist)", group="data")
@@ -52,7 +70,7 @@ class TrainConfig:
     std: list = _knob([], "normalisation std per channel (empty: as --mean)", group="data")
     train_subset: int = _knob(0, "train on this many training images only, a fixed random subset (0: all)", group="data")
     val_subset: int = _knob(0, "validate on this many validation images only, a fixed random subset (0: all)", group="data")
-    eval_train_subset: int = _knob(0, "also evaluate each epoch on this many training images, un-augmented (train_eval_loss/top1; 0: off)", group="data")
+    eval_train_subset: int = _knob(0, "also evaluate on this many training images, un-augmented, whenever the validation set is scored (train_eval_loss/top1; 0: off)", group="data")
     workers: int = _knob(default_workers(), "data loader worker processes for image folders (in-memory sets load in the main "
                                             "process; default: at most 4, no more than this machine's CPUs)", group="data")
     skip_bad_images: bool = _knob(False, "count and skip unreadable images instead of failing", group="data")
@@ -64,7 +82,9 @@ class TrainConfig:
     lr_base_size: int = _knob(512, "batch size at which --lr applies (0: use --lr as is)", group="recipe")
     min_lr: float = _knob(1e-5, "final lr of the cosine schedule", group="recipe")
     warmup_lr: float = _knob(1e-6, "lr at the start of the linear warm-up", group="recipe")
-    warmup_epochs: float = _knob(20, "warm-up epochs", group="recipe")
+    warmup_epochs: float = _knob(Default(DEIT_WARMUP[0]), f"warm-up epochs (the default, DeiT's {DEIT_WARMUP[0]} of "
+                                 f"{DEIT_WARMUP[1]}, is cut to the same share of a run it would fill; a value given must "
+                                 "be fewer than --epochs)", group="recipe")
     opt: str = _knob("adamw", "optimizer (any timm.optim name)", group="recipe")
     opt_eps: float = _knob(1e-8, "optimizer epsilon", group="recipe")
     momentum: float = _knob(0.9, "momentum (SGD-type optimizers)", group="recipe")
@@ -96,6 +116,10 @@ class TrainConfig:
     device: str = _knob("auto", "auto, cpu, cuda or cuda:N", group="run")
     progress: str = _knob("auto", "auto (a bar on a terminal, periodic lines otherwise), bar, lines or none", group="run")
     log_interval: int = _knob(50, "steps between progress lines", group="run")
+    eval_every: int = _knob(1, "score the validation set (and --eval-train-subset) every N epochs and always after the last one; "
+                               "0: only after the last one (the weights trained are the same either way)", group="run")
+    deadline: float = _knob(0.0, "stop at the first training step after this Unix time, saving a checkpoint that --resume auto "
+                                 "continues (0: no deadline; a battle sets it from its budget)", group="run")
     log: str = _knob("auto", "experiment logs beside metrics.jsonl: tensorboard, wandb (offline), both comma-separated, "
                              "none, or auto (tensorboard when it is installed; the choice is recorded in config.json)", group="run")
     save_format: str = _knob("torch", "format of the model weights kept (best, and final): torch (.pth) or safetensors "
@@ -104,12 +128,30 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if isinstance(self.warmup_epochs, Default) and self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            self.warmup_epochs = _Cut(round(self.epochs * DEIT_WARMUP[0] / DEIT_WARMUP[1], 4))
+        # plugin files by absolute path: eval, export or a resume elsewhere import the same files
+        self.imports = [os.path.abspath(os.path.expanduser(i)) if i.endswith(".py") else i for i in self.imports]
 
 
 # Settings that may change when a run is resumed; any other difference means another run.
-# ("tensorboard" is the knob `log` replaced: run folders of earlier versions still hold it.)
+# ("tensorboard" is the knob `log` replaced: run folders of earlier versions still hold it; "imports" name
+# where the mixers come from, which may move, and runs of earlier versions record none.)
 RESUMABLE_CHANGES = {"resume", "workers", "progress", "log_interval", "log", "tensorboard", "save_format", "epochs", "device",
-                     "eval_batch_size", "output"}
+                     "eval_batch_size", "output", "imports", "eval_every", "deadline"}
+
+
+def scores_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether epoch `epoch` (1-based) ends with scoring the validation set (and the training subset)."""
+    return epoch >= cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0)
+
+
+def warmup_note(cfg: TrainConfig) -> str:
+    """The one-line notice of a default warm-up cut to fit the run ('' when it was not)."""
+    if not isinstance(cfg.warmup_epochs, _Cut):
+        return ""
+    return (f"the default warm-up would last the whole run ({cfg.epochs} epoch(s)): cut to {cfg.warmup_epochs:g} epochs, "
+            f"DeiT's share ({DEIT_WARMUP[0]} of {DEIT_WARMUP[1]}); --warmup-epochs sets it")
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -121,13 +163,12 @@ DATASET_NAMES = ("imagefolder", "fashion-mnist", "fmnist", "cifar10", "cifar100"
 _CHOICES = {"amp": AMP_CHOICES, "mixup_mode": ("batch", "pair", "elem"), "remode": ("const", "rand", "pixel"),
             "progress": ("auto", "bar", "lines", "none"), "save_format": ("torch", "safetensors"),
             "train_interpolation": ("bilinear", "bicubic", "nearest", "random", "lanczos", "box", "hamming")}
-_AT_LEAST = {"epochs": 1, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log_interval": 1, "workers": 0, "seed": 0,
+_AT_LEAST = {"epochs": 1, "eval_every": 0, "deadline": 0, "batch_size": 1, "repeated_aug": 1, "recount": 1, "log_interval": 1, "workers": 0, "seed": 0,
              "train_subset": 0, "val_subset": 0, "eval_train_subset": 0, "img_size": 0, "eval_batch_size": 0,
              "lr_base_size": 0, "warmup_epochs": 0, "min_lr": 0, "warmup_lr": 0, "weight_decay": 0, "clip_grad": 0,
              "mixup": 0, "cutmix": 0, "color_jitter": 0, "momentum": 0}
-# Upper bounds no run reaches on purpose: the seed is numpy's and torch's (32 bits); an image side
-# beyond 4096 pixels is a typo that would only run out of memory.
-MAX_IMG_SIZE = 4096
+# Upper bounds no run reaches on purpose: the seed is numpy's and torch's (32 bits); the image side is
+# the models' own limit (spach.models.limits).
 _AT_MOST = {"seed": 2**32 - 1, "img_size": MAX_IMG_SIZE}
 _PROBABILITY = ("mixup_prob", "mixup_switch_prob", "hflip", "reprob")
 _RATE = ("smoothing", "drop_path", "drop")  # in [0, 1)
@@ -174,6 +215,9 @@ def check(cfg: TrainConfig) -> None:
     for name, low in _AT_LEAST.items():
         if getattr(cfg, name) < low:
             raise ConfigError(name, f"must be >= {low}, got {getattr(cfg, name)!r}")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs and not isinstance(cfg.warmup_epochs, Default):
+        raise ConfigError("warmup_epochs", f"must be fewer than the run's epochs ({cfg.warmup_epochs:g} >= {cfg.epochs}): "
+                                           "it would never leave its warm-up; lower it (0: no warm-up)")
     for name, high in _AT_MOST.items():
         if getattr(cfg, name) > high:
             raise ConfigError(name, f"must be <= {high}, got {getattr(cfg, name)!r}")
@@ -216,6 +260,8 @@ def check(cfg: TrainConfig) -> None:
     except ValueError as e:
         raise ConfigError("log", str(e)) from None
     check_model_kwargs(cfg.model_kwargs)
+    if not all(isinstance(i, str) and i.strip() for i in cfg.imports):
+        raise ConfigError("imports", f"must be a list of module names or .py files, got {cfg.imports!r}")
     _check_opt(cfg.opt)
     _check_aa(cfg.aa)
     _check_device(cfg.device)

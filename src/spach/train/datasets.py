@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from spach.errors import SpachError, first_line
+from spach.train import contents
 
 FMNIST_DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -64,6 +66,17 @@ def canonical_dataset(name: str) -> str:
     return name
 
 
+def dataset_shape(data: dict[str, Any]) -> tuple[int, int, int]:
+    """(classes, channels, image size) models are built for from a study's [data] table (`dataset`,
+    `data_path`, `img_size`), without loading the data: an image folder's classes are its train/ folders."""
+    name = canonical_dataset(data.get("dataset", "imagefolder"))
+    classes, chans, native = DATASETS[name][:3]
+    path = Path(data.get("data_path", "") or ".") / "train"
+    if name == "imagefolder" and path.is_dir():
+        classes = sum(1 for p in path.iterdir() if p.is_dir()) or classes
+    return classes, chans, data.get("img_size", 0) or native
+
+
 def _read_idx(path: Path) -> np.ndarray:
     """One IDX file (the MNIST format), gzip'ed or not."""
     try:
@@ -72,8 +85,10 @@ def _read_idx(path: Path) -> np.ndarray:
             raise ValueError("not an IDX file of unsigned bytes")
         ndim = raw[3]
         dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-        return data.reshape(dims)
+        held, said = len(raw) - 4 - 4 * ndim, math.prod(dims)
+        if held != said:  # a header that lies about the sizes (or a cut file)
+            raise ValueError(f"its header gives sizes {'x'.join(map(str, dims))} ({said:,} values) but it holds {max(held, 0):,}")
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
     except (OSError, ValueError, EOFError) as e:
         raise SpachError(f"cannot read IDX file {path}: {e}; re-install it (apt-get install --reinstall dataset-fashion-mnist)") from None
 
@@ -90,16 +105,20 @@ def load_fashion_mnist(root: str | os.PathLike | None, train: bool) -> TensorIma
     root = Path(root or FMNIST_DEFAULT_PATH)
     _check_folder(root, hint="apt-get install dataset-fashion-mnist, or pass --data-path")
     prefix = "train" if train else "t10k"
-    images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
-    labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
-    if images.ndim != 3 or len(images) != len(labels):
+    fix = "re-install it (apt-get install --reinstall dataset-fashion-mnist)"
+    images_file, labels_file = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
+    images = contents.check_fields(images_file, "IDX file", {"images": _read_idx(images_file)},
+                                   {"images": contents.pixels((28, 28))}, fix)["images"]
+    labels = contents.check_fields(labels_file, "IDX file", {"labels": _read_idx(labels_file)},
+                                   {"labels": contents.labels(len(FMNIST_CLASSES))}, fix)["labels"]
+    if len(images) != len(labels):
         raise SpachError(f"Fashion-MNIST files in {root} disagree ({images.shape} images, {labels.shape} labels); re-install them")
-    return TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
-                        FMNIST_CLASSES, (0.2860,), (0.3530,))
+    return TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels), FMNIST_CLASSES, (0.2860,), (0.3530,))
 
 
 def load_cifar(root: str | os.PathLike, num_classes: int, train: bool) -> TensorImages:
-    """CIFAR-10/100 from a local folder in the usual python-pickle format (`cifar-10-batches-py` etc.)."""
+    """CIFAR-10/100 from a local folder in the usual python-pickle format (`cifar-10-batches-py` etc.);
+    every file's fields are checked (`spach.train.contents`) as it is read."""
     root = Path(root)
     _check_folder(root, hint="pass --data-path to the extracted cifar-10-batches-py / cifar-100-python folder")
     sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
@@ -112,21 +131,16 @@ def load_cifar(root: str | os.PathLike, num_classes: int, train: bool) -> Tensor
         files, meta, names_key, labels_key = ["train" if train else "test"], "meta", "fine_label_names", "fine_labels"
     parts, labels = [], []
     for name in files:
-        d = _unpickle(root / name, (b"data", labels_key.encode()))
-        try:
-            images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            part = [int(v) for v in d[labels_key.encode()]]
-        except (TypeError, ValueError) as e:
-            raise SpachError(f"CIFAR file {root / name} holds malformed data ({first_line(e)}); re-extract the dataset") from None
-        if len(part) != len(images):
-            raise SpachError(f"CIFAR file {root / name} holds {len(images)} images but {len(part)} labels; re-extract the dataset")
-        parts.append(images)
-        labels += part
-    names = _unpickle(root / meta, (names_key.encode(),))[names_key.encode()]
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
+        d = _read_cifar(root / name, {"data": contents.pixels((3, 32, 32)), labels_key: contents.labels(num_classes)})
+        if len(d[labels_key]) != len(d["data"]):
+            raise SpachError(f"CIFAR file {root / name} holds {len(d['data'])} images but {len(d[labels_key])} labels; "
+                             "re-extract the dataset")
+        parts.append(d["data"])
+        labels.append(d[labels_key])
+    classes = _read_cifar(root / meta, {names_key: contents.class_names(num_classes)})[names_key]
     mean, std = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if num_classes == 10 else \
         ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-    return TensorImages(torch.from_numpy(np.concatenate(parts)), torch.tensor(labels, dtype=torch.int64), classes, mean, std)
+    return TensorImages(torch.from_numpy(np.concatenate(parts)), torch.from_numpy(np.concatenate(labels)), classes, mean, std)
 
 
 _NUMPY_GLOBALS = {  # what a pickled numpy array or scalar names (numpy 1 wrote numpy.core, numpy 2 numpy._core)
@@ -152,8 +166,9 @@ class _DataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR file never holds")
 
 
-def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
-    """A CIFAR python-format file as a dict holding `keys`, read without running anything it names."""
+def _read_cifar(path: Path, schema: dict[str, contents.Check]) -> dict[str, Any]:
+    """The fields of `schema` from a CIFAR python-format file, read without running anything it names,
+    each checked (type, dtype, shape, range) before it is used."""
     if not path.is_file():
         raise SpachError(f"{path} is missing; pass --data-path to a CIFAR folder in the python-pickle format")
     try:
@@ -161,11 +176,11 @@ def _unpickle(path: Path, keys: tuple[bytes, ...]) -> dict:
             d = _DataUnpickler(f, encoding="bytes").load()
     except Exception as e:
         raise SpachError(f"cannot read CIFAR file {path}: {first_line(e)}; it is not a CIFAR python-format file") from None
-    missing = [k.decode() for k in keys if not isinstance(d, dict) or k not in d]
+    missing = [k for k in schema if not isinstance(d, dict) or k.encode() not in d]
     if missing:
         raise SpachError(f"CIFAR file {path} holds no {', '.join(missing)} (a {type(d).__name__}); "
                          f"it is not a CIFAR python-format file")
-    return d
+    return contents.check_fields(path, "CIFAR file", {k: d[k.encode()] for k in schema}, schema, "re-extract the dataset")
 
 
 TINY_CLASSES = ["bar", "column", "ring", "disk"]

@@ -42,8 +42,9 @@ from spach.files import (
     read_json,
 )
 from spach.models.choice import export_choices, restore_choices
+from spach.plugins import import_plugins
 from spach.train import checkpoint
-from spach.train.config import TrainConfig, config_dict
+from spach.train.config import TrainConfig, config_dict, scores_epoch, warmup_note
 from spach.train.data import (
     Data,
     SkipSampler,
@@ -65,6 +66,10 @@ from spach.train.runtime import (
     setup,
     stop_on_signals,
 )
+
+
+class Deadline(SpachError):
+    """A run stopped because `cfg.deadline` passed; its checkpoint is saved and `resume="auto"` continues it."""
 
 
 @dataclass
@@ -105,6 +110,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | Non
     Safe to call many times in one process: it leaves no process group, signal handler, lock or global
     setting behind (the random generators are reseeded, as a training run must)."""
     canonical_dataset(cfg.dataset)
+    import_plugins(cfg.imports, "--imports")  # before the model's name is checked: a plugin may register it
     check_model_name(cfg.model)
     d = setup(cfg.device)
     out = Path(cfg.output)
@@ -132,6 +138,9 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
                       f"nothing to train: raise --epochs to continue it", file=sys.stderr, flush=True)
             return summary
 
+    if cfg.deadline and time.time() >= cfg.deadline:
+        raise Deadline(f"{out}: not started, its deadline has passed")
+
     # --- data and model
     torch.manual_seed(cfg.seed)
     data = build_data(cfg, _pretrained_cfg(cfg), d.device, d.rank, d.world)
@@ -156,8 +165,10 @@ def _train(cfg: TrainConfig, d: Dist, out: Path, stop: StopFlag, on_epoch_end: C
     resolved = dict(lr=lr, total_batch=total_batch, world_size=d.world, num_classes=data.num_classes, in_chans=data.in_chans,
                     img_size=data.img_size, device=str(d.device), amp=str(p.amp).replace("torch.", "") if p.amp else "off",
                     params=params, steps_per_epoch=steps, tensor_data_path=data.tensor_path, spach_version=spach.__version__,
-                    log=resolve_log(cfg.log))
+                    log=resolve_log(cfg.log), **({"warmup_note": warmup_note(cfg)} if warmup_note(cfg) else {}))
     if d.main:
+        if warmup_note(cfg):  # not a progress line: said whatever --progress is
+            print(f"note: {warmup_note(cfg)}", file=sys.stderr, flush=True)
         atomic_write_text(out / "config.json", json.dumps({**config_dict(cfg), "resolved": resolved}, indent=2) + "\n")
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
         progress.line(f"training {cfg.model} ({params / 1e6:.2f}M params) on {canonical_dataset(cfg.dataset)} "
@@ -250,7 +261,8 @@ def _epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: int, s
         # forward, and a stop for a non-finite loss or a signal, agreed by every rank
         loss = step_loss(p.ddp, p.criterion, x, y, d.device, p.amp)
         loss_value = loss.item()
-        flags = d.all_max(torch.tensor([0.0 if math.isfinite(loss_value) else 1.0, float(stop.set)], device=d.device))
+        late = bool(cfg.deadline) and time.time() >= cfg.deadline
+        flags = d.all_max(torch.tensor([0.0 if math.isfinite(loss_value) else 1.0, float(stop.set), float(late)], device=d.device))
         if flags[0] > 0:
             kept = f"the last good checkpoint (epoch {state.epoch}{f' step {state.step}' if state.step else ''}) is kept in " \
                 f"{out}" if (out / "checkpoint.pth").is_file() else f"no checkpoint had been written to {out} yet"
@@ -271,9 +283,9 @@ def _epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: int, s
         sums[0] += loss_value * len(x)
         sums[1] += len(x)
         progress.step(step, loss_value, p.optimizer.param_groups[0]["lr"])
-        if flags[1] > 0:
+        if flags[1] > 0 or flags[2] > 0:
             sums[2] += time.time() - t0
-            _interrupt(cfg, d, p, state, epoch, step + 1, sums, progress, out)
+            _interrupt(cfg, d, p, state, epoch, step + 1, sums, progress, out, late=not flags[1] > 0)
     progress.close()
     sums[2] += time.time() - t0
     return sums
@@ -296,38 +308,42 @@ def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
     train_time = d.all_max(torch.tensor([sums[2]], dtype=torch.float64, device=d.device)).item()
     distributed = d.world > 1
     last = epoch + 1 == cfg.epochs
-    val = evaluate(p.model, p.data.val_loader, d.device, p.amp, distributed=distributed, predictions=last)
-    if last:  # every test image's prediction, for paired per-image statistics across runs (the battle's)
-        save_predictions(d, val, out / PREDICTIONS_FILE)
     record: dict[str, Any] = {
         "epoch": epoch + 1, "train_loss": train_sums[0].item() / max(train_sums[1].item(), 1.0),
-        "val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"],
         "lr": p.optimizer.param_groups[0]["lr"], "images_per_s": train_sums[1].item() / max(train_time, 1e-9),
     }
-    if p.data.train_eval_loader is not None:
-        te = evaluate(p.model, p.data.train_eval_loader, d.device, p.amp, distributed=distributed)
-        record.update(train_eval_loss=te["loss"], train_eval_top1=te["top1"])
-    if p.ema is not None:
-        ema = evaluate(p.ema.module, p.data.val_loader, d.device, p.amp, distributed=distributed)
-        record.update(ema_top1=ema["top1"], ema_val_loss=ema["loss"])
-    bad = d.all_sum(torch.tensor([sums[3]], dtype=torch.float64, device=d.device)).item() + p.data.val_size - val["n"]
+    unscored = 0.0
+    if scores_epoch(cfg, epoch + 1):  # --eval-every: the weights are the same whether an epoch is scored or not
+        val = evaluate(p.model, p.data.val_loader, d.device, p.amp, distributed=distributed, predictions=last)
+        if last:  # every test image's prediction, for paired per-image statistics across runs (the battle's)
+            save_predictions(d, val, out / PREDICTIONS_FILE)
+        record.update(val_loss=val["loss"], top1=val["top1"], top5=val["top5"])
+        if p.data.train_eval_loader is not None:
+            te = evaluate(p.model, p.data.train_eval_loader, d.device, p.amp, distributed=distributed)
+            record.update(train_eval_loss=te["loss"], train_eval_top1=te["top1"])
+        if p.ema is not None:
+            ema = evaluate(p.ema.module, p.data.val_loader, d.device, p.amp, distributed=distributed)
+            record.update(ema_top1=ema["top1"], ema_val_loss=ema["loss"])
+        unscored = p.data.val_size - val["n"]
+    bad = d.all_sum(torch.tensor([sums[3]], dtype=torch.float64, device=d.device)).item() + unscored
     if bad:
         record["skipped_images"] = int(bad)
     record.update(epoch_time=train_time + time.time() - t_eval, max_mem_mb=max_mem_mb(d.device))
     state.elapsed += record["epoch_time"]
     state.epoch, state.step, state.partial, state.rng = epoch + 1, 0, None, None
     state.history.append(record)
-    improved = record["top1"] > state.best_top1
-    state.best_top1 = max(state.best_top1, record["top1"])
+    improved = "top1" in record and record["top1"] > state.best_top1
+    state.best_top1 = max(state.best_top1, record.get("top1", -1.0))
     if d.main:
         _save(cfg, p, state, out)
         append_jsonl(out / "metrics.jsonl", record)
         if improved:
             checkpoint.save_weights(p.model.state_dict(), {"args": config_dict(cfg), "epoch": epoch + 1, "top1": record["top1"]},
                                     out / "best", cfg.save_format)
+        scores = (f" val_loss {record['val_loss']:.4f} top1 {record['top1']:.2f} top5 {record['top5']:.2f}"
+                  if "top1" in record else " (not scored: --eval-every)")
         extra = f" train_eval_loss {record['train_eval_loss']:.4f}" if "train_eval_loss" in record else ""
-        progress.line(f"epoch {epoch + 1}/{cfg.epochs} train_loss {record['train_loss']:.4f} val_loss {record['val_loss']:.4f} "
-                      f"top1 {record['top1']:.2f} top5 {record['top5']:.2f}{extra} lr {record['lr']:.2e} "
+        progress.line(f"epoch {epoch + 1}/{cfg.epochs} train_loss {record['train_loss']:.4f}{scores}{extra} lr {record['lr']:.2e} "
                       f"{record['images_per_s']:.0f} img/s {record['epoch_time']:.1f}s")
     return record
 
@@ -345,8 +361,9 @@ def _save(cfg: TrainConfig, p: Parts, state: TrainState, out: Path, rng: list | 
 
 
 def _interrupt(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: int, step: int, sums: list[float],
-               progress: Progress, out: Path) -> None:
-    """Save the run mid-epoch (position, running sums, every rank's generators) and stop."""
+               progress: Progress, out: Path, late: bool = False) -> None:
+    """Save the run mid-epoch (position, running sums, every rank's generators) and stop: KeyboardInterrupt
+    for a stop signal, `Deadline` when `cfg.deadline` passed (`late`)."""
     progress.close()
     rng = rng_state(p.data.generator)
     if d.world > 1:
@@ -356,8 +373,12 @@ def _interrupt(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
         gathered = [rng]
     if d.main:
         _save(cfg, p, dataclasses.replace(state, epoch=epoch, step=step, partial=list(sums)), out, rng=gathered)
-        print(f"interrupted: saved {out / 'checkpoint.pth'} at epoch {epoch + 1} step {step}; "
+        why = "the deadline passed" if late else "interrupted"
+        print(f"{why}: saved {out / 'checkpoint.pth'} at epoch {epoch + 1} step {step}; "
               f"continue with --resume auto", file=sys.stderr, flush=True)
+    if late:
+        raise Deadline(f"{out}: stopped at its deadline at epoch {epoch + 1} step {step} (checkpoint saved; --resume auto "
+                       "continues it)")
     raise KeyboardInterrupt
 
 

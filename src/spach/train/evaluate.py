@@ -19,9 +19,9 @@ from spach.device import amp_dtype as parse_amp
 from spach.device import autocast
 from spach.errors import CheckpointError, SpachError, first_line
 from spach.files import atomic_write_bytes
-from spach.models.convert import check_fits, checkpoint_filter_fn, read_checkpoint
+from spach.models.convert import check_fits, checkpoint_filter_fn, head_and_channels, read_checkpoint
 from spach.train import checkpoint
-from spach.train.config import MODEL_KWARGS_FLAGS, ConfigError, TrainConfig
+from spach.train.config import ConfigError, TrainConfig
 from spach.train.data import canonical_dataset, eval_loader_for
 from spach.train.factory import build_model
 from spach.train.runtime import Dist, setup
@@ -101,7 +101,8 @@ def checked(loader: Any) -> Iterator[Any]:
 def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | None, dataset: str = "imagefolder",
                         batch_size: int = 128, workers: int = 4, device: str = "auto", img_size: int = 0,
                         amp: str = "auto", model_kwargs: dict | None = None, use_ema: bool = False,
-                        skip_bad_images: bool = False, throughput: bool = False, compile: bool = False) -> dict[str, Any]:
+                        skip_bad_images: bool = False, throughput: bool = False, compile: bool = False,
+                        imports: list[str] | None = None) -> dict[str, Any]:
     """Top-1/top-5/loss of a checkpoint on the validation split. Image folders use the model's
     pretrained config (resize, crop, mean/std); a spach training checkpoint also brings its own
     model name, architecture overrides, resolution and normalisation. The model runs in
@@ -117,13 +118,14 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     args = checkpoint.read_args(pretrained)
     if model and args.get("model") and model != args["model"]:
         raise CheckpointError(f"checkpoint {pretrained} is of model {args['model']!r}, not {model!r}; drop --model or pass the right one")
+    checkpoint.import_recorded_plugins(args, imports, pretrained)
     model = model or args.get("model")
     if not model:
         raise SpachError(f"{pretrained} does not name its model; pass --model")
     d = setup(device)
     amp_dtype = parse_amp(amp, d.device)
     dataset = canonical_dataset(dataset)
-    cfg = _eval_config(model, model_kwargs, args, pretrained)
+    cfg = _eval_config(model, model_kwargs, args)
     size = img_size or args.get("img_size", 0)
     mean, std = args.get("mean") or None, args.get("std") or None
     probe = None
@@ -133,8 +135,11 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     loader, n = eval_loader_for(probe, dataset, data_path, batch_size, workers, d.device, size, mean, std, skip_bad_images)
     first_x = next(iter(loader))[0]
     num_classes = _dataset_classes(loader)
+    state = read_checkpoint(pretrained, use_ema)
+    _check_data_fits(state, getattr(probe, "pretrained_cfg", {}), pretrained, model, num_classes, first_x.shape[1],
+                     dataset, data_path)
     net = build_model(dataclasses.replace(cfg, pretrained=""), num_classes, first_x.shape[1], size or first_x.shape[-1])
-    load_strict(net, pretrained, use_ema)
+    load_strict(net, state)
     fast = optimize(net, device=d.device, dtype=amp_dtype or torch.float32, compile=compile)
     result = evaluate(fast, loader, d.device)
     result.update(model=model, checkpoint=str(pretrained), dataset=dataset, images=n, device=str(d.device))
@@ -144,18 +149,29 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     return result
 
 
-def _eval_config(model: str, model_kwargs: dict | None, args: dict[str, Any], path: str) -> TrainConfig:
-    """The model's settings: `--model-kwargs`, else the checkpoint's own (which may not widen what loading does)."""
-    stored = model_kwargs is None
-    kwargs = args.get("model_kwargs", {}) if stored else model_kwargs  # read_args checked it is a dict
-    if stored:  # arguments earlier versions let through, which the data and flags set anyway
-        kwargs = {k: v for k, v in kwargs.items() if k not in MODEL_KWARGS_FLAGS}
+def _eval_config(model: str, model_kwargs: dict | None, args: dict[str, Any]) -> TrainConfig:
+    """The model's settings: `--model-kwargs`, else the checkpoint's own (read_args checked them)."""
     try:
-        return TrainConfig(model=model, model_kwargs=kwargs, pretrained="", drop_path=0.0)
+        return TrainConfig(model=model, model_kwargs=args.get("model_kwargs", {}) if model_kwargs is None else model_kwargs,
+                           pretrained="", drop_path=0.0)
     except ConfigError as e:
-        if stored:
-            raise CheckpointError(f"checkpoint {path} stores model_kwargs that {e.problem}; it was refused") from None
         raise SpachError(f"--model-kwargs {e.problem}") from None
+
+
+def _check_data_fits(state: dict[str, torch.Tensor], pretrained_cfg: dict[str, Any], path: str, model: str, classes: int,
+                     channels: int, dataset: str, data_path: str | None) -> None:
+    """A checkpoint whose head or first conv does not fit the data's classes or channels: one line blaming
+    the data, not the checkpoint (a 1000-class ImageNet checkpoint on a 10-class folder)."""
+    head, chans = head_and_channels(state, pretrained_cfg)
+    data = f"the {dataset} data{f' at {data_path}' if data_path else ''}"
+    if head is not None and head != classes:
+        flags = f"--dataset {dataset}{f' --data-path {data_path}' if data_path else ''}"
+        raise CheckpointError(f"checkpoint {path} classifies {head} classes but {data} holds {classes}: score it on the "
+                              f"data it was trained on, or fine-tune it to these classes first: spach train --model "
+                              f"{model} --pretrained {path} {flags}")
+    if chans is not None and chans != channels:
+        raise CheckpointError(f"checkpoint {path} takes {chans}-channel images but {data} holds {channels}-channel ones: "
+                              "score it on the data it was trained on")
 
 
 def _dataset_classes(loader: Any) -> int:
@@ -163,9 +179,10 @@ def _dataset_classes(loader: Any) -> int:
     return len(ds.classes)
 
 
-def load_strict(net: nn.Module, path: str | Path, use_ema: bool = False) -> None:
-    """Load every weight, the head included (evaluating a freshly initialised head would be meaningless)."""
-    state = read_checkpoint(path, use_ema)
+def load_strict(net: nn.Module, source: str | Path | dict[str, torch.Tensor], use_ema: bool = False) -> None:
+    """Load every weight of `source` (a checkpoint file, or its state dict), the head included (evaluating a
+    freshly initialised head would be meaningless)."""
+    state = source if isinstance(source, dict) else read_checkpoint(source, use_ema)
     if hasattr(net, "config"):  # a spach model: official names are converted
         state = checkpoint_filter_fn(state, net)
     check_fits(state, net)

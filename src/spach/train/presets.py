@@ -16,10 +16,11 @@ import yaml
 
 from spach.errors import SpachError
 from spach.files import read_text
-from spach.train.config import TrainConfig
+from spach.train.config import Default, TrainConfig
 
+# (a preset's warm-up is a default, as TrainConfig's: cut to fit a shorter run, where a given one is refused)
 _SMALL = dict(  # shared by the small-image presets: short schedule, no heavy regularisers
-    epochs=10, batch_size=128, lr=4e-3, warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5,
+    epochs=10, batch_size=128, lr=4e-3, warmup_epochs=Default(1), warmup_lr=1e-5, min_lr=1e-5,
     mixup=0.0, cutmix=0.0, aa="none", color_jitter=0.0, repeated_aug=1, model_ema=False,
     reprob=0.0, drop_path=0.05, workers=0, eval_batch_size=512,
 )
@@ -29,12 +30,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # flips on tensors, lr 1e-3 at batch 128.
     "fmnist": dict(_SMALL, dataset="fashion-mnist", img_size=32, scale=[0.75, 1.0], ratio=[0.9, 1.1]),
     # 32x32 colour, longer: RandAugment needs the per-image path.
-    "cifar10": dict(_SMALL, dataset="cifar10", epochs=100, warmup_epochs=5, scale=[0.6, 1.0], mixup=0.8, cutmix=1.0,
+    "cifar10": dict(_SMALL, dataset="cifar10", epochs=100, warmup_epochs=Default(5), scale=[0.6, 1.0], mixup=0.8, cutmix=1.0,
                     aa="rand-m9-mstd0.5-inc1", reprob=0.25, drop_path=0.1, workers=2),
-    "cifar100": dict(_SMALL, dataset="cifar100", epochs=100, warmup_epochs=5, scale=[0.6, 1.0], mixup=0.8, cutmix=1.0,
+    "cifar100": dict(_SMALL, dataset="cifar100", epochs=100, warmup_epochs=Default(5), scale=[0.6, 1.0], mixup=0.8, cutmix=1.0,
                      aa="rand-m9-mstd0.5-inc1", reprob=0.25, drop_path=0.1, workers=2),
     # The built-in toy set, for tests and smoke runs: seconds on a CPU.
-    "tiny": dict(_SMALL, dataset="tiny", epochs=2, batch_size=32, lr=5e-2, warmup_epochs=0, drop_path=0.0,
+    "tiny": dict(_SMALL, dataset="tiny", epochs=2, batch_size=32, lr=5e-2, warmup_epochs=Default(0), drop_path=0.0,
                  scale=[0.8, 1.0], ratio=[0.9, 1.1], eval_batch_size=64),
 }
 

@@ -7,7 +7,6 @@ import os
 import random
 import resource
 import signal
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from spach.device import parse_device, tune_cpu_allocator
+from spach.signals import handling
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -121,21 +121,6 @@ class StopFlag:
         if self.set and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.set, self.signum = True, signum
-
-
-@contextlib.contextmanager
-def handling(handler: Any, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
-    """`handler` for `signals` while inside, the earlier handlers restored on exit (outside the main
-    thread, where handlers cannot be set, nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @contextlib.contextmanager
