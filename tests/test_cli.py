@@ -6,6 +6,8 @@ import pytest
 from conftest import run_process
 
 from spach.cli import main
+from spach.errors import SpachError
+from conftest import cli_error
 
 
 def test_models_table_and_json(capsys):
@@ -41,3 +43,31 @@ def test_models_table_lists_smlpnet_and_shiftvit_with_their_family(capsys):
     assert rows["smlpnet_tiny"]["params"] == 24123584 and rows["smlpnet_tiny"]["top1"] == 81.9
     assert rows["shiftvit_r2_small"]["macs"] == 8743434240 and rows["shiftvit_r4_base"]["top1"] is None
     assert all(r["layout"] == "multi-stage" for r in rows.values())
+
+
+XXS = "spach_ms_xxs_patch4_224_conv"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["battle", "--preset", "tiny", "--dry-run", "--output", "{sub}"], "--output"),
+    (["train", "--preset", "tiny", "--epochs", "1", "--output", "{sub}"], "--output"),
+    (["export", XXS, "--format", "onnx", "--output", "{sub}/m.onnx"], "--output"),
+    (["bench", XXS, "--quick", "--json", "{sub}/b.json"], "--json"),
+    (["bench", XXS, "--quick", "--csv", "{sub}/b.csv"], "--csv"),
+    (["bench", XXS, "--quick", "--plots", "{sub}"], "--plots"),
+    (["eval", "--model", XXS, "--pretrained", "w.pth", "--json", "{sub}/r.json"], "--json"),
+])
+def test_an_output_under_a_file_is_one_line_naming_the_flag_before_any_work(tmp_path, capsys, argv, flag):
+    (tmp_path / "mk.json").write_text("{}")
+    sub = tmp_path / "mk.json" / "sub"
+    err = cli_error([a.format(sub=sub) for a in argv], capsys)
+    assert f": error: {flag} {sub}" in err and f"{tmp_path / 'mk.json'} is a file, not a folder; " in err, err
+
+
+def test_a_file_written_under_a_file_names_the_file_in_the_way(tmp_path):
+    from spach.files import atomic_write_text, read_json, read_jsonl
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SpachError, match=f"^cannot create the folder {tmp_path}/f/a: {tmp_path}/f is a file, not a "
+                                         "folder; choose another path$"):
+        atomic_write_text(tmp_path / "f" / "a" / "b.json", "{}")
+    assert read_json(tmp_path / "f" / "a.json") is None and read_jsonl(tmp_path / "f" / "a.jsonl") == []

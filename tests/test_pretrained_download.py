@@ -4,6 +4,7 @@ by a local HTTP server (no internet) with official-layout checkpoints of random 
 reference layouts, the sources pointed at it with SPACH_WEIGHTS_URL."""
 import argparse
 import errno
+import importlib
 import json
 import os
 import re
@@ -345,7 +346,7 @@ def test_eval_pretrained_without_a_path_evaluates_the_official_weights(server, m
         seen.update(model=model, pretrained=pretrained)
         return dict(model=model, dataset="imagefolder", n=1, top1=1.0, top5=1.0, loss=1.0)
 
-    monkeypatch.setattr("spach.cli.evaluate_checkpoint", fake_eval)
+    monkeypatch.setattr(importlib.import_module("spach.train.evaluate"), "evaluate_checkpoint", fake_eval)  # what the CLI calls
     main(["eval", "--model", XXS, "--pretrained", "--data-path", str(tmp_path)])
     assert seen == dict(model=XXS, pretrained=str(_cache(tmp_path) / "spach_ms_conv_xxs.pth"))
     with pytest.raises(SystemExit):

@@ -107,7 +107,8 @@ def test_an_output_folder_that_cannot_be_written(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     err = cli_error(["train", "--preset", "tiny", "--model", "spach", "--model-kwargs", TINY_KW,
                      "--output", str(tmp_path / "file" / "run")], capsys)
-    assert "cannot create the folder" in err and "file" in err
+    assert err.endswith(f"--output {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a folder; "
+                        "choose another --output")
 
 
 # -- 5, 6, 8, 11: files that survive corruption, are shareable, and never render user HTML ------------------------------

@@ -187,6 +187,19 @@ def test_control_characters_and_markdown_links_are_shown_not_rendered(tmp_path):
     assert "[x\\](javascript:alert(1))" in md and "+0.68 [-0.27, +1.64]" in render_markdown([("p", "+0.68 [-0.27, +1.64]")], tmp_path)
 
 
+def test_bidi_controls_and_lone_surrogates_are_shown_as_escapes(tmp_path):
+    """A label from a hand-edited study.json holding U+202E would show reversed (and a JSON "\\ud800" is
+    not even UTF-8): every text of the report is escaped (render.visible)."""
+    from spach.battle.render import render_html
+    label = "conv \u202eredlof\u2066 \u2028 \ud800"
+    blocks = [("h1", label), ("p", label), ("table", ([label], [[label]])), ("img", (label, tmp_path / "x.png"))]
+    (tmp_path / "x.png").write_bytes(b"png")
+    for out in (render_markdown(blocks, tmp_path), render_html(blocks, label)):
+        assert not set(out) & {"\u202e", "\u2066", "\u2028", "\ud800"}
+        assert "conv \\u202eredlof\\u2066 \\u2028 \\ud800" in out
+        out.encode("utf-8")
+
+
 def test_the_report_says_what_ran_not_what_the_study_file_says(tmp_path):
     from spach.battle.plan import check_data
     text = STUDY.replace('dataset = "tiny"', 'dataset = "tiny"\ntrain_subset = 5000')

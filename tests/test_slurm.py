@@ -297,6 +297,9 @@ def test_slurms_refusal_is_one_line_and_nothing_is_submitted(tmp_path, capsys, f
     (["--launcher", "submitit-local", "--slurm", "qos"], "--slurm expects KEY=VALUE"),
     (["--launcher", "submitit-local", "--slurm", "nodes=0"], "--slurm nodes: is set by --nodes, which checks it against "
                                                               "the study; use --nodes instead"),
+    (["--launcher", "submitit-local", "--slurm", "NODES=2"], "--slurm nodes: is set by --nodes, which checks it against "
+                                                             "the study; use --nodes instead"),
+    (["--launcher", "submitit-local", "--slurm", "Gpus-Per-Node=2"], "--slurm gpus_per_node: is set by --gpus-per-node"),
     (["--launcher", "submitit-local", "--slurm", "gpus_per_node=2"], "--slurm gpus_per_node: is set by --gpus-per-node"),
     (["--launcher", "submitit-local", "--slurm", "ntasks_per_node=4"], ("--slurm ntasks_per_node: is set by "
                                                                         "--gpus-per-node (one task per GPU)")),
@@ -330,9 +333,10 @@ def test_the_slurm_table_is_checked_by_field():
                            ("timeout_min = 0", "slurm.timeout_min: must be >= 1, got 0"),
                            ("extra = 3", "slurm.extra: expected a table, got 3"),
                            ("extra = { nodes = 0 }", "slurm.extra.nodes: is set by slurm.nodes, which checks it"),
+                           ("extra = { NODES = 2 }", "slurm.extra.NODES: is set by slurm.nodes, which checks it"),
                            ("extra = { ntasks_per_node = 4 }", "slurm.extra.ntasks_per_node: is set by "
                                                                "slurm.gpus_per_node .one task per GPU.")):
         with pytest.raises(SpachError, match=message):
             parse_study(STUDY + f"\n[slurm]\n{table}\n", source="s.toml")
-    study = parse_study(STUDY + "\n[slurm]\ngpus_per_node = 8\nextra = { qos = \"high\" }\n")
-    assert study.slurm == {"gpus_per_node": 8, "extra": {"qos": "high"}}
+    study = parse_study(STUDY + "\n[slurm]\ngpus_per_node = 8\nextra = { QOS = \"high\", mem-gb = 64 }\n")
+    assert study.slurm == {"gpus_per_node": 8, "extra": {"qos": "high", "mem_gb": 64}}  # submitit's names

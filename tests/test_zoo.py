@@ -6,6 +6,8 @@ import torch
 
 import spach
 from spach.models.flops import count_macs, count_params
+from spach.models.table import count_costs
+from spach.models.zoo_costs import ZOO_COSTS
 
 # Each family's own layout -> the official one (ShiftViT keeps the official names).
 TO_OFFICIAL = {"spach": spach.spach_to_official, "smlp": spach.smlpnet_to_official, "shift": lambda sd: sd}
@@ -33,6 +35,9 @@ def _check_entry(key: str, entry: dict) -> None:
     assert count_params(model) == entry["params"], key
     macs = count_macs(model)
     assert abs(macs - entry["macs"]) / entry["macs"] < 0.005, (key, macs, entry["macs"])
+    if not entry["factory_kwargs"]:  # the stored costs `spach models` shows are this real count
+        layout = "multi-stage" if len({f["reduction"] for f in model.feature_info}) > 1 else "single-stage"
+        assert ZOO_COSTS[entry["factory"]] == (model.family, layout, entry["params"], macs), key
     exported = {k: list(v.shape) for k, v in TO_OFFICIAL[_family(model)](model.state_dict()).items()}
     assert exported == {k: list(v) for k, v in entry["state_dict"].items()}, key
 
@@ -46,6 +51,14 @@ def test_smlpnet_and_shiftvit_params_macs_and_layout_match_reference(layout_2b):
     assert len(layout_2b) == 12
     for key, entry in layout_2b.items():
         _check_entry(key, entry)
+
+
+def test_every_zoo_model_has_stored_costs_and_the_one_no_reference_names_is_counted():
+    """`spach models` shows ZOO_COSTS without a forward pass: it must cover the zoo, and the entry the
+    reference layouts do not check by name (the plus model) must be the real count."""
+    assert set(ZOO_COSTS) == set(spach.list_models()), "run: python -m spach.models.table --recount"
+    name = "spach_ms_s_plus_patch4_224_hybrid"
+    assert ZOO_COSTS[name] == count_costs(name)
 
 
 def test_plus_model_is_hybrid_s_with_conv4_stem(layout):

@@ -1,47 +1,37 @@
 """The `spach` command line: argument parsing only; every subcommand calls into the modules.
 
-Each subcommand has one `_add_<name>(sub)` function that declares its arguments and sets `func`
-to the function that runs it.
+Each subcommand is one `_add_<name>(p)` function that declares its arguments and sets `func` to the
+function that runs it, and one entry of COMMANDS (its name, help line and that function). Both
+import what they use, and only the named command's arguments are declared, so a command pays for
+its own modules alone (`spach --help` and `spach models` load no training, battle or benchmark code).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
+from typing import Callable
 
-from spach.battle.command import battle_command
-from spach.battle.report import write_report
-from spach.battle.resources import FLAGS as RESOURCE_FLAGS
-from spach.battle.resources import flag_name
-from spach.battle.schema import SLURM_KEYS
-from spach.battle.study import list_presets
-from spach.bench.command import command as bench_command
-from spach.bench.measure import BenchSettings
 from spach.errors import SpachError
-from spach.export import FORMATS, export
-from spach.files import atomic_write_text
-from spach.models.match import match_command
-from spach.models.table import print_models
-from spach.models.weights import MIRROR_ENV, official_weights
 from spach.signals import interrupting
-from spach.train.config import ConfigError, TrainConfig
-from spach.train.engine import train
-from spach.train.evaluate import evaluate_checkpoint
-from spach.train.presets import PRESETS, resolve
-from spach.train.runtime import default_workers
+from spach.text import one_line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's messages quote what was typed: one safe line too
+        super().error(one_line(message))
 
 
 IMPORTS_HELP = ("plugins (modules or .py files registering custom mixers) to import first, instead of those the "
                 "checkpoint's run recorded (default: those; with nothing after it: none)")
 
 
-def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo: params, MACs, official ImageNet top-1, published weights; "
-                       "'spach models match': the width that gives a layout a target cost",
-                       description="List the model zoo, or with 'match' ('spach models match --macs 5M --arch SPEC "
-                       "--img-size 32 --in-chans 1 --num-classes 10'), print the hidden_dim at which each SPEC (a JSON "
-                       "object of SPACH arguments without hidden_dim, or a SPACH zoo name) costs the target.")
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.description = ("List the model zoo, or with 'match' ('spach models match --macs 5M --arch SPEC --img-size 32 "
+                     "--in-chans 1 --num-classes 10'), print the hidden_dim at which each SPEC (a JSON object of SPACH "
+                     "arguments without hidden_dim, or a SPACH zoo name) costs the target.")
     p.add_argument("pattern", nargs="?", default="*", help="glob over model names (default: all), or 'match'")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     match = p.add_argument_group("spach models match")
@@ -57,24 +47,25 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         if args.pattern == "match":
+            from spach.models.match import match_command
             match_command(args.arch, args.macs, args.params, args.like, args.by, args.img_size, args.in_chans,
                           args.num_classes, args.tolerance, as_json=args.json)
         elif args.arch or args.macs or args.params or args.like:
             raise SpachError("--arch, --macs, --params and --like belong to 'spach models match'; add 'match'")
         else:
+            from spach.models.table import print_models
             print_models(args.pattern, as_json=args.json)
 
     p.set_defaults(func=run)
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+def _add_bench(p: argparse.ArgumentParser) -> None:
     def int_list(text: str) -> list[int]:
         try:
             return [int(v) for v in text.split(",") if v]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
-    p = sub.add_parser("bench", help="measure params, MACs, throughput, latency, memory and %% of the matmul peak")
     p.add_argument("models", nargs="+", help="zoo model names (see `spach models`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16 run under autocast")
@@ -102,6 +93,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
 
     def run(args: argparse.Namespace) -> None:
+        from spach.bench.command import command as bench_command
+        from spach.bench.measure import BenchSettings
         settings = BenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSettings)
                                     if f.name != "latency"})
         bench_command(args.models, settings, json_path=args.json, csv_path=args.csv, plot_dir=args.plots,
@@ -111,11 +104,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train a model with the paper's (DeiT) recipe; torchrun --nproc_per_node N -m spach train ... for DDP",
-        description="Train with the paper's DeiT recipe (the defaults). Precedence: defaults < --preset < --config < flags. "
-                    "The resolved config is saved as config.json in the run folder.")
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from spach.train.config import ConfigError, TrainConfig
+    from spach.train.presets import PRESETS, resolve
+
+    p.description = ("Train with the paper's DeiT recipe (the defaults). Precedence: defaults < --preset < --config < "
+                     "flags. The resolved config is saved as config.json in the run folder.")
     p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file of settings (names as the flags, - or _)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
@@ -133,6 +127,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         group.add_argument(flag, **kw)
 
     def run(args: argparse.Namespace) -> None:
+        from spach.train.engine import train
         overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
         if isinstance(overrides.get("model_kwargs"), str):
             overrides["model_kwargs"] = _json_arg(overrides["model_kwargs"]) or {}
@@ -145,10 +140,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5/loss of a checkpoint on a validation set",
-                       description="Evaluate a checkpoint with the model's pretrained config (resize, crop, mean/std); "
-                                   "a spach training checkpoint brings its own model, architecture and normalisation.")
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    from spach.models.weights import MIRROR_ENV
+    from spach.train.runtime import default_workers
+
+    p.description = ("Evaluate a checkpoint with the model's pretrained config (resize, crop, mean/std); a spach "
+                     "training checkpoint brings its own model, architecture and normalisation.")
     p.add_argument("--model", help="model name (default: the one a spach training checkpoint names)")
     p.add_argument("--pretrained", required=True, nargs="?", const=True, metavar="PATH",
                    help="checkpoint to evaluate (official or spach); without PATH: the official weights of --model "
@@ -170,6 +167,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--imports", nargs="*", metavar="MODULE_OR_FILE", help=IMPORTS_HELP)
 
     def run(args: argparse.Namespace) -> None:
+        from spach.files import atomic_write_text, check_writable
+        from spach.models.weights import official_weights
+        from spach.train.evaluate import evaluate_checkpoint
+        if args.json and args.json != "-":
+            check_writable(args.json, "--json")  # before the evaluation, which may take minutes
         if args.pretrained is True:
             if not args.model:
                 raise SpachError("--pretrained without a path evaluates the official weights of --model NAME; name the "
@@ -189,14 +191,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a model to ONNX, TorchScript or a timm model folder, checked against PyTorch",
-                       description="Export a model for deployment: one input (batch, C, H, W) with a dynamic batch axis at a "
-                                   "fixed resolution. The exported file is run (onnxruntime / torch.jit.load) against the "
-                                   "PyTorch model and written only when they agree (max abs error <= 1e-4). --format timm "
-                                   "writes a folder timm loads (timm.create_model('local-dir:FOLDER', pretrained=True) after "
-                                   "import spach; upload it to the Hugging Face Hub for 'hf-hub:USER/REPO'), checked the "
-                                   "same way.")
+def _add_export(p: argparse.ArgumentParser) -> None:
+    from spach.export import FORMATS, export
+
+    p.description = ("Export a model for deployment: one input (batch, C, H, W) with a dynamic batch axis at a fixed "
+                     "resolution. The exported file is run (onnxruntime / torch.jit.load) against the PyTorch model and "
+                     "written only when they agree (max abs error <= 1e-4). --format timm writes a folder timm loads "
+                     "(timm.create_model('local-dir:FOLDER', pretrained=True) after import spach; upload it to the "
+                     "Hugging Face Hub for 'hf-hub:USER/REPO'), checked the same way.")
     p.add_argument("model", nargs="?", help="model name, or a run folder (spach train's --output, a battle's "
                    "runs/<contestant>/seed<k>) whose best weights to export (default: the model a checkpoint names)")
     p.add_argument("--pretrained", metavar="CKPT",
@@ -239,8 +241,12 @@ def _json_arg(text: str | None) -> dict | None:
     return value
 
 
-def _add_battle(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("battle", help="run (or resume) a study comparing spatial-mixing families, then write its report")
+def _add_battle(p: argparse.ArgumentParser) -> None:
+    from spach.battle.resources import FLAGS as RESOURCE_FLAGS
+    from spach.battle.resources import flag_name
+    from spach.battle.schema import SLURM_KEYS
+    from spach.battle.study import list_presets
+
     p.add_argument("study", nargs="?", help="study TOML file (default: the embedded default preset, or the study "
                    "already in --output)")
     p.add_argument("--preset", help=f"a shipped study instead of a file: {', '.join(list_presets())}")
@@ -271,6 +277,7 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
                        help="another submitit slurm_KEY parameter (e.g. qos=high, mem_gb=64); repeatable")
 
     def run(args: argparse.Namespace) -> None:
+        from spach.battle.command import battle_command
         resources = {key: getattr(args, key) for key in RESOURCE_FLAGS}
         battle_command(args.study, preset=args.preset, output=args.output, jobs=args.jobs, data=args.data,
                        dry_run=args.dry_run, report=not args.no_report, list_presets=args.list_presets,
@@ -279,33 +286,68 @@ def _add_battle(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="(re)build report.md and report.html of a battle folder")
+def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="the battle's study folder")
 
     def run(args: argparse.Namespace) -> None:
+        from spach.battle.report import write_report
         path = write_report(args.folder)
         print(f"report: {path} (and {path.with_suffix('.md')})")
 
     p.set_defaults(func=run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spach", description=__doc__.splitlines()[0])
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {  # name: (help, declaration)
+    "models": ("list the model zoo: params, MACs, official ImageNet top-1, published weights; 'spach models match': the "
+               "width that gives a layout a target cost", _add_models),
+    "bench": ("measure params, MACs, throughput, latency, memory and %% of the matmul peak", _add_bench),
+    "train": ("train a model with the paper's (DeiT) recipe; torchrun --nproc_per_node N -m spach train ... for DDP",
+              _add_train),
+    "eval": ("top-1/top-5/loss of a checkpoint on a validation set", _add_eval),
+    "export": ("export a model to ONNX, TorchScript or a timm model folder, checked against PyTorch", _add_export),
+    "battle": ("run (or resume) a study comparing spatial-mixing families, then write its report", _add_battle),
+    "report": ("(re)build report.md and report.html of a battle folder", _add_report),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; only `command`'s arguments are declared (all of them when it is
+    None), as declaring them imports the modules they come from."""
+    parser = _Parser(prog="spach", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_bench, _add_train, _add_eval, _add_export, _add_battle, _add_report):
-        add(sub)
+    for name, (help, declare) in COMMANDS.items():
+        p = sub.add_parser(name, help=help)
+        if command in (None, name):
+            declare(p)
     return parser
 
 
+def _caller(e: BaseException) -> str:
+    """file:line where exception `e` was raised."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "unknown code"
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    named = next((a for a in argv if not a.startswith("-")), "")  # the top-level parser has no option but -h
+    args = build_parser(named).parse_args(argv)
     try:
         with interrupting():  # SIGINT and SIGTERM stop every command, also one started with SIGINT ignored
             args.func(args)
     except SpachError as e:
-        print(f"spach {args.command}: error: {e}", file=sys.stderr)
+        print(f"spach {args.command}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"spach {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as e:  # sys.exit("text") in code a command ran (a study's plugin): its text, as one safe line
+        if e.code is None or isinstance(e.code, int):
+            raise
+        print(f"spach {args.command}: error: {one_line(f'{e.code} (sys.exit() called by {_caller(e)})')}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # `spach models | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

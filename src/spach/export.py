@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from spach.errors import CheckpointError, SpachError, first_line
-from spach.files import make_dirs, os_error, read_json, scratch_folder
+from spach.files import check_writable, make_dirs, os_error, read_json, scratch_folder
 from spach.hub_export import TIMM_FILES, write_timm_folder
 from spach.models.convert import head_and_channels, read_checkpoint
 from spach.models.mixers import TokenMLP
@@ -105,9 +105,6 @@ def check_output(output: str | Path, fmt: str) -> Path:
     """The output path, refused before any work when the export could not be written there: a folder
     for a file format; a file, or a folder holding files, for the timm format."""
     output = Path(output)
-    parent = next((p for p in output.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise SpachError(f"--output {output}: {parent} is a file, not a folder; choose another --output")
     if fmt == "timm":
         if output.exists() and not output.is_dir():
             raise SpachError(f"--output {output} is a file; the timm format writes a folder: pass a new or empty folder")
@@ -116,7 +113,7 @@ def check_output(output: str | Path, fmt: str) -> Path:
                              "pass a new or empty folder")
     elif output.is_dir():
         raise SpachError(f"--output {output} is a folder; pass the path of the file to write, e.g. {output / ('model.' + fmt)}")
-    return output
+    return check_writable(output, "--output", "folder" if fmt == "timm" else "file")
 
 
 def run_source(model: str | None, pretrained: str | None) -> tuple[str | None, str | None]:

@@ -48,12 +48,42 @@ def _umask() -> int:
 
 def os_error(e: OSError, path: str | os.PathLike, doing: str = "write") -> SpachError:
     """A user-facing one-line error for a failed file operation (full disk, no permission, ...)."""
+    blocker = _file_above(path) if e.errno == errno.ENOTDIR else None
+    if blocker is not None:
+        return SpachError(f"cannot {doing} {path}: {blocker} is a file, not a folder; choose another path")
     if e.errno == errno.ENOSPC:
         return SpachError(f"no space left on the device to {doing} {path}; free some space and rerun "
                           "(files written before are intact)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return SpachError(f"cannot {doing} {path}: {e.strerror.lower()}; choose a folder you can write to")
     return SpachError(f"cannot {doing} {path}: {e.strerror or e}")
+
+
+def _file_above(path: str | os.PathLike) -> Path | None:
+    """The nearest existing folder above `path` when it is not a folder (a file or a broken link: nothing
+    can be created under it), else None."""
+    parent = next((p for p in Path(path).absolute().parents if p.exists() or p.is_symlink()), None)
+    return parent if parent is not None and not parent.is_dir() else None
+
+
+def check_writable(path: str | os.PathLike, flag: str, kind: str = "file", fix: str = "") -> Path:
+    """Refuse, in one line naming `flag` and before any work is done, an output path (`kind`: a "file" or
+    a "folder" to write) that cannot be written: under a file, a folder where a file goes or a file
+    where a folder goes, or in a folder this user may not write to. `fix`: what to do instead
+    (default: choose another `flag`)."""
+    path = Path(path)
+    fix = fix or f"choose another {flag}"
+    blocker = _file_above(path)
+    if blocker is not None:
+        raise SpachError(f"{flag} {path}: {blocker} is a file, not a folder; {fix}")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise SpachError(f"{flag} {path} is a file, not a folder; {fix}")
+    if kind == "file" and path.is_dir():
+        raise SpachError(f"{flag} {path} is a folder; pass the path of the file to write")
+    where = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise SpachError(f"{flag} {path}: cannot write in {where} (permission denied); choose a folder you can write to")
+    return path
 
 
 def make_dirs(folder: str | os.PathLike) -> Path:
@@ -208,7 +238,7 @@ def read_jsonl(path: str | os.PathLike, live: bool = False) -> list[dict[str, An
     path = Path(path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a path under a file does not exist either
         return []
     except OSError as e:
         raise os_error(e, path, "read") from None
@@ -240,7 +270,7 @@ def read_json(path: str | os.PathLike, warn: bool = True) -> Any | None:
     path = Path(path)
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a path under a file does not exist either
         return None
     except (IsADirectoryError, UnicodeDecodeError, ValueError) as e:
         if warn:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from spach.errors import SpachError
+from spach.text import one_line
 
 _IMPORTED: set[str] = set()  # a plugin file registers its mixers once per process
 
@@ -25,6 +26,7 @@ def import_plugins(imports: list[str], where: str = "study.imports") -> None:
     for item in imports:
         if item in _IMPORTED:
             continue
+        module = None
         try:
             if item.endswith(".py"):
                 spec = importlib.util.spec_from_file_location(Path(item).stem, item)
@@ -35,11 +37,12 @@ def import_plugins(imports: list[str], where: str = "study.imports") -> None:
                 spec.loader.exec_module(module)
             else:
                 importlib.import_module(item)
-        except SpachError:
-            raise
-        except Exception as e:
-            why = " ".join(str(e).split())  # one line, whatever the plugin's message holds
-            raise SpachError(f"{where}: cannot import {item!r} ({type(e).__name__}: {why})") from None
+        except BaseException as e:  # a plugin's sys.exit() too: it may not end the command, nor print raw text
+            if module is not None and sys.modules.get(module.__name__) is module:
+                del sys.modules[module.__name__]  # as Python's own import: no half-imported module left behind
+            if isinstance(e, (SpachError, KeyboardInterrupt)):
+                raise
+            raise SpachError(f"{where}: cannot import {item!r} ({type(e).__name__}: {one_line(e) or 'no message'})") from None
         _IMPORTED.add(item)
 
 

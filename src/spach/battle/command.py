@@ -17,6 +17,9 @@ from spach.battle.runner import run_battle
 from spach.battle.study import list_presets as presets
 from spach.battle.study import check_looks, load_study, preset_text
 from spach.errors import SpachError
+from spach.files import check_writable
+
+OUTPUT_FIX = "give a new folder or a battle's folder"
 
 
 def battle_command(study_file: str | None = None, preset: str | None = None, output: str | None = None,
@@ -41,8 +44,8 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
     if pilot is not None and not (Path(pilot) / STUDY_FILE).is_file():
         raise SpachError(f"--pilot {pilot}: not a battle's study folder (no {STUDY_FILE}); give the --output folder of a "
                          "pilot battle")
-    if output is not None and Path(output).exists() and not Path(output).is_dir():
-        raise SpachError(f"--output {output} is a file, not a folder; give a new folder or a battle's folder")
+    if output is not None:
+        check_writable(output, "--output", "folder", fix=OUTPUT_FIX)
     resuming = study_file is None and preset is None and output is not None and (Path(output) / STUDY_FILE).is_file()
     study = None if resuming else load_study(study_file, preset)
     if data:  # recorded absolute (a resume may start elsewhere); given again on a resume, it wins
@@ -53,6 +56,8 @@ def battle_command(study_file: str | None = None, preset: str | None = None, out
         study.budget = budget
         check_looks(study, _budget_flag_error)
     out = Path(output or Path("battles") / study.name)
+    if output is None:
+        check_writable(out, "--output", "folder", fix=OUTPUT_FIX)
     flags = {k: v for k, v in (resources or {}).items() if v is not None}
     if slurm:
         flags["extra"] = parse_pairs(slurm)

@@ -8,21 +8,27 @@ import re
 from pathlib import Path
 from typing import Any
 
+from spach.text import BIDI_CONTROLS, LINE_SEPARATORS, escape_char
+
 Block = tuple[str, Any]  # (kind, payload): h1/h2/h3/p: text; table: (headers, rows); img: (name, path)
 VERDICT_CLASSES = ("supported", "CONTRADICTED", "equivalent", "mixed", "inconclusive")
 
 
 # control characters (C0 but newline and tab, DEL, C1): a terminal escape (ESC, BEL ...) in a description or a
-# label is shown as a visible symbol, never written raw into report.md or report.html
+# label is shown as a visible symbol, never written raw into report.md or report.html; so is a bidi control
+# (U+202E would show a name reversed), a line separator or a lone surrogate (JSON's "\ud800": not even UTF-8),
+# as its escape (spach.text)
 _CONTROL = {c: chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t"}
 _CONTROL.update({0x7F: "\u2421", **{c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}})
+_CONTROL.update({ord(ch): escape_char(ch) for ch in [*BIDI_CONTROLS, *LINE_SEPARATORS, *map(chr, range(0xD800, 0xE000))]})
 
 
 _LINK = re.compile(r"\](?=[(\[:])")  # the `]` of `[x](url)`, `[x][ref]` and `[ref]: url`: escaped, no link forms
 
 
 def visible(text: Any) -> str:
-    """`text` with its control characters replaced by visible symbols (ESC shows as U+241B)."""
+    """`text` with its control characters replaced by visible symbols (ESC shows as U+241B) and its bidi
+    controls by their escapes (U+202E shows as \\u202e). Every piece of text in a report goes through here."""
     return str(text).translate(_CONTROL)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import tomllib
 
-from spach.battle.schema import SLURM_KEYS, Validator
+from spach.battle.schema import SLURM_KEYS, Validator, submitit_key
 from spach.battle.study import Study
 from spach.errors import SpachError
 
@@ -100,7 +100,7 @@ def parse_pairs(items: list[str]) -> dict[str, Any]:
     pairs: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
-        key = key.strip().removeprefix("slurm_")
+        key = submitit_key(key)
         if not sep or not key:
             raise SpachError(f"--slurm expects KEY=VALUE (one of submitit's slurm_* parameters without the prefix, "
                              f"e.g. qos=high or mem_gb=64), got {item!r}")

@@ -39,6 +39,7 @@ from spach.humanize import hms
 from spach.plugins import import_plugins
 from spach.signals import interrupting
 from spach.train.engine import Deadline, train
+from spach.terminal import resolve_mode
 from spach.train.runtime import StopFlag
 
 Guard = Callable[[Run], str]  # '' when the run may start now, else why not (the budget's wall)
@@ -279,7 +280,7 @@ def reconcile(runs: list[Run], ledger: Ledger) -> list[dict[str, Any]]:
 
 
 def _run_serial(runs: list[Run], progress: Progress, ledger: Ledger, halt: Halt, guard: Guard | None) -> None:
-    bar = "bar" if sys.stderr.isatty() else "lines"  # the engine's within-epoch bar on a terminal, else its log lines
+    bar = resolve_mode("auto")  # the engine's within-epoch bar on a terminal, else its log lines
     with catching_stops() as stop:  # between runs; inside one, the engine's own handler saves and stops it
         for i, run in enumerate(runs):
             if stop:

@@ -14,6 +14,7 @@ from spach.battle.questions import QUESTION_KEYS
 from spach.errors import SpachError
 from spach.models.backbone import SpachConfig, normalize_arch
 from spach.models.zoo import list_models
+from spach.text import unsafe_char
 from spach.train.config import MODEL_KWARGS_FLAGS, ConfigError, TrainConfig
 from spach.train.datasets import DATASETS, canonical_dataset
 
@@ -116,6 +117,12 @@ SLURM_TAKEN = {**{k: k for k in SLURM_KEYS if k != "extra"}, "time": "timeout_mi
                "gpus_per_task": "gpus_per_node", "num_gpus": "gpus_per_node", "cpus_per_gpu": "cpus_per_task"}
 
 
+def submitit_key(key: str) -> str:
+    """A passed-through submitit parameter as submitit names it: `NODES`, `slurm_nodes` and `mem-gb` are
+    `nodes`, `nodes` and `mem_gb` (submitit's names are lower case), so each meets the checks of its name."""
+    return key.strip().lower().replace("-", "_").removeprefix("slurm_")
+
+
 def train_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -155,6 +162,15 @@ class Validator:
                       "leading dot): it names a folder")
         return name
 
+    def text(self, value: str, where: str, lines: bool = False) -> str:
+        """Free text the report and the terminal show (a label, a description): no control character (line
+        breaks and tabs only where `lines`) and no bidi control, which would show other text than it holds."""
+        bad = unsafe_char(value, allow="\n\t" if lines else "")
+        if bad:
+            self.fail(where, f"holds {bad}, a control character that would reorder or hide text in the report and "
+                      "on the terminal; remove it")
+        return value
+
     def seeds(self, seeds: Any) -> list[int]:
         if not isinstance(seeds, list) or not seeds or not all(_is(s, int) and 0 <= s <= MAX_SEED for s in seeds):
             self.fail("study.seeds", f"expected a non-empty list of integers from 0 to {MAX_SEED} (the random "
@@ -191,9 +207,12 @@ class Validator:
         self.keys(table, set(SLURM_KEYS), "slurm")
         for key, value in table.items():
             self.resource(f"slurm.{key}", key, value)
-        for key in table.get("extra", {}):
-            self.passthrough(f"slurm.extra.{key}", key, "slurm.{}")
-        return dict(table)
+        if "extra" not in table:
+            return dict(table)
+        extra = {submitit_key(key): value for key, value in table["extra"].items()}
+        for key in table["extra"]:
+            self.passthrough(f"slurm.extra.{key}", submitit_key(key), "slurm.{}")
+        return {**table, "extra": extra}
 
     def passthrough(self, where: str, key: str, fix: str) -> None:
         """A submitit parameter passed through (`extra`, --slurm KEY=VALUE) that a resource of its own sets
@@ -258,7 +277,7 @@ class Validator:
         if arm not in arms:
             self.fail(f"{where}.arm", f"no arm named {arm!r}; define it as [arm.{arm}] or use one of {', '.join(sorted(arms))}")
         return dict(name=name, model=model, arch=arch, recipe=recipe, arm=arm,
-                    label=self.get(entry, f"{where}.label", str, default=""),
+                    label=self.text(self.get(entry, f"{where}.label", str, default=""), f"{where}.label"),
                     match=self.match(f"{where}.match", self.get(entry, f"{where}.match", dict, default={}), arch))
 
     def match(self, where: str, match: dict, arch: dict) -> dict:

@@ -215,8 +215,8 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
     v.keys(st, STUDY_KEYS, "study")
     study = Study(
         name=v.name(v.get(st, "study.name", str, default=Path(source).stem if base else source.split()[-1])),
-        description=v.get(st, "study.description", str, default=""),
-        notes=v.get(st, "study.notes", str, default=""),
+        description=v.text(v.get(st, "study.description", str, default=""), "study.description", lines=True),
+        notes=v.text(v.get(st, "study.notes", str, default=""), "study.notes", lines=True),
         seeds=v.seeds(st.get("seeds", [0])),
         questions=v.questions(st.get("questions", []), "study.questions"),
         imports=[_resolve_import(i, base) for i in v.get(st, "study.imports", list, default=[])],
@@ -253,7 +253,8 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         if not isinstance(table, dict):
             v.fail(where, "must be a table ([arm.NAME]) of description, questions, data and recipe")
         v.keys(table, ARM_KEYS, where)
-        study.arms[name] = Arm(name, v.get(table, f"{where}.description", str, default=""),
+        study.arms[name] = Arm(name, v.text(v.get(table, f"{where}.description", str, default=""), f"{where}.description",
+                                            lines=True),
                                v.questions(table.get("questions", []), f"{where}.questions"),
                                v.train_fields(v.get(table, f"{where}.data", dict, default={}), f"{where}.data", fields,
                                               allowed=DATA_FIELDS),

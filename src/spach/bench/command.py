@@ -7,22 +7,23 @@ the command itself.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
 from typing import Any, Iterable
 
 import torch
-from tqdm import tqdm
 
 from spach.bench.measure import BenchRecord, BenchSettings, bench_model, matmul_peak
 from spach.bench.mixers import format_mixer_table, mixer_sweep
 from spach.bench.optimize import tune_cpu_allocator
-from spach.bench.plots import write_plots
 from spach.device import parse_device
 from spach.errors import SpachError
+from spach.files import atomic_write_text, check_writable
 from spach.models.mixers import canonical_mixer
 from spach.models.zoo import create_model, list_models
+from spach.terminal import track
 
 
 def run(models: Iterable[str], settings: BenchSettings | None = None, progress: bool = True,
@@ -38,7 +39,7 @@ def run(models: Iterable[str], settings: BenchSettings | None = None, progress: 
         tune_cpu_allocator()  # training and the peak measurement get the same allocator as inference
     peak = matmul_peak(dev, st.dtype, st.quick)
     records = [bench_model(name, st, peak)
-               for name in tqdm(models, desc="spach bench", unit="model", disable=not progress, leave=False)]
+               for name in track(models, "spach bench", mode="auto" if progress else "none", name=str)]
     peak = max(peak, matmul_peak(dev, st.dtype, st.quick))
     return [_with_peak(r, peak).as_dict() for r in records]
 
@@ -65,7 +66,8 @@ def sweep(
     jobs = [(m, "batch", b, img_size) for m in models for b in batch_sizes]
     jobs += [(m, "img", img_batch, s) for m in models for s in img_sizes]
     records = []
-    for name, kind, b, s in tqdm(jobs, desc="spach bench sweep", unit="run", disable=not progress, leave=False):
+    for name, kind, b, s in track(jobs, "spach bench sweep", mode="auto" if progress else "none",
+                                  name=lambda job: f"{job[0]}, {job[1]} sweep, batch {job[2]}, {job[3] or 'own'} px"):
         rec = bench_model(name, BenchSettings(str(dev), dtype, batch_size=b, img_size=s, quick=True, latency=False), peak)
         rec.extra["sweep"] = kind
         records.append(rec.as_dict())
@@ -132,18 +134,18 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def write_json(records: list[dict[str, Any]], path: str, sweep_records: list[dict[str, Any]] | None = None) -> None:
-    with open(path, "w") as f:
-        json.dump({"records": records, "sweep": sweep_records or []}, f, indent=1)
+    atomic_write_text(path, json.dumps({"records": records, "sweep": sweep_records or []}, indent=1))
 
 
 def write_csv(records: list[dict[str, Any]], path: str) -> None:
     if not records:
         raise SpachError(f"nothing to write to {path}: no benchmark records")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        for r in records:
-            writer.writerow({**r, "extra": json.dumps(r["extra"])})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(records[0]))
+    writer.writeheader()
+    for r in records:
+        writer.writerow({**r, "extra": json.dumps(r["extra"])})
+    atomic_write_text(path, text.getvalue())
 
 
 def busy_warning() -> str | None:
@@ -171,6 +173,9 @@ def command(
     sweep_mixers: Iterable[str] | None = None,
 ) -> list[dict[str, Any]]:
     """`spach bench`: run, print the table, write JSON/CSV/plots; returns the records."""
+    for path, flag, kind in ((json_path, "--json", "file"), (csv_path, "--csv", "file"), (plot_dir, "--plots", "folder")):
+        if path:  # before the measurements, which may take minutes
+            check_writable(path, flag, kind)
     if threads is not None:
         if threads < 1:
             raise SpachError(f"--threads must be >= 1, got {threads}")
@@ -201,6 +206,7 @@ def command(
     if csv_path:
         write_csv(records + sweep_records, csv_path)
     if plot_dir:
+        from spach.bench.plots import write_plots  # matplotlib: only when plots are asked for
         for path in write_plots(records, plot_dir, sweep_records):
             print(f"wrote {path}")
     return records

@@ -14,13 +14,13 @@ import sys
 from typing import Any, Iterable
 
 import torch
-from tqdm import tqdm
 
 from spach.bench.measure import BenchSettings, bench_model
 from spach.errors import SpachError
 from spach.models.backbone import Arch, SpachConfig, SpachNet
 from spach.models.mixers import canonical_mixer, list_mixers
 from spach.models.zoo import create_model
+from spach.terminal import track
 
 
 def with_mixer(arch: Arch, mixer: str) -> Arch:
@@ -59,7 +59,8 @@ def mixer_sweep(models: Iterable[str], settings: BenchSettings, peak: float | No
     jobs = [(model, mixer, cfg) for model in models
             for mixer, cfg in mixer_configs(model, settings.img_size, mixers).items()]
     records = []
-    for model, mixer, cfg in tqdm(jobs, desc="spach bench mixers", unit="model", disable=not progress, leave=False):
+    for model, mixer, cfg in track(jobs, "spach bench mixers", mode="auto" if progress else "none",
+                                   name=lambda job: f"{job[0]} with {job[1]}"):
         rec = bench_model(lambda: create_model("spach", **cfg.to_dict()), settings, peak)
         rec.model = model
         rec.extra.update(sweep="mixer", mixer=mixer)

@@ -27,7 +27,8 @@ from typing import Any, BinaryIO, Callable, TypeVar
 
 from tqdm import tqdm
 
-from spach.errors import SpachError, one_line
+from spach.errors import SpachError
+from spach.text import one_line
 from spach.humanize import count
 
 TIMEOUT_ENV = "SPACH_DOWNLOAD_TIMEOUT"

@@ -103,8 +103,6 @@ def resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     explicit = cfg.resume not in ("", "auto")
     if explicit and not Path(cfg.resume).is_file():
         raise SpachError(f"--resume {cfg.resume}: no such checkpoint file; pass a checkpoint.pth or 'auto'")
-    if out.exists() and not out.is_dir():
-        raise SpachError(f"output {out} is a file, not a folder; choose another --output")
     saved = out / "config.json"
     if not saved.is_file():
         if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):

@@ -39,6 +39,7 @@ from spach.files import (
     append_jsonl,
     atomic_save,
     atomic_write_text,
+    check_writable,
     read_json,
 )
 from spach.models.choice import export_choices, restore_choices
@@ -112,6 +113,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict[str, Any]], None] | Non
     canonical_dataset(cfg.dataset)
     import_plugins(cfg.imports, "--imports")  # before the model's name is checked: a plugin may register it
     check_model_name(cfg.model)
+    check_writable(cfg.output, "--output", "folder")
     d = setup(cfg.device)
     out = Path(cfg.output)
     try:
@@ -314,15 +316,18 @@ def _end_epoch(cfg: TrainConfig, d: Dist, p: Parts, state: TrainState, epoch: in
     }
     unscored = 0.0
     if scores_epoch(cfg, epoch + 1):  # --eval-every: the weights are the same whether an epoch is scored or not
-        val = evaluate(p.model, p.data.val_loader, d.device, p.amp, distributed=distributed, predictions=last)
+        val = evaluate(p.model, progress.evaluating(p.data.val_loader, f"testing on {p.data.val_size} images"), d.device,
+                       p.amp, distributed=distributed, predictions=last)
         if last:  # every test image's prediction, for paired per-image statistics across runs (the battle's)
             save_predictions(d, val, out / PREDICTIONS_FILE)
         record.update(val_loss=val["loss"], top1=val["top1"], top5=val["top5"])
         if p.data.train_eval_loader is not None:
-            te = evaluate(p.model, p.data.train_eval_loader, d.device, p.amp, distributed=distributed)
+            te = evaluate(p.model, progress.evaluating(p.data.train_eval_loader, "evaluating on a training subset"),
+                          d.device, p.amp, distributed=distributed)
             record.update(train_eval_loss=te["loss"], train_eval_top1=te["top1"])
         if p.ema is not None:
-            ema = evaluate(p.ema.module, p.data.val_loader, d.device, p.amp, distributed=distributed)
+            ema = evaluate(p.ema.module, progress.evaluating(p.data.val_loader, "testing the EMA weights"), d.device,
+                           p.amp, distributed=distributed)
             record.update(ema_top1=ema["top1"], ema_val_loss=ema["loss"])
         unscored = p.data.val_size - val["n"]
     bad = d.all_sum(torch.tensor([sums[3]], dtype=torch.float64, device=d.device)).item() + unscored

@@ -20,6 +20,7 @@ from spach.device import autocast
 from spach.errors import CheckpointError, SpachError, first_line
 from spach.files import atomic_write_bytes
 from spach.models.convert import check_fits, checkpoint_filter_fn, head_and_channels, read_checkpoint
+from spach.terminal import track
 from spach.train import checkpoint
 from spach.train.config import ConfigError, TrainConfig
 from spach.train.data import canonical_dataset, eval_loader_for
@@ -106,7 +107,8 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     """Top-1/top-5/loss of a checkpoint on the validation split. Image folders use the model's
     pretrained config (resize, crop, mean/std); a spach training checkpoint also brings its own
     model name, architecture overrides, resolution and normalisation. The model runs in
-    `spach.optimize`'s fastest inference setup for the device."""
+    `spach.optimize`'s fastest inference setup for the device; its progress is a bar on a terminal, else a line
+    as it starts (`spach.terminal`)."""
     if batch_size < 1:
         raise SpachError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
@@ -141,7 +143,7 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     net = build_model(dataclasses.replace(cfg, pretrained=""), num_classes, first_x.shape[1], size or first_x.shape[-1])
     load_strict(net, state)
     fast = optimize(net, device=d.device, dtype=amp_dtype or torch.float32, compile=compile)
-    result = evaluate(fast, loader, d.device)
+    result = evaluate(fast, track(loader, f"spach eval: {model} on {n} {dataset} images, {d.device}"), d.device)
     result.update(model=model, checkpoint=str(pretrained), dataset=dataset, images=n, device=str(d.device))
     if throughput:
         result["throughput"] = measure_throughput(net, batch_size=batch_size, img_size=first_x.shape[-1], device=d.device,
