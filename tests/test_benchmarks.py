@@ -1,7 +1,8 @@
-"""benchmarks/vs_reference.py --battle, benchmarks/token_mlp_forms.py and benchmarks/scan_cpu.py run end
-to end (one repeat or round: smoke tests, not measurements)."""
+"""benchmarks/vs_reference.py --battle, benchmarks/token_mlp_forms.py, benchmarks/scan_cpu.py and
+benchmarks/mixers_cpu.py run end to end (one repeat or round: smoke tests, not measurements)."""
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
@@ -33,6 +34,15 @@ def test_token_mlp_forms_times_every_shape(capsys):
     forms.main(["--dtypes", "fp32", "--rounds", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if " infer " in line or " train " in line]
     assert len(rows) == 2 * len(forms.SHAPES) and all(line.split()[-3] in FORMS for line in rows)
+
+
+def test_mixers_cpu_times_every_contender_against_conv(capsys):
+    rows = _load("mixers_cpu").main(["--mixers", "conv,window4,gmlp,window", "--rounds", "1", "--steps", "1", "--batch", "4"])
+    assert [r["mixer"] for r in rows] == ["conv", "window4", "gmlp"]  # window7 does not tile the 8x8 grid: left out
+    assert all(r["infer"] > 0 and r["train"] > 0 for r in rows)
+    assert all(0.9 < r["macs"] / rows[0]["macs"] < 1.1 for r in rows)  # matched in MACs
+    out = capsys.readouterr().out
+    assert re.search("left out window7: .*window7: 7x7 windows do not tile", out) and "load average after" in out
 
 
 def test_scan_cpu_times_the_scan_and_the_matched_models():

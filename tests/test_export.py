@@ -58,6 +58,30 @@ def test_export_each_family(tmp_path, family, fmt):
     torch.testing.assert_close(run_exported(out, fmt, x), expected, atol=TOLERANCE, rtol=0)
 
 
+# the mixers that came after SPACH (spach.models.window, dwconv, gmlp, focal), in a pyramid on 16, 8, 4, 2 grids
+MODERN = {m: dict(TINY, patch_size=4, net_arch=[[["conv", 1]], [[m, 2]], [[m, 1]], [[m, 1]]])
+          for m in ("window4", "dwconv7", "gmlp", "focal2")}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("mixer", sorted(MODERN))
+def test_export_each_modern_mixer(tmp_path, mixer, fmt):
+    """Window attention's roll and mask, the large depthwise kernels, gMLP's token map and focal
+    modulation's levels all export to both formats and run there as in PyTorch."""
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("ONNX export needs pip install 'spach[onnx]'")
+    model, weights = random_weights(tmp_path, "spach", **MODERN[mixer])
+    out = tmp_path / f"model.{fmt}"
+    r = export("spach", out, fmt, pretrained=str(weights), model_kwargs=MODERN[mixer])
+    print(f"{mixer} {fmt}: max abs error {r['max_abs_error']:.2e}")
+    assert r["max_abs_error"] <= TOLERANCE
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(run_exported(out, fmt, x), expected, atol=TOLERANCE, rtol=0)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("mixer", ["gatedconv", "scan"])
 def test_export_the_mixers_after_spach(tmp_path, mixer, fmt):

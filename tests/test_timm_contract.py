@@ -31,6 +31,11 @@ SMALL = {
     "spach_ms_scan": dict(model="spach_ms_xxs_patch4_224_conv", img_size=64,
                           net_arch=[[("conv", 1)], [("scan", 1)], [("scan", 2)], [("scan", 1)]]),
     "spach_ss_scan": dict(model="spach_xxs_patch16_224_attn", img_size=64, net_arch=[("scan", 3)]),
+    # window attention (window4: the second block of a stage shifted), large kernels, gMLP's gating, focal modulation
+    **{f"spach_ms_{m}": dict(model="spach_ms_xxs_patch4_224_conv", img_size=64,
+                             net_arch=[[("conv", 1)], [(m, 2)], [(m, 2)], [(m, 1)]])
+       for m in ("window4", "dwconv7", "gmlp", "focal2")},
+    "spach_ss_window4": dict(model="spach_xxs_patch16_224_attn", img_size=64, patch_size=4, net_arch=[("window4", 3)]),
 }
 NAMES = sorted(SMALL)
 BATCH = 2
@@ -92,7 +97,7 @@ def test_model_default_cfgs(name):
         model.reset_classifier(0, "max")
 
     assert cfg["classifier"] + ".weight" in state_dict and cfg["first_conv"] + ".weight" in state_dict
-    assert cfg["fixed_input_size"] == ("mlp" in name)
+    assert cfg["fixed_input_size"] == ("mlp" in name)  # the MLP models and gMLP
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,7 +120,7 @@ def test_model_forward_intermediates(name):
     x = _input(model)
     output, intermediates = model.forward_intermediates(x, output_fmt="NCHW")
     assert len(intermediates) == len(info.channels())
-    if name.startswith("spach_xxs_patch16"):
+    if name.startswith(("spach_xxs_patch16", "spach_ss_")):
         assert len(intermediates) == 3  # one per block on single-stage models, as timm's ViTs
     for r, c, o in zip(info.reduction(), info.channels(), intermediates):
         assert o.shape[1] == c

@@ -80,9 +80,13 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default="default", choices=["default", "swin"],
                    help="default: 3 warm-up + 5 timed passes, median; swin: 50 + 30, the paper's protocol")
     p.add_argument("--quick", action="store_true", help="fewer passes and a short sweep")
-    p.add_argument("--sweep", action="store_true", help="also sweep batch size and image size (growth plots)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep batch size, image size (growth plots) and the spatial mixer (each mixer's price in a "
+                        "SPACH model's layout and width)")
     p.add_argument("--sweep-batch-sizes", type=int_list, default=None, metavar="N,N,..", help="default 1,8,32")
     p.add_argument("--sweep-img-sizes", type=int_list, default=None, metavar="S,S,..", help="default 128,224,320")
+    p.add_argument("--sweep-mixers", type=lambda t: [m for m in t.split(",") if m], default=None, metavar="M,M,..",
+                   help="the mixers the sweep prices (default: every registered one, spach.list_mixers())")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", metavar="FILE", help="write the records as JSON")
     p.add_argument("--csv", metavar="FILE", help="write the records as CSV")
@@ -95,7 +99,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
                                     if f.name != "latency"})
         bench_command(args.models, settings, json_path=args.json, csv_path=args.csv, plot_dir=args.plots,
                 with_sweep=args.sweep, sweep_batch_sizes=args.sweep_batch_sizes, sweep_img_sizes=args.sweep_img_sizes,
-                threads=args.threads)
+                threads=args.threads, sweep_mixers=args.sweep_mixers)
 
     p.set_defaults(func=run)
 

@@ -167,8 +167,8 @@ def build(model: str | None, pretrained: str | None = None, model_kwargs: dict[s
     size = kwargs.pop("img_size", 0) or args.get("img_size") or _run_img_size(pretrained)
     cfg = TrainConfig(model=name, model_kwargs=kwargs, pretrained="", drop_path=0.0)
     if pretrained:
-        with torch.device("meta"):  # a free probe, for where the model keeps its classifier and first conv
-            probe = build_model(cfg, 1000, 3)
+        with torch.device("meta"):  # a free probe, for where the model keeps its classifier and first conv, built
+            probe = build_model(cfg, 1000, 3, size)  # at the export's size (a window may tile no other size's grids)
         head, chans = head_and_channels(read_checkpoint(pretrained), getattr(probe, "pretrained_cfg", {}))
         num_classes, in_chans = head or 0, chans or 3  # no head: a headless checkpoint
     try:

@@ -8,6 +8,7 @@ from spach.bench.measure import (
            bench_model,
            matmul_peak,
 )
+from spach.bench.mixers import mixer_sweep
 
 __all__ = ["BenchRecord", "BenchSettings", "Protocol", "bench_model", "command", "format_table", "matmul_peak",
-           "run", "sweep"]
+           "mixer_sweep", "run", "sweep"]

@@ -1,5 +1,6 @@
-"""`spach bench` over many models: `run` (one setting), `sweep` (batch and image size), the table,
-JSON/CSV output and the command itself.
+"""`spach bench` over many models: `run` (one setting), `sweep` (batch and image size; with the command's
+`--sweep` also the price of every spatial mixer, `spach.bench.mixers`), the table, JSON/CSV output and
+the command itself.
 
     records = spach.bench.run(["spach_ms_s_patch4_224_conv"], dtype="bf16", mode="both")
 """
@@ -15,10 +16,12 @@ from typing import Any, Iterable
 import torch
 
 from spach.bench.measure import BenchRecord, BenchSettings, bench_model, matmul_peak
+from spach.bench.mixers import format_mixer_table, mixer_sweep
 from spach.bench.optimize import tune_cpu_allocator
 from spach.device import parse_device
 from spach.errors import SpachError
 from spach.files import atomic_write_text, check_writable
+from spach.models.mixers import canonical_mixer
 from spach.models.zoo import create_model, list_models
 from spach.terminal import track
 
@@ -53,12 +56,13 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Inference throughput against batch size (at `img_size`, default the model's) and against image
     size; each record has `extra["sweep"]` = 'batch' or 'img'. The image-size sweep runs at the
-    largest of `batch_sizes` that is <= 8, so that large images stay affordable on a CPU."""
+    largest of `batch_sizes` that is <= 8, so that large images stay affordable on a CPU (as does
+    `spach bench --sweep`'s mixer sweep, `spach.bench.mixers`)."""
     models, batch_sizes, img_sizes = list(models), list(batch_sizes), list(img_sizes)
     _check_models(models)
     dev = parse_device(device)
     peak = matmul_peak(dev, dtype, quick=True)
-    img_batch = max([b for b in batch_sizes if b <= 8] or [min(batch_sizes)])
+    img_batch = _img_batch(batch_sizes)
     jobs = [(m, "batch", b, img_size) for m in models for b in batch_sizes]
     jobs += [(m, "img", img_batch, s) for m in models for s in img_sizes]
     records = []
@@ -68,6 +72,10 @@ def sweep(
         rec.extra["sweep"] = kind
         records.append(rec.as_dict())
     return records
+
+
+def _img_batch(batch_sizes: list[int]) -> int:
+    return max([b for b in batch_sizes if b <= 8] or [min(batch_sizes)])
 
 
 def _with_peak(rec: BenchRecord, peak: float) -> BenchRecord:
@@ -162,6 +170,7 @@ def command(
     sweep_batch_sizes: Iterable[int] | None = None,
     sweep_img_sizes: Iterable[int] | None = None,
     threads: int | None = None,
+    sweep_mixers: Iterable[str] | None = None,
 ) -> list[dict[str, Any]]:
     """`spach bench`: run, print the table, write JSON/CSV/plots; returns the records."""
     for path, flag, kind in ((json_path, "--json", "file"), (csv_path, "--csv", "file"), (plot_dir, "--plots", "folder")):
@@ -171,6 +180,8 @@ def command(
         if threads < 1:
             raise SpachError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    for mixer in sweep_mixers or ():  # bad input fails before any measurement
+        canonical_mixer(mixer)
     records = run(models, settings)
     print(format_table(records))
     busy = busy_warning() if parse_device(settings.device).type == "cpu" else None
@@ -179,11 +190,17 @@ def command(
     sweep_records = []
     if with_sweep:
         quick = settings.quick
+        batch_sizes = list(sweep_batch_sizes or ((1, 8) if quick else (1, 8, 32)))
         sweep_records = sweep(
-            models, sweep_batch_sizes or ((1, 8) if quick else (1, 8, 32)),
-            sweep_img_sizes or ((128, 224) if quick else (128, 224, 320)), settings.img_size,
+            models, batch_sizes, sweep_img_sizes or ((128, 224) if quick else (128, 224, 320)), settings.img_size,
             settings.device, settings.dtype, quick,
         )
+        mixers = mixer_sweep(models, BenchSettings(settings.device, settings.dtype, batch_size=_img_batch(batch_sizes),
+                                                   img_size=settings.img_size, mode=settings.mode, quick=True, latency=False),
+                             mixers=sweep_mixers)
+        if mixers:
+            print(format_mixer_table(mixers))
+        sweep_records += mixers
     if json_path:
         write_json(records, json_path, sweep_records)
     if csv_path:

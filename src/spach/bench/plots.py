@@ -103,4 +103,12 @@ def write_plots(records: list[dict[str, Any]], out_dir: str, sweep_records: list
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         save(fig, f"throughput_vs_{kind}.png")
+    mixers = [r for r in sweep_records or [] if r["extra"].get("sweep") == "mixer" and r.get("infer_img_s")]
+    for model in dict.fromkeys(r["model"] for r in mixers):
+        rows = [{**r, "model": r["extra"]["mixer"]} for r in mixers if r["model"] == model]
+        fig, ax = plt.subplots(figsize=(7, 5))
+        _scatter(ax, rows, "macs", "infer_img_s", 1e9)
+        ax.set(xlabel="GMACs per image", ylabel="inference images/s",
+               title=f"Each spatial mixer in {model}'s layout and width\n{_setting(rows[0])}")
+        save(fig, f"throughput_vs_mixer_{model}.png" if len(set(r["model"] for r in mixers)) > 1 else "throughput_vs_mixer.png")
     return paths

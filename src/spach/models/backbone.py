@@ -7,7 +7,7 @@ single-stage (ViT-like) layout, four the multi-stage (pyramid) layout; other cou
 No `from __future__ import annotations` here: torch.fx copies `forward`'s annotations into the code it
 generates, and TorchScript cannot resolve them as strings.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +26,7 @@ from spach.models.blocks import (
     Stem,
     to_nchw,
 )
-from spach.models import gated, scan  # noqa: F401  (register the mixers after SPACH, DESIGN.md 2c)
+from spach.models import dwconv, focal, gated, gmlp, scan, window  # noqa: F401  (register the mixers after SPACH, DESIGN.md 2c)
 from spach.models.checks import check_global_pool, check_grid
 from spach.models.mixers import MixerContext, build_mixer, canonical_mixer
 
@@ -196,9 +196,9 @@ class SpachNet(nn.Module):
             shared: dict[str, nn.Module | None] = {}
             blocks = []
             for name, depth in runs:
-                for _ in range(depth):
-                    if not cfg.shared_spatial_func or name not in shared:
-                        shared[name] = build_mixer(name, ctx)
+                for j in range(depth):
+                    if not cfg.shared_spatial_func or name not in shared:  # a shared mixer: built for the first block
+                        shared[name] = build_mixer(name, replace(ctx, block_index=j))
                     blocks.append(MixingBlock(
                         dim, shared[name], cfg.channel_ratio, cfg.cpe, cfg.layer_scale, cfg.drop_rate, dpr[k],
                     ))
@@ -231,6 +231,9 @@ class SpachNet(nn.Module):
             elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm, ChannelsLastGroupNorm1)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():  # a mixer's own init (gMLP's near-identity gate) after the generic one
+            if m is not self and callable(getattr(m, "init_weights", None)):
+                m.init_weights()
         if isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)

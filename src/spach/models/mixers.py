@@ -15,7 +15,14 @@ exactly those, so a new mixer is a small class plus one `@register_mixer("name")
             return (self.pool(y) - y).permute(0, 2, 3, 1)
 
 Ops that torch's FLOP counter does not see (pooling, say) are counted by an `uncounted_macs(x)`
-method on the mixer (see `spach.models.flops`).
+method on the mixer (see `spach.models.flops`). A mixer whose weights need their own initialisation
+(the backbone gives every Linear xavier-uniform weights) does it in an `init_weights()` method, which
+the backbone calls after its own init (as timm's models do); a parameter to keep out of weight decay
+carries `_no_weight_decay = True` (Swin's relative position bias table, the scan's A and D).
+
+A mixer with one integer hyper-parameter registers with `param=` naming its constructor argument:
+`@register_mixer("dwconv", param="kernel_size")` makes `dwconv7`, `dwconv31`, ... name it with that
+value; the bare `dwconv` is the constructor's default (`dwconv7`), which is also its canonical name.
 
 The "conv" family has no spatial-mixing module at all (its block is only the 3x3 depthwise conv bypass
 and the channel MLP): its name is listed in `MIXERS_WITHOUT_MODULE` and `build_mixer` returns None.
@@ -25,6 +32,7 @@ the block's channel-MLP slot instead: its block has the CPE and that module, no 
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -52,6 +60,7 @@ class MixerContext:
     attn_drop: float = 0.0
     drop: float = 0.0
     channel_ratio: float = 2.0
+    block_index: int = 0  # the block's place in its net_arch run of this mixer (0 = first): Swin shifts odd ones
 
     @property
     def num_tokens(self) -> int:
@@ -59,48 +68,78 @@ class MixerContext:
 
 
 _MIXERS: dict[str, type[nn.Module]] = {}
+_PARAMS: dict[str, str] = {}  # mixer name -> the constructor argument a number after the name sets
 # Mixer names whose block has no spatial-mixing module (the conv family: CPE + channel MLP only).
 MIXERS_WITHOUT_MODULE = {"conv"}
 _ALIASES = {"pass": "conv", "transformer": "attn", "trans": "attn"}
+_NUMBERED = re.compile(r"([A-Za-z_]\w*?)(\d+)")
 
 
-def register_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make a spatial mixer available by `name` in every layout."""
+def register_mixer(name: str, param: str | None = None) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a spatial mixer available by `name` in every layout. With `param` (an
+    integer constructor argument with a default), `name<int>` builds it with that value."""
 
     def add(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in _MIXERS or name in MIXERS_WITHOUT_MODULE or name in _ALIASES:
+        numbered = _NUMBERED.fullmatch(name)
+        if name in _MIXERS or name in MIXERS_WITHOUT_MODULE or name in _ALIASES or (numbered and numbered[1] in _PARAMS):
             raise ValueError(f"a spatial mixer named {name!r} is already registered")
+        if param is not None:
+            arg = inspect.signature(cls.__init__).parameters.get(param)
+            if arg is None or not isinstance(arg.default, int):
+                raise ValueError(f"mixer {name!r}: param {param!r} must be an integer argument of {cls.__name__} with a default")
+            _PARAMS[name] = param
         _MIXERS[name] = cls
         return cls
 
     return add
 
 
+def _split(name: str) -> tuple[str, int | None]:
+    """('dwconv', 7) for 'dwconv7' when 'dwconv' takes a number; (name, None) otherwise."""
+    numbered = _NUMBERED.fullmatch(name)
+    if numbered and numbered[1] in _PARAMS and name not in _MIXERS:
+        return numbered[1], int(numbered[2])
+    return name, None
+
+
+def _default(name: str) -> int:
+    return inspect.signature(_MIXERS[name].__init__).parameters[_PARAMS[name]].default
+
+
 def canonical_mixer(name: str) -> str:
-    """The registered name for `name` (resolving official aliases such as 'pass'), or a clear error."""
-    name = _ALIASES.get(name, name)
+    """The registered name for `name` (resolving official aliases such as 'pass'; a mixer that takes a
+    number always with it: 'window' -> 'window7'), or a clear error."""
+    name, value = _split(_ALIASES.get(name, name))
+    if name in _PARAMS:
+        return f"{name}{_default(name) if value is None else value}"
     if name not in _MIXERS and name not in MIXERS_WITHOUT_MODULE:
         raise SpachError(
-            f"unknown spatial mixer {name!r}; known: {', '.join(list_mixers())} "
+            f"unknown spatial mixer {name!r}; known: {', '.join(list_mixers(forms=True))} "
             "(register a new one with spach.register_mixer)"
         )
     return name
 
 
-def list_mixers() -> list[str]:
-    """The names a `net_arch` may use: the built-in mixers and those registered since."""
-    return sorted(MIXERS_WITHOUT_MODULE | set(_MIXERS))
+def list_mixers(forms: bool = False) -> list[str]:
+    """The mixer names a `net_arch` takes; a mixer that takes a number is listed by its default
+    ('dwconv7'), or with `forms=True` by its form ('dwconv<kernel_size>')."""
+    numbered = {n: f"{n}<{p}>" if forms else f"{n}{_default(n)}" for n, p in _PARAMS.items()}
+    return sorted(MIXERS_WITHOUT_MODULE | {numbered.get(n, n) for n in _MIXERS})
 
 
 def build_mixer(name: str, ctx: MixerContext) -> nn.Module | None:
-    """Build mixer `name`, passing only the context fields its constructor asks for."""
-    name = canonical_mixer(name)
+    """Build mixer `name`, passing only the context fields its constructor asks for (and the number
+    in a name such as 'dwconv7' as the argument that mixer registered for it)."""
+    name, value = _split(canonical_mixer(name))
     if name in MIXERS_WITHOUT_MODULE:
         return None
     cls = _MIXERS[name]
     available = {f.name: getattr(ctx, f.name) for f in fields(ctx)} | {"num_tokens": ctx.num_tokens}
     wanted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in available.items() if k in wanted})
+    kwargs = {k: v for k, v in available.items() if k in wanted}
+    if value is not None:
+        kwargs[_PARAMS[name]] = value
+    return cls(**kwargs)
 
 
 @register_mixer("attn")

@@ -268,11 +268,12 @@ def _image_loader(ds: Dataset, sampler: Any, cfg: TrainConfig, batch_size: int, 
                       persistent_workers=False)
 
 
-def eval_loader_for(model: torch.nn.Module, dataset: str, data_path: str | None, batch_size: int, workers: int,
+def eval_loader_for(model: torch.nn.Module | None, dataset: str, data_path: str | None, batch_size: int, workers: int,
                     device: torch.device, img_size: int = 0, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None, skip_bad: bool = False) -> tuple[Any, int]:
     """Loader over the validation split for `spach eval`, with the model's pretrained config
-    (resize, crop, mean/std) for folders, the dataset's own statistics for in-memory sets."""
+    (resize, crop, mean/std) for folders (`model` is needed only there), the dataset's own statistics
+    for in-memory sets."""
     name = canonical_dataset(dataset)
     if name == "imagefolder":
         val = load_val_folder(data_path, skip_bad)

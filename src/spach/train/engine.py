@@ -393,7 +393,7 @@ def _pretrained_cfg(cfg: TrainConfig) -> dict[str, Any]:
         return {}
     try:
         with torch.device("meta"):
-            return dict(build_model(dataclasses.replace(cfg, pretrained=""), 1000, 3, 0).pretrained_cfg)
+            return dict(build_model(dataclasses.replace(cfg, pretrained=""), 1000, 3, cfg.img_size).pretrained_cfg)
     except Exception:  # an unknown or broken model fails with its own message when it is built for real
         return {}
 

@@ -130,14 +130,18 @@ def evaluate_checkpoint(model: str | None, pretrained: str, data_path: str | Non
     cfg = _eval_config(model, model_kwargs, args)
     size = img_size or args.get("img_size", 0)
     mean, std = args.get("mean") or None, args.get("std") or None
-    with torch.device("meta"):  # a free probe, for the model's pretrained config (resize, crop, mean/std)
-        probe = build_model(cfg, 1000, 3)
+    # free probes (meta device) for the model's pretrained config, built at the size the model runs at (a model
+    # may not build at its default: a window that tiles 32-pixel grids need not tile 224-pixel ones): an image
+    # folder's resize, crop and mean/std come from it; in-memory sets bring their own, and their size
+    probe = _probe(cfg, size) if dataset == "imagefolder" else None
     loader, n = eval_loader_for(probe, dataset, data_path, batch_size, workers, d.device, size, mean, std, skip_bad_images)
     first_x = next(iter(loader))[0]
     num_classes = _dataset_classes(loader)
     state = read_checkpoint(pretrained, use_ema)
-    _check_data_fits(state, getattr(probe, "pretrained_cfg", {}), pretrained, model, num_classes, first_x.shape[1],
-                     dataset, data_path)
+    if probe is None:
+        probe = _probe(cfg, size or first_x.shape[-1])
+    _check_data_fits(state, getattr(probe, "pretrained_cfg", {}), pretrained, model, num_classes, first_x.shape[1], dataset,
+                     data_path)
     net = build_model(dataclasses.replace(cfg, pretrained=""), num_classes, first_x.shape[1], size or first_x.shape[-1])
     load_strict(net, state)
     fast = optimize(net, device=d.device, dtype=amp_dtype or torch.float32, compile=compile)
@@ -156,6 +160,11 @@ def _eval_config(model: str, model_kwargs: dict | None, args: dict[str, Any]) ->
                            pretrained="", drop_path=0.0)
     except ConfigError as e:
         raise SpachError(f"--model-kwargs {e.problem}") from None
+
+
+def _probe(cfg: TrainConfig, size: int) -> nn.Module:
+    with torch.device("meta"):
+        return build_model(cfg, 1000, 3, size)
 
 
 def _check_data_fits(state: dict[str, torch.Tensor], pretrained_cfg: dict[str, Any], path: str, model: str, classes: int,
