@@ -5,7 +5,8 @@
   that rate, its scored epochs' images at the evaluation rate, and a fixed start-up. Once runs of a
   contestant have finished, their measured times replace the prediction, and every prediction is scaled
   by how much slower than predicted the finished runs were (a machine slower than it measured).
-- **Findings in rank order.** A study's `questions` are its findings in order of importance. The first
+- **Findings in rank order.** A study's `rank` (default: its questions as asked, arm by arm) orders its
+  findings by importance. The first
   wave (`first_wave` seeds of every contestant a finding compares) is taken for whole findings, in that
   order, while it fits the budget; a finding that does not fit is skipped (a later, cheaper one may), and
   the report names it with what it would take here. Epochs, data and contestants are never changed to fit.
@@ -158,8 +159,8 @@ def finding_contestants(study: Study, entries: list[ContestantResult]) -> list[F
             pairs, _ = TESTS[number](members)
             names = list(dict.fromkeys(n for p in pairs for n in (p.a.name, p.b.name)))
             out.append(FindingPlan(arm, key, number, names, 0.0))
-    rank = {k: i for i, k in enumerate(study.questions)}
-    return sorted(out, key=lambda f: (rank.get(f.key, len(rank)), f.arm != "main"))
+    rank = {k: i for i, k in enumerate(study.rank)}  # the study's order first; the rest as asked, arm by arm
+    return sorted(out, key=lambda f: rank.get(f.key, len(rank)))
 
 
 def make_plan(study: Study, budget: Budget, costs: dict[str, dict[str, Any]], slots: int,

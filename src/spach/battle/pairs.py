@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from spach.battle.questions import BEYOND
+from spach.battle.questions import BEYOND, MODERN
 from spach.battle.results import ContestantResult
 
 PURE = ("conv", "attn", "mlp")
@@ -173,8 +173,44 @@ def beyond(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
     return _against_pure_families(entries, BEYOND, "vs")
 
 
+def base_family(family: str) -> str:
+    """A mixer family without its number (`window4` -> `window`, `dwconv7` -> `dwconv`)."""
+    return family.rstrip("0123456789") or family
+
+
+def modern(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """Each contestant of a 2021-2025 mixer against the closest-cost contestant of every pure family in its layout."""
+    return _against_pure_families(entries, [e.family for e in entries if base_family(e.family) in MODERN], ">")
+
+
+def _rivals(entries: list[ContestantResult], claims: list[tuple[str, str]]) -> tuple[list[Pair], list[str]]:
+    """For each (family a, family b) by base name: a's contestants against the closest-cost b of their layout."""
+    pairs, missing = [], []
+    for fa, fb in claims:
+        made = 0
+        for a in (e for e in entries if base_family(e.family) == fa):
+            b = _closest(a, (e for e in entries if base_family(e.family) == fb and e.layout == a.layout and _same_kind(a, e)))
+            if b is not None:
+                pairs.append(_pair(f"{a.name} > {b.name}", a, b, "final_top1", TOP1))
+                made += 1
+        if not made:
+            missing.append(f"a {fa} and a {fb} contestant of one layout")
+    return pairs, missing if pairs else []
+
+
+def gate(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """MambaOut's claim: the gated CNN beats conv (the gate helps) and matches or beats the selective scan."""
+    return _rivals(entries, [("gatedconv", "conv"), ("gatedconv", "scan")])
+
+
+def large_kernel(entries: list[ContestantResult]) -> tuple[list[Pair], list[str]]:
+    """A larger depthwise kernel beats the conv family's 3x3 and attention."""
+    return _rivals(entries, [("dwconv", "conv"), ("dwconv", "attn")])
+
+
 TESTS: dict[int, Callable[[list[ContestantResult]], tuple[list[Pair], list[str]]]] = {
     1: multi_stage, 2: local_modeling, 3: mlp_overfit, 4: conv_vs_attn, 5: hybrid, 6: size_crossover, 7: beyond,
+    8: modern, 9: gate, 10: large_kernel,
 }
 
 

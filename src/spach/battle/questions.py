@@ -8,10 +8,17 @@ FINDINGS = {
     5: ("hybrid", "Hybrids (conv early, attention late) beat each pure family"),
     6: ("size-crossover", "As models grow, the best family goes MLP -> conv -> attention"),
     7: ("beyond", "A parameter-free (shift, pool, identity) or sparse (smlp) mixer matches the three families at equal cost"),
+    8: ("modern", "The mixers of 2021-2025 (window attention, large-kernel conv, gMLP gating, focal modulation, gated "
+                  "convolution, selective scan) beat SPACH's conv, attention and MLP at equal cost"),
+    9: ("gate", "The gate, not the scan, does the work (MambaOut): the gated CNN beats plain conv and matches or beats "
+                "the selective scan at equal cost"),
+    10: ("large-kernel", "A larger kernel closes the gap: a 7x7 depthwise conv beats the 3x3 conv family and attention "
+                         "at equal cost"),
 }
 QUESTION_KEYS = {key: n for n, (key, _) in FINDINGS.items()}
 PAPER_FINDINGS = (1, 2, 3, 4, 5)  # the five findings; questions 6 and 7 are asked only when a study names them
 BEYOND = ("shift", "smlp", "pool", "identity")  # the mixers beyond the paper (DESIGN.md 2b)
+MODERN = ("window", "dwconv", "gmlp", "focal", "gatedconv", "scan")  # the mixers of 2021-2025 (DESIGN.md 2c), numbers aside
 
 NEEDS = {
     1: "a single-stage and a multi-stage contestant of the same family (e.g. conv-ss and conv-ms)",
@@ -22,4 +29,7 @@ NEEDS = {
     5: "a hybrid contestant and pure conv, attn and mlp contestants of the same layout",
     6: "conv, attn and mlp multi-stage contestants at the same number (>= 2) of sizes",
     7: "a shift, smlp, pool or identity contestant and conv, attn and mlp contestants of its layout",
+    8: "a window, dwconv, gmlp, focal, gatedconv or scan contestant and conv, attn and mlp contestants of its layout",
+    9: "gatedconv, scan and conv contestants of one layout",
+    10: "a dwconv contestant (e.g. dwconv7) and conv and attn contestants of its layout",
 }

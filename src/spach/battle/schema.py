@@ -66,6 +66,8 @@ STUDY_KEYS = {
               "`\"120 runs\"`; `--budget` overrides it.",
     "first_wave": "With a budget: the seeds every contestant gets before the first look (2 or more; unset: 3, or "
                   "all the seeds when fewer).",
+    "rank": "With a budget: the findings in the order the budget takes them, whole, while their first wave fits "
+            "(default: the main arm's questions in order, then each arm's); a finding left out is named in the report.",
     "spending": "With a budget: how each comparison spends its alpha over the looks: \"obf\" (O'Brien-Fleming), "
                 "\"pocock\" or \"hsd(G)\" (Hwang-Shih-DeCani; default: `spach.battle.spending.DEFAULT`).",
 }

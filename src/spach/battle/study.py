@@ -121,6 +121,7 @@ class Study:
     budget: str = ""  # a sequential battle's budget (spach.battle.budget.parse_budget); "": fixed design
     first_wave: int = 0  # seeds per contestant before the first look (sequential battles)
     spending: str = ""  # how a sequential battle's comparisons spend alpha ("" : spach.battle.spending.DEFAULT)
+    rank: list[str] = field(default_factory=list)  # the order the budget takes findings in (default: as asked, arm by arm)
     prior: dict[str, Any] = field(default_factory=dict)  # [prior]: effects and noise the dry run predicts from
     # per arm, the images its runs train and are tested on: recorded by the battle from the data (the report's numbers)
     data_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -227,6 +228,7 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
         budget=v.get(st, "study.budget", str, default=""),
         first_wave=v.get(st, "study.first_wave", int, default=0),
         spending=v.get(st, "study.spending", str, default=""),
+        rank=v.questions(st.get("rank", []), "study.rank"),
         contestants=[],
         source=source,
         sha256=hashlib.sha256(text.encode()).hexdigest(),
@@ -264,6 +266,9 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
     twice = sorted({q for q in judged if judged.count(q) > 1})
     if twice:
         v.fail("study.questions", f"{twice[0]!r} is judged on more than one arm; list each question on one arm only")
+    unasked = [q for q in study.rank if q not in judged]
+    if unasked:
+        v.fail("study.rank", f"{unasked[0]!r} is not asked by this study (its arms ask {', '.join(judged) or 'nothing'})")
     entries = raw.get("contestant", [])
     if not isinstance(entries, list) or not entries:
         v.fail("contestant", "the study has no contestants; add [[contestant]] tables with a name and a model")
