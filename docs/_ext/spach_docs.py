@@ -168,7 +168,7 @@ class MixerTable(SphinxDirective):
                 rows.append([name, "-", "-", "No module: the block's 3x3 depthwise conv (CPE) does the spatial "
                              "mixing, then the channel MLP."])
                 continue
-            cls = mixers._MIXERS[name]
+            cls = mixers._MIXERS[mixers._split(name)[0]]
             takes = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
             doc = " ".join((inspect.getdoc(cls) or "").split())
             rows.append([name, f"`{cls.__module__}.{cls.__qualname__}`", ", ".join(f"`{p}`" for p in takes) or "-",
