@@ -139,7 +139,8 @@ def test_a_look_that_is_not_one_ends_the_replay(tmp_path, capsys):
     assert read_looks(tmp_path) == [good]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "look 2 is not a look the results back" in err
-    for bad in ({"conv": -1}, {"conv": True}, {"conv": 2.5}, {}, [2]):
+    # (an empty table is a look: a battle whose budget afforded no finding records its stop with no seeds)
+    for bad in ({"conv": -1}, {"conv": True}, {"conv": 2.5}, [2]):
         (tmp_path / "looks.jsonl").write_text(json.dumps({**good, "seeds": bad}) + "\n")
         assert read_looks(tmp_path) == []
     for key, bad in (("used", "lots"), ("elapsed_s", [1]), ("left", None), ("look", 7), ("stop", 3)):

@@ -8,6 +8,7 @@ import json
 import math
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ def measure_costs(study: Study, out: Path | None, device: str = "cpu", timed: bo
                              "throughput": rates["eval_img_s"], "throughput_device": device, "threads": threads,
                              "model": c.model, **contestant_facts(model)}
         except Exception as e:
-            costs[c.name] = {"error": f"{type(e).__name__}: {first_line(e)}", "model": c.model}
+            costs[c.name] = {"error": f"{type(e).__name__}: {first_line(e)}", "model": c.model,
+                             "traceback": traceback.format_exc()}  # for the runs' error files
         if out is not None:
             atomic_write_text(out / COSTS_FILE, json.dumps(costs, indent=1) + "\n")
     return costs

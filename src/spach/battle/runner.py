@@ -74,8 +74,9 @@ def run_battle(study: Study | None, out: str | Path, jobs: int | None = None, re
         say(f"{len(runs) - len(pending)} runs finished earlier, {len(pending)} to run")
         broken = [r for r in pending if "error" in costs.get(r.contestant.name, {})]
         for r in broken:
-            outcome = ledger_record(r, None, f"model does not run: {costs[r.contestant.name]['error']}", time.time())
-            atomic_write_text(r.error_file, outcome["error"] + "\n")
+            cost = costs[r.contestant.name]
+            outcome = ledger_record(r, None, f"model does not run: {cost['error']}", time.time())
+            atomic_write_text(r.error_file, outcome["error"] + "\n\n" + cost.get("traceback", ""))
             ledger.append(outcome)
             progress.finish(r, outcome)
         pending = [r for r in pending if r not in broken]

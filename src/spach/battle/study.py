@@ -283,6 +283,9 @@ def parse_study(text: str, source: str = "study", base: Path | None = None) -> S
             v.channels(study.config(c))
         except ConfigError as e:
             v.config_error(e, c.name, c.recipe, c.arm)
+    if study.budget and parse_budget(study.budget).kind == "gpu-h" and study.config().device == "cpu":
+        v.fail("study.budget", f"{study.budget!r} counts GPU hours, but recipe.device is \"cpu\"; give wall time "
+               "(e.g. \"15m\") or runs (e.g. \"40 runs\")")
     study.prior = parse_prior(raw.get("prior"), set(names), v.fail)
     resolve_matches(study, v.fail)
     return study
@@ -303,9 +306,6 @@ def check_looks(study: Study, fail: Any) -> None:
     if study.first_wave and not 2 <= study.first_wave <= len(study.seeds):
         fail("study.first_wave", f"must lie in 2..{len(study.seeds)} (the seeds listed; two are the fewest a pair's noise "
              f"can be estimated from), got {study.first_wave}")
-    if study.budget and parse_budget(study.budget).kind == "gpu-h" and study.config().device == "cpu":
-        fail("study.budget", f"{study.budget!r} counts GPU hours, but recipe.device is \"cpu\"; give wall time (e.g. "
-             "\"15m\") or runs (e.g. \"40 runs\")")
     if study.spending:
         if not study.budget:
             fail("study.spending", "needs a budget: a fixed design spends all its alpha at its one look; drop spending")
