@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from spach import plugins
 from spach.battle import study as study_module
 from spach.cli import main
 from spach.models import mixers
@@ -214,17 +215,17 @@ class Page:
 def fresh_process(page: Page) -> None:
     """Run as a fresh `spach` process would: built-in mixers only, no plugin imported yet; the
     process-wide state the code changes (threads, signal handlers, imported plugins) is put back after."""
-    imported, threads = set(study_module._IMPORTED), torch.get_num_threads()
+    imported, threads = set(plugins._IMPORTED), torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    study_module._IMPORTED.clear()
+    plugins._IMPORTED.clear()
     try:
         with _mixers(dict(BUILTIN_MIXERS)):
             yield
     finally:
         for name in page._own_modules():
             del sys.modules[name]
-        study_module._IMPORTED.clear()
-        study_module._IMPORTED.update(imported)
+        plugins._IMPORTED.clear()
+        plugins._IMPORTED.update(imported)
         torch.set_num_threads(threads)
         for s, h in handlers.items():
             signal.signal(s, h)
