@@ -39,7 +39,7 @@ RUNNABLE = SHELL | {"python"}
 KEYS = ("skip", "file", "shorten")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 MARK = re.compile(r"^\s*<!--\s*(\w[\w-]*):\s*(.*?)\s*-->\s*$")
-BUILTIN_MIXERS = dict(mixers._MIXERS)
+BUILTIN_MIXERS = {"mixers": dict(mixers._MIXERS), "params": dict(mixers._PARAMS)}  # the registry: names, numbered names
 
 
 def _rel(path: Path) -> str:
@@ -142,19 +142,26 @@ def pages() -> list[Path]:
     return [ROOT / "README.md"] + sorted(p for p in DOCS.rglob("*.md") if not skip & set(p.relative_to(DOCS).parts))
 
 
+def _registry(state: dict) -> dict:
+    return {k: dict(v) for k, v in state.items()}
+
+
 @contextlib.contextmanager
 def _mixers(state: dict) -> None:
-    """Run with the mixer registry `state` (updated with what the code registers), then put it back."""
-    saved = dict(mixers._MIXERS)
-    mixers._MIXERS.clear()
-    mixers._MIXERS.update(state)
+    """Run with the mixer registry `state` (its mixers and the numbered names' parameters, updated with
+    what the code registers), then put it back."""
+    live = {"mixers": mixers._MIXERS, "params": mixers._PARAMS}
+    saved = _registry(live)
+    for key, table in live.items():
+        table.clear()
+        table.update(state[key])
     try:
         yield
     finally:
-        state.clear()
-        state.update(mixers._MIXERS)
-        mixers._MIXERS.clear()
-        mixers._MIXERS.update(saved)
+        for key, table in live.items():
+            state[key] = dict(table)
+            table.clear()
+            table.update(saved[key])
 
 
 class Page:
@@ -164,7 +171,7 @@ class Page:
         self.path, self.folder = path, folder
         self.blocks = blocks(path)
         self.namespace: dict = {"__name__": "__docs_example__"}
-        self.mixers = dict(BUILTIN_MIXERS)
+        self.mixers = _registry(BUILTIN_MIXERS)
         self.modules: dict = {}
         self.done = 0
         self.failed: str | None = None
@@ -219,7 +226,7 @@ def fresh_process(page: Page) -> None:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     plugins._IMPORTED.clear()
     try:
-        with _mixers(dict(BUILTIN_MIXERS)):
+        with _mixers(_registry(BUILTIN_MIXERS)):
             yield
     finally:
         for name in page._own_modules():
