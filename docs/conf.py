@@ -19,8 +19,7 @@ extensions = [
 # Nothing is fetched at build time or by the pages: no intersphinx, no math from a CDN (formulas are code).
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-# docs/pending/: notes on changes, folded into the pages by hand (not pages themselves).
-exclude_patterns = ["_build", "pending", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 
 myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3  # [text](page.md#a-heading) links

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from spach import plugins
 from spach.battle import study as study_module
 from spach.cli import main
 from spach.models import mixers
@@ -38,7 +39,7 @@ RUNNABLE = SHELL | {"python"}
 KEYS = ("skip", "file", "shorten")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 MARK = re.compile(r"^\s*<!--\s*(\w[\w-]*):\s*(.*?)\s*-->\s*$")
-BUILTIN_MIXERS = dict(mixers._MIXERS)
+BUILTIN_MIXERS = {"mixers": dict(mixers._MIXERS), "params": dict(mixers._PARAMS)}  # the registry: names, numbered names
 
 
 def _rel(path: Path) -> str:
@@ -141,19 +142,26 @@ def pages() -> list[Path]:
     return [ROOT / "README.md"] + sorted(p for p in DOCS.rglob("*.md") if not skip & set(p.relative_to(DOCS).parts))
 
 
+def _registry(state: dict) -> dict:
+    return {k: dict(v) for k, v in state.items()}
+
+
 @contextlib.contextmanager
 def _mixers(state: dict) -> None:
-    """Run with the mixer registry `state` (updated with what the code registers), then put it back."""
-    saved = dict(mixers._MIXERS)
-    mixers._MIXERS.clear()
-    mixers._MIXERS.update(state)
+    """Run with the mixer registry `state` (its mixers and the numbered names' parameters, updated with
+    what the code registers), then put it back."""
+    live = {"mixers": mixers._MIXERS, "params": mixers._PARAMS}
+    saved = _registry(live)
+    for key, table in live.items():
+        table.clear()
+        table.update(state[key])
     try:
         yield
     finally:
-        state.clear()
-        state.update(mixers._MIXERS)
-        mixers._MIXERS.clear()
-        mixers._MIXERS.update(saved)
+        for key, table in live.items():
+            state[key] = dict(table)
+            table.clear()
+            table.update(saved[key])
 
 
 class Page:
@@ -163,7 +171,7 @@ class Page:
         self.path, self.folder = path, folder
         self.blocks = blocks(path)
         self.namespace: dict = {"__name__": "__docs_example__"}
-        self.mixers = dict(BUILTIN_MIXERS)
+        self.mixers = _registry(BUILTIN_MIXERS)
         self.modules: dict = {}
         self.done = 0
         self.failed: str | None = None
@@ -214,17 +222,17 @@ class Page:
 def fresh_process(page: Page) -> None:
     """Run as a fresh `spach` process would: built-in mixers only, no plugin imported yet; the
     process-wide state the code changes (threads, signal handlers, imported plugins) is put back after."""
-    imported, threads = set(study_module._IMPORTED), torch.get_num_threads()
+    imported, threads = set(plugins._IMPORTED), torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    study_module._IMPORTED.clear()
+    plugins._IMPORTED.clear()
     try:
-        with _mixers(dict(BUILTIN_MIXERS)):
+        with _mixers(_registry(BUILTIN_MIXERS)):
             yield
     finally:
         for name in page._own_modules():
             del sys.modules[name]
-        study_module._IMPORTED.clear()
-        study_module._IMPORTED.update(imported)
+        plugins._IMPORTED.clear()
+        plugins._IMPORTED.update(imported)
         torch.set_num_threads(threads)
         for s, h in handlers.items():
             signal.signal(s, h)

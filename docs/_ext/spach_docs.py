@@ -135,8 +135,9 @@ class StudySchema(GeneratedSection):
                                  + ", ".join(f"`{k}`" for k in sorted(schema.SLURM_TAKEN)) + ".")
             out.append(sec)
         sec = self.section("Questions", "questions")
-        sec += paragraph("The names `questions` (of `[study]` and of an arm) and `tested_elsewhere` take: the "
-                         "paper's findings and two more, and the contestants each needs.")
+        sec += paragraph("The names `questions` (of `[study]` and of an arm), `rank` and `tested_elsewhere` take: "
+                         "the paper's five findings (1-5) and the questions asked beyond them, and the contestants "
+                         "each needs.")
         sec += table(["question", "finding", "needs"],
                      [[key, f"{n}. {text}", NEEDS[n]] for n, (key, text) in FINDINGS.items()], [16, 42, 42])
         out.append(sec)
