@@ -51,11 +51,11 @@ arch = { net_arch = [["conv", 1]], hidden_dim = 8, patch_size = 4, num_heads = 1
 # Each stage: the function to wrap, and when (which call) to SIGKILL the battle, after the original ran.
 # Calls are counted over the whole battle; the 2nd run (seed 1) is hit where a count allows it.
 KILL = {  # stage: (owner, attribute, call, before/after, (ledger lines, run 2 summary written) at the kill)
-    "before-training": ("spach.battle.runner", "execute", 2, "before", (1, False)),    # run 2 about to train
+    "before-training": ("spach.battle.local", "execute", 2, "before", (1, False)),     # run 2 about to train
     "mid-epoch": ("spach.train.progress.Progress", "step", 11, "after", (1, False)),   # run 2, epoch 1, step 3/4
     "after-checkpoint": ("spach.train.engine", "_save", 3, "after", (1, False)),       # run 2's epoch-1 checkpoint
-    "after-summary": ("spach.train.engine", "atomic_write_text", 6, "after", (1, True)),  # run 2's summary.json
-    # (config.json, metrics.jsonl and summary.json are the three texts a run writes)
+    "after-summary": ("spach.train.checkpoint", "atomic_write_text", 2, "after", (1, True)),  # run 2's summary.json
+    # (summary.json is the one text the checkpoint module writes: once per run)
     "after-ledger": ("spach.battle.results.Ledger", "append", 1, "after", (1, False)),  # run 1's ledger line
     "during-report": ("spach.battle.report", "render_html", 1, "before", (2, True)),    # report.md, no HTML yet
 }

@@ -197,7 +197,7 @@ def test_train_config_values(tmp_path):
 def test_report_on_a_full_or_read_only_disk_is_one_line(battle, tmp_path, monkeypatch, capsys, where, code, message):
     out = tmp_path / "b"
     shutil.copytree(battle, out)
-    before = (out / "plots" / "pairs.png").read_bytes()
+    before = (out / "plots" / "accuracy_vs_macs.png").read_bytes()
 
     def fail(*a, **k):
         raise OSError(code, os.strerror(code))
@@ -205,4 +205,4 @@ def test_report_on_a_full_or_read_only_disk_is_one_line(battle, tmp_path, monkey
     monkeypatch.setattr(files.os if where == "fsync" else files.tempfile, where, fail)
     err = cli_error(["report", str(out)], capsys)
     assert message + str(out / "plots") in err
-    assert (out / "plots" / "pairs.png").read_bytes() == before and not list(out.rglob(".*.tmp"))
+    assert (out / "plots" / "accuracy_vs_macs.png").read_bytes() == before and not list(out.rglob(".*.tmp"))
