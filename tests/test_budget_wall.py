@@ -69,6 +69,9 @@ def test_n_max_is_what_the_budget_left_after_the_first_wave_buys():
     assert _plan(amount=200.0).n_max("a", "b") == 2  # nothing left: the first wave is its last look
     assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
     assert Plan.from_json({**plan.to_json(), "slots": "two"}) is None and Plan.from_json([1]) is None
+    # runs and GPU hours are spent by every run whatever runs beside it: more slots buy no more seeds
+    runs = dict(budget="20 runs", kind="runs", amount=20.0, run_s={"a": 1.0, "b": 1.0, "c": 1.0}, first_wave_s=6.0)
+    assert _plan(**runs, slots=1).n_max("a", "b") == _plan(**runs, slots=24).n_max("a", "b") == 9  # 2 + 14 // 2
 
 
 def test_predicted_costs_follow_the_finished_runs():

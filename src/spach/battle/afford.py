@@ -99,6 +99,11 @@ class FindingPlan:
     why: str = ""
 
 
+def sharing(kind: str, slots: int) -> int:
+    """`Plan.sharing` for a budget of `kind` with `slots` runs at once."""
+    return max(slots, 1) if kind == "wall" else 1
+
+
 @dataclass
 class Plan:
     budget: str
@@ -115,9 +120,15 @@ class Plan:
     machine: str = ""
     made: str = ""
 
+    @property
+    def sharing(self) -> int:
+        """How many runs share one unit of the budget: wall time is shared by the `slots` runs that go at once;
+        run attempts and GPU hours are spent by every run whatever runs beside it."""
+        return sharing(self.kind, self.slots)
+
     def pair_cost(self, a: str, b: str) -> float:
-        """One more seed of both, in the budget's unit (runs go `slots` at a time)."""
-        return (self.run_s.get(a, math.inf) + self.run_s.get(b, math.inf)) / max(self.slots, 1)
+        """One more seed of both, in the budget's unit."""
+        return (self.run_s.get(a, math.inf) + self.run_s.get(b, math.inf)) / self.sharing
 
     def n_max(self, a: str, b: str) -> int:
         """The most seeds comparison a vs b can reach: the first wave and what the budget left after it
@@ -186,7 +197,7 @@ def make_plan(study: Study, budget: Budget, costs: dict[str, dict[str, Any]], sl
     start = WORKER_START_S if budget.kind == "wall" else 0.0
 
     def wave_cost(names: list[str]) -> float:
-        runs = sum(max(0, study.first_wave - done.get(n, 0)) * run_s[n] for n in names) / max(slots, 1)
+        runs = sum(max(0, study.first_wave - done.get(n, 0)) * run_s[n] for n in names) / sharing(budget.kind, slots)
         return runs + start if runs else 0.0
 
     for f in findings:

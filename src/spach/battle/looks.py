@@ -186,7 +186,7 @@ def run_looks(study: Study, runs: list[Run], out: Path, train: Callable[[list[Ru
         opens = open_comparisons(findings, plan)
         left = clock.left(ledger)
         wave_next, records = sequential.allocate(opens, seen, run_costs(study, clock, ledger, plan), left, plan.most,
-                                                 plan.slots)
+                                                 plan.sharing)
         stop = _stop_reason(opens, wave_next, records, walled, left, clock) if plan.contestants else \
             "the budget could afford no finding on this machine (the plan names what each would take)"
         decided = [f for f in findings if f.comparisons and f.decided]

@@ -130,10 +130,10 @@ def simulate_once(study: Study, plan: Plan, sims: list[Sim], prior: Prior, rng: 
                       for i, d in zip(idx, decisions) if d.verdict == "inconclusive"]
         if not opens:
             break
-        wave, _ = sequential.allocate(opens, have, plan.run_s, room - used, plan.most, plan.slots)
+        wave, _ = sequential.allocate(opens, have, plan.run_s, room - used, plan.most, plan.sharing)
         if not wave:
             break
-        used += sum((n - have[c]) * plan.run_s[c] for c, n in wave.items()) / plan.slots
+        used += sum((n - have[c]) * plan.run_s[c] for c, n in wave.items()) / plan.sharing
         have.update(wave)
     return verdicts, used
 
