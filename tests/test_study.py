@@ -39,7 +39,7 @@ def test_good_study_parses():
     assert cfg.model == "spach" and cfg.model_kwargs["hidden_dim"] == 16
 
 
-@pytest.mark.parametrize("name", ["default", "medium", "medium-cifar10", "paper", "tiny", "beyond"])
+@pytest.mark.parametrize("name", ["default", "medium", "medium-cifar10", "paper", "tiny", "beyond", "modern"])
 def test_presets_parse(name):
     assert name in list_presets()
     s = load_study(preset=name)
@@ -172,3 +172,16 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
                     capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == f"spach battle: error: {bad}: recipe.lrr: unknown key; did you mean 'lr'?"
+
+
+def test_modern_preset_matches_every_new_mixer_to_conv_in_macs():
+    """Issue 28's preset: every 2021-2025 mixer and SPACH's three families, one layout, MACs within 10% of conv-ms."""
+    from spach.battle.pairs import base_family
+    from spach.battle.questions import MODERN
+
+    s = load_study(preset="modern")
+    mixers = {base_family(c.arch["net_arch"][1][0][0]) for c in s.contestants}
+    assert mixers == {"conv", "attn", "mlp", *MODERN}
+    matched = [c for c in s.contestants if c.match]
+    assert len(matched) == len(s.contestants) - 1 and all(abs(c.match["error"]) <= 0.1 for c in matched)
+    assert s.budget and set(s.rank) == {"modern", "gate", "large-kernel"} and s.prior and not {400, 401} & set(s.seeds)
