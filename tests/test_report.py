@@ -154,6 +154,12 @@ def test_the_tally_counts_the_paper_findings_and_the_further_questions_apart(tmp
     write_report(out)
     md = (out / "report.md").read_text()
     assert "0 of the 1 findings of the paper this study tests are decided, and 0 of its 1 further question(s)" in md, md
+    (tmp_path / "beyond-only").mkdir()
+    out = make_folder(tmp_path / "beyond-only", study_text=text.replace('questions = ["local-modeling", "beyond"]',
+                                                                          'questions = ["beyond"]'))
+    write_report(out)  # a study that asks no finding of the paper (the modern preset) counts only its own questions
+    md = (out / "report.md").read_text()
+    assert "0 of the 1 questions beyond the paper this study asks are decided" in md and "0 of the 0" not in md, md
 
 
 def test_a_pair_noisier_than_the_pooled_noise_is_judged_by_its_own(tmp_path):

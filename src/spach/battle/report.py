@@ -111,7 +111,9 @@ def _findings_blocks(study: Study, findings: list[Finding]) -> list[Block]:
     asked = [f for f in findings if f.verdict not in ("elsewhere", "untested", "unafforded")]
     paper, beyond = [f for f in asked if f.number <= 5], [f for f in asked if f.number > 5]
     tally = f"{sum(f.decided for f in paper)} of the {len(paper)} findings of the paper this study tests are decided"
-    if beyond:
+    if beyond and not paper:
+        tally = f"{sum(f.decided for f in beyond)} of the {len(beyond)} questions beyond the paper this study asks are decided"
+    elif beyond:
         tally += f", and {sum(f.decided for f in beyond)} of its {len(beyond)} further question(s)"
     rows = [[str(f.number), f.title, f.arm if f.verdict != "elsewhere" else "-", VERDICT_MARK[f.verdict] + _when(study, f),
              "; ".join(evidence(c) for c in f.comparisons) if f.comparisons else f.summary] for f in findings]
