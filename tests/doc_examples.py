@@ -39,7 +39,9 @@ RUNNABLE = SHELL | {"python"}
 KEYS = ("skip", "file", "shorten")
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 MARK = re.compile(r"^\s*<!--\s*(\w[\w-]*):\s*(.*?)\s*-->\s*$")
-BUILTIN_MIXERS = {"mixers": dict(mixers._MIXERS), "params": dict(mixers._PARAMS)}  # the registry: names, numbered names
+_OWN = {n for n, c in mixers._MIXERS.items() if c.__module__.split(".")[0] == "spach"}  # not a test module's
+BUILTIN_MIXERS = {"mixers": {n: mixers._MIXERS[n] for n in _OWN},
+                  "params": {n: p for n, p in mixers._PARAMS.items() if n in _OWN}}  # the registry: names, numbered names
 
 
 def _rel(path: Path) -> str:

@@ -100,7 +100,8 @@ def wandb_history(path):
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="W&B logging needs pip install 'spach[wandb]'")
+    wandb = pytest.importorskip("wandb", reason="W&B logging needs pip install 'spach[wandb]'")
+    wandb.teardown()  # wandb keeps its set-up (and so its run folder) for the process: an earlier test's is not ours
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     (tmp_path / "wandb-dir").mkdir()
