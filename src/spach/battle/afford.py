@@ -99,11 +99,6 @@ class FindingPlan:
     why: str = ""
 
 
-def sharing(kind: str, slots: int) -> int:
-    """`Plan.sharing` for a budget of `kind` with `slots` runs at once."""
-    return max(slots, 1) if kind == "wall" else 1
-
-
 @dataclass
 class Plan:
     budget: str
@@ -124,7 +119,7 @@ class Plan:
     def sharing(self) -> int:
         """How many runs share one unit of the budget: wall time is shared by the `slots` runs that go at once;
         run attempts and GPU hours are spent by every run whatever runs beside it."""
-        return sharing(self.kind, self.slots)
+        return max(self.slots, 1) if self.kind == "wall" else 1
 
     def pair_cost(self, a: str, b: str) -> float:
         """One more seed of both, in the budget's unit."""
@@ -197,7 +192,7 @@ def make_plan(study: Study, budget: Budget, costs: dict[str, dict[str, Any]], sl
     start = WORKER_START_S if budget.kind == "wall" else 0.0
 
     def wave_cost(names: list[str]) -> float:
-        runs = sum(max(0, study.first_wave - done.get(n, 0)) * run_s[n] for n in names) / sharing(budget.kind, slots)
+        runs = sum(max(0, study.first_wave - done.get(n, 0)) * run_s[n] for n in names) / plan.sharing
         return runs + start if runs else 0.0
 
     for f in findings:
