@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from spach.battle.afford import FindingPlan, Plan, make_plan, predicted_costs
+from spach.battle.afford import FindingPlan, Plan, make_plan, predicted_costs, read_plan, write_plan
 from spach.battle.budget import Budget
 from spach.battle.runner import run_battle
 from spach.battle.study import parse_study
@@ -72,6 +72,15 @@ def test_n_max_is_what_the_budget_left_after_the_first_wave_buys():
     # runs and GPU hours are spent by every run whatever runs beside it: more slots buy no more seeds
     runs = dict(budget="20 runs", kind="runs", amount=20.0, run_s={"a": 1.0, "b": 1.0, "c": 1.0}, first_wave_s=6.0)
     assert _plan(**runs, slots=1).n_max("a", "b") == _plan(**runs, slots=24).n_max("a", "b") == 9  # 2 + 14 // 2
+
+
+def test_a_plan_file_that_is_not_one_is_ignored_with_one_line(tmp_path, capsys):
+    write_plan(tmp_path, _plan())
+    assert read_plan(tmp_path) == _plan() and capsys.readouterr().err == ""
+    (tmp_path / "plan.json").write_text(json.dumps({**_plan().to_json(), "run_s": {"a": "fast"}}))
+    assert read_plan(tmp_path) is None and read_plan(tmp_path) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plan.json: not a plan a battle wrote" in err
 
 
 def test_predicted_costs_follow_the_finished_runs():

@@ -36,7 +36,7 @@ from spach.battle.pairs import TESTS
 from spach.battle.questions import FINDINGS, QUESTION_KEYS
 from spach.battle.results import ContestantResult, contestant_entries
 from spach.battle.study import Study
-from spach.files import atomic_write_text, read_json
+from spach.files import atomic_write_text, read_json, warn_once
 from spach.humanize import hms
 from spach.train.config import scores_epoch
 
@@ -217,7 +217,13 @@ def make_plan(study: Study, budget: Budget, costs: dict[str, dict[str, Any]], sl
 
 
 def read_plan(out: Path) -> Plan | None:
-    return Plan.from_json(read_json(Path(out) / PLAN_FILE, warn=False))
+    """The recorded plan; None when there is none, or (said once on stderr) when the file is not one."""
+    path = Path(out) / PLAN_FILE
+    raw = read_json(path)
+    plan = None if raw is None else Plan.from_json(raw)
+    if raw is not None and plan is None:
+        warn_once(path, "not a plan a battle wrote (its fields have the wrong types): ignored")
+    return plan
 
 
 def write_plan(out: Path, plan: Plan) -> None:
