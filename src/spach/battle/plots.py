@@ -245,10 +245,10 @@ ALL_FIGURES = ("accuracy_vs_macs", "accuracy_vs_throughput", "accuracy_vs_params
 def make_all(entries: list[ContestantResult], findings: list[Finding], folder: Path) -> dict[str, Path]:
     """Every figure, in `folder`; returns {name: path} in reading order. Cost and size plots show the
     main arm (the other arms train under another regime); the accuracy-vs-loss figure shows the arm that
-    judges over-fitting and generalisation (findings 3 and 4) when there is one."""
+    judges generalisation or over-fitting (finding 4, the curves it compares, else 3) when there is one."""
     make_dirs(folder)
     main = [e for e in entries if e.arm == "main"] or entries
-    fit_arm = next((f.arm for f in findings if f.number in (3, 4) and f.comparisons), "main")
+    fit_arm = next((f.arm for n in (4, 3) for f in findings if f.number == n and f.comparisons), "main")
     fit = [e for e in entries if e.arm == fit_arm] or entries
     figures = {
         "accuracy_vs_macs": accuracy_vs_cost(main, folder / "accuracy_vs_macs.png", "macs"),

@@ -92,7 +92,7 @@ def seed_noise(acc: ArrayLike) -> SeedNoise:
 
 def moderated(own: SeedNoise, pooled: SeedNoise, prior_df: float = PRIOR_DF) -> SeedNoise:
     """A pair's own seed noise (`seed_noise` of its two rows: the paired t-test's) moderated toward the
-    arm's pooled noise, which counts as `prior_df` degrees of freedom (capped at its own df): the
+    arm's pooled noise, which counts as `prior_df` degrees of freedom (capped as below): the
     empirical-Bayes posterior variance of limma's moderated t (Smyth 2004, with the prior df fixed in
     the design rather than estimated from a handful of contestants). Few seeds lean on the arm; as the
     pair's own seeds accumulate its own noise takes over, so a pair noisier than its arm is judged by
