@@ -229,6 +229,8 @@ def test_the_report_says_what_ran_not_what_the_study_file_says(tmp_path):
 def test_the_accuracy_vs_loss_figure_shows_the_arm_with_curves(tmp_path):
     """Finding 4 on an arm scored every epoch and finding 3 on one scored once (the medium preset): the
     figure shows finding 4's curves, not the arm that has none."""
+    from types import SimpleNamespace
+
     from spach.battle.plots import make_all
     from test_findings import entry
 
@@ -237,7 +239,6 @@ def test_the_accuracy_vs_loss_figure_shows_the_arm_with_curves(tmp_path):
                entry("attn-ss-scarce", "attn", "single", [73.0, 73.5], losses=[curves, curves], arm="curves"),
                entry("mlp-ss-scarce", "mlp", "single", [80.0, 80.5], arm="scarce"),
                entry("mlp-ss-wide-scarce", "mlp", "single", [79.0, 79.5], arm="scarce")]
-    found = [type("F", (), {"number": 3, "arm": "scarce", "comparisons": [1]})(),
-             type("F", (), {"number": 4, "arm": "curves", "comparisons": [1]})()]
+    found = [SimpleNamespace(number=3, arm="scarce", comparisons=[1]), SimpleNamespace(number=4, arm="curves", comparisons=[1])]
     figures = make_all(entries, found, tmp_path)
     assert "accuracy_vs_training_loss" in figures and figures["accuracy_vs_training_loss"].is_file()

@@ -191,13 +191,12 @@ def record_prediction(study: Study, plan: Plan, out: Path, say: Callable[[str], 
 
 
 def summary(result: Prediction, plan: Plan) -> str:
-    parts = [f"{f} {v['p']:.0%}" for f, v in result.findings.items()]
-    unit = "wall" if plan.kind == "wall" else plan.kind
-    used = hms(result.used) if plan.kind == "wall" else f"{result.used:.1f} {unit}"
     missing = f"; not predicted (the prior lacks a contestant): {', '.join(result.missing)}" if result.missing else ""
     if not result.sims:
         return "no finding decided: " + ("none the budget affords has a prior" if result.missing
                                          else "the budget affords no finding's first wave") + missing
+    parts = [f"{f} {v['p']:.0%}" for f, v in result.findings.items()]
+    used = hms(result.used) if plan.kind == "wall" else f"{result.used:.1f} {plan.kind}"
     return (f"{result.expected:.2f} findings decided on average ({', '.join(parts)}); budget used {used} on average"
             + missing)
 
