@@ -4,6 +4,7 @@ weights, and a sequential battle with a budget far below its work ends within it
 import io
 import json
 import math
+import re
 import time
 
 import pytest
@@ -144,6 +145,23 @@ def test_findings_are_taken_in_rank_order_while_their_first_wave_fits():
     more = make_plan(study, Budget("wall", 120.0, "2m"), costs, 1)
     assert all(f.admitted for f in more.findings) and set(more.contestants) == {"attn", "attn-nocpe", "attn-ms"}
     assert isinstance(more.findings[0], FindingPlan) and math.isfinite(more.first_wave_s)
+
+
+def test_the_budget_a_finding_is_told_it_would_need_admits_it():
+    """'a budget of about M:SS would test it' is rounded up: planned with that budget, the finding is tested
+    (rounded to the nearest second it could name a budget a fraction of a second short, even the one it had)."""
+    study = parse_study(STUDY.format(budget="70s"))
+    costs = {n: {"family": "attn", "layout": "single", "cpe": True, "shared": False, "arch_key": "x",
+                 "train_img_s": 1000.0, "eval_img_s": 1000.0, "macs": 1e6} for n in ("attn", "attn-nocpe", "attn-ms")}
+    costs["attn-nocpe"].update(cpe=False)
+    costs["attn-ms"].update(layout="multi", arch_key="y")
+    why = make_plan(study, Budget("wall", 70.0, "70s"), costs, 1).findings[1].why
+    m, s = re.search(r"a budget of about (\d+):(\d\d) would test it", why).groups()
+    named = 60 * int(m) + int(s)
+    assert all(f.admitted for f in make_plan(study, Budget("wall", float(named), f"{named}s"), costs, 1).findings)
+    assert Budget("wall", 1.0, "1s").show_at_least(299.2) == "5:00" and Budget("wall", 1.0, "1s").show(300.4) == "5:00"
+    assert Budget("wall", 1.0, "1s").show_at_least(300.4) == "5:01"
+    assert Budget("gpu-h", 1.0, "1 gpu-h").show_at_least(2.01) == "2.1 GPU-h"
 
 
 @pytest.mark.slow

@@ -207,7 +207,7 @@ def make_plan(study: Study, budget: Budget, costs: dict[str, dict[str, Any]], sl
         else:
             f.why = (f"its first wave ({study.first_wave} seed(s) of {len(f.contestants)} contestants) would take "
                      f"{budget.show(f.first_wave_s)} here, and {budget.show(max(room - wave_cost(taken), 0))} of the budget "
-                     f"was left for it: a budget of about {budget.show(wave_cost(grown) + reserve + used)} would test it")
+                     f"was left for it: a budget of about {budget.show_at_least(wave_cost(grown) + reserve + used)} would test it")
     extra = [c.name for c in study.contestants if c.name not in taken and not any(c.name in f.contestants for f in findings)]
     for name in extra:  # a contestant no finding compares (a baseline for the tables): last, if it fits
         if math.isfinite(run_s[name]) and wave_cost(taken + [name]) <= room:

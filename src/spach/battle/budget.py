@@ -40,6 +40,11 @@ class Budget:
             return hms(max(value, 0.0))
         return f"{value:.1f} GPU-h" if self.kind == "gpu-h" else f"{value:.0f} runs"
 
+    def show_at_least(self, value: float) -> str:
+        """`show` rounded up to its last shown digit: a budget of what it says covers `value`."""
+        step = 0.1 if self.kind == "gpu-h" else 1.0
+        return self.show(math.ceil(value / step - 1e-9) * step)
+
 
 def parse_budget(text: Any, where: str = "study.budget") -> Budget:
     """'15m', '2h', '1h30m', '90s' (wall time), '300 gpu-h' (GPU hours), '120 runs' (whole runs); a
