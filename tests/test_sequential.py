@@ -153,24 +153,21 @@ def test_a_pair_twice_as_noisy_as_its_arm(function, first, seeds, budget):
     assert rate <= 0.06
 
 
-@pytest.mark.parametrize("function", [
-    "obf", "hsd(-2)",
-    pytest.param("pocock", marks=pytest.mark.xfail(strict=True, reason=(
-        "6.05% on these 6,000 studies: with 2 seed df the Welch-Satterthwaite df of seed + test-set noise is "
-        "anti-conservative (a fixed 3-seed test: 7.5% at 5%), and Pocock spends a fifth of alpha at 3 seeds"))),
-])
+@pytest.mark.parametrize("function", FUNCTIONS)
 def test_an_arm_of_two_contestants_is_calibrated(function):
     """An arm of just the pair (the default's scarce arm, the medium's curves arm): its 'pooled' noise is
     the pair's own, so it must lend no degrees of freedom. Identical contestants, first wave 3 of 10 seeds,
-    20 runs: <= 5.5% wrongly decided over 6,000 studies (Monte-Carlo sd ~0.28%; measured: obf 3.55%,
-    hsd(-2) 4.92%). Lending them (the pair's noise counted twice) gave Pocock 7.28% here; without them 6.05%."""
+    20 runs: <= 5% wrongly decided over 6,000 studies (Monte-Carlo sd ~0.28%; measured: obf 1.45%, Pocock
+    2.87%, hsd(-2) 1.92%). Lending them (the pair's noise counted twice) gave Pocock 7.28% here; without them,
+    with Welch-Satterthwaite df over seed and test-set noise instead of `stats.Spread`, 6.05% (obf 3.55%,
+    hsd(-2) 4.92%)."""
     out = []
     for acc, correct in simulate(np.random.default_rng(100), 6000, [0.0, 0.0], 10, 0.6):
         v, _ = run_sequential(acc, correct, [[(0, 1)]], 3, 20, function=function)
         out.append(v[0, 0])
     rate = wrong(np.array(out)).mean()
     print(f"\n{function}: an arm of two identical contestants wrongly decided {rate:.4f}")
-    assert rate <= 0.055
+    assert rate <= 0.05
 
 
 def test_the_fixed_design_cannot_tell_a_noisier_pair():

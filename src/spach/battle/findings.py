@@ -37,8 +37,9 @@ def method(study: Study) -> str:
     return ("paired by seed (common random numbers: each seed's contestants see the same data, order and "
             "augmentation); each pair's own seed noise moderated toward the noise pooled over its arm's contestants "
             f"(empirical Bayes, the pooled noise worth {study.prior_df:g} degrees of freedom: Smyth 2004) plus the test "
-            "set's noise from per-image predictions (seeds x images crossed); Student t with Welch-Satterthwaite "
-            "degrees of freedom; equivalence by TOST within the study's margin; Holm's correction within each finding")
+            "set's noise from per-image predictions (seeds x images crossed), the difference judged against the seed "
+            "noise's chi-squared spread plus the test-set noise (a generalized p-value; Student t without test-set "
+            "noise); equivalence by TOST within the study's margin; Holm's correction within each finding")
 
 
 SPENDING_NAMES = {"obf": "O'Brien-Fleming", "pocock": "Pocock"}

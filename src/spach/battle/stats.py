@@ -29,9 +29,15 @@ most of the per-image spread, so we subtract the two-way ANOVA's interaction mea
     sigma_image^2 = var_i(d_i) - MS_interaction / S,    d_i = mean_s x[s, i]
 (the standard unbiased estimator of the crossed model; with a single seed it cannot be separated and
 the plain, conservative var(d) is used). In simulated studies the plain term is 2-3x the true one.
-Degrees of freedom: Welch-Satterthwaite over the two terms (with estimated variances it runs a little
-liberal when the seed term has few df: 5.5-6% instead of 5% at 2 seeds). It is a moment approximation
-(normal errors, additive effects); the calibration tests (tests/test_stats.py) measure the
+The reference distribution (`Spread`): the seed term is estimated with few df, the test-set term from
+thousands of images is taken as known, and the difference is judged against
+    D = Z sqrt(seed_term df / W + image_term),    Z ~ N(0, 1),  W ~ chi^2_df
+(the generalized p-value of the Behrens-Fisher kind, Tsui & Weerahandi 1989): Student's t with df when
+there is no test-set term, the normal when there is no seed term. Welch-Satterthwaite df over the two
+terms was used before and ran liberal at few seed df, because its df grows exactly when the seed term
+is estimated small: 7.5-8% of identical pairs decided at 5% with 3 seeds, 2% at 0.2% (this one:
+3.2-4.9% and 0.03-0.33%, tests/test_stats.py). It is a moment approximation (normal errors, additive
+effects); the calibration tests (tests/test_stats.py, tests/test_sequential.py) measure the
 false-decision rates it gives on simulated studies with 0/1 correctness.
 """
 from __future__ import annotations
@@ -42,7 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import special
+from scipy import optimize, special
 
 from spach.errors import SpachError
 
@@ -56,6 +62,64 @@ VERDICTS = ("supported", "contradicted", "equivalent", "inconclusive")
 
 def _tq(df: float, q: float) -> float:
     return float(special.stdtrit(df, q))  # quantile of Student's t (a ufunc: no scipy.stats overhead)
+
+
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(64)
+_Z_TOP = 12.0  # the normal's mass beyond is below 1e-32
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The distribution a pair's mean difference is judged against (module docstring):
+    D = Z sqrt(seed_term df / W + image_term), Z standard normal, W chi^2 with `df` degrees of freedom."""
+
+    seed_term: float  # 2 sigma^2 / S, estimated with `df` degrees of freedom
+    df: float
+    image_term: float = 0.0  # sigma_image^2 / N, taken as known
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(self.seed_term + self.image_term)
+
+    def upper(self, x: float) -> float:
+        """P(D > x). Given Z = z, |D| > |x| iff W < df seed_term z^2 / (x^2 - image_term z^2) (always once
+        image_term z^2 >= x^2), so the tail is one smooth integral over z, by Gauss-Legendre."""
+        if x <= 0:
+            return 1.0 - self.upper(-x) if x < 0 else 0.5
+        s, i, df = self.seed_term, self.image_term, self.df
+        if s == 0 or math.isinf(df):
+            return float(special.ndtr(-x / self.se)) if s + i > 0 else 0.0
+        if i == 0:
+            return float(special.stdtr(df, -x / math.sqrt(s)))
+        zstar = x / math.sqrt(i)
+        top = min(zstar, _Z_TOP)
+        z = (_NODES + 1.0) * (top / 2)
+        inner = special.chdtr(df, df * s * z * z / (x * x - i * z * z)) * np.exp(-z * z / 2)
+        return float(_WEIGHTS @ inner) * top / 2 / math.sqrt(2 * math.pi) + float(special.ndtr(-zstar))
+
+    def t_approx(self) -> tuple[float, float]:
+        """(se, df) of the Student t matching the spread's variance moments (Welch-Satterthwaite with the
+        test-set term known; exact without either term). For planning (`seeds_needed`, `detectable`), where
+        the terms are taken as the truth and 20x the speed of the exact quantiles matters; never for a test:
+        its df grows when the seed term is estimated small, which made tests with it liberal."""
+        total = self.seed_term + self.image_term
+        return self.se, (total * total * self.df / self.seed_term**2 if self.seed_term > 0 else math.inf)
+
+    def quantile(self, q: float) -> float:
+        """x with P(D <= x) = q. Bracketed below by image_term's normal alone and above by twice the t
+        tail at se (P(|D| > x) <= P(|T_df| > x / se) + P(|Z| > x / se))."""
+        if q < 0.5:
+            return -self.quantile(1.0 - q)
+        s, i, df = self.seed_term, self.image_term, self.df
+        if s == 0 or math.isinf(df):
+            return float(special.ndtri(q)) * self.se
+        if i == 0:
+            return _tq(df, q) * math.sqrt(s)
+        lo, hi = float(special.ndtri(q)) * math.sqrt(i), _tq(df, 1.0 - (1.0 - q) / 2) * self.se
+        excess = lambda x: self.upper(x) - (1.0 - q)  # noqa: E731 (decreasing in x)
+        if excess(lo) <= 0 or excess(hi) >= 0:  # a bound is the answer to rounding (one term negligible)
+            return lo if excess(lo) <= 0 else hi
+        return float(optimize.brentq(excess, lo, hi, xtol=1e-12 * hi))
 
 
 @dataclass(frozen=True)
@@ -98,8 +162,8 @@ def moderated(own: SeedNoise, pooled: SeedNoise, prior_df: float = PRIOR_DF) -> 
     pair's own seeds accumulate its own noise takes over, so a pair noisier than its arm is judged by
     its own spread (module docstring: the pooled model alone was wrong ~20% of the time at 2x).
     The pool holds the pair's own residuals, so it lends only the df it has beyond them: an arm of two
-    contestants lends none (counting them twice made 7.3% of identical pairs 'decided' at 5% with Pocock;
-    6.1% without, the rest from `_satterthwaite` at 2 seed df: tests/test_sequential.py)."""
+    contestants lends none (counting them twice made 7.3% of identical pairs 'decided' at 5% with Pocock:
+    tests/test_sequential.py)."""
     beyond = pooled.df - own.df if own.df else pooled.df
     d0 = min(prior_df, beyond) if beyond > 0 and math.isfinite(pooled.var) else 0.0
     df = d0 + own.df
@@ -135,33 +199,53 @@ class PairTest:
     """One comparison a - b on the seeds both have: the estimate, its noise and both tests."""
 
     diff: float  # mean over common seeds of a - b
-    se: float
-    df: float
+    spread: Spread  # what diff is judged against (seed term, its df, test-set term)
     p_diff: float  # two-sided, H0: diff = 0
     p_tost: float  # TOST, H0: |diff| >= margin
-    ci_tost: tuple[float, float]  # the (1 - 2 alpha) interval: equivalent iff inside +-margin
-    ci95: tuple[float, float]
     seeds: int  # common seeds
     noise: SeedNoise
-    image_term: float  # sigma_image^2 / N (0 without per-image predictions)
     images: int  # N, 0 when the test-set term is not included
     margin: float
     alpha: float
 
-    def se_at(self, seeds: int) -> tuple[float, float]:
-        """(se, df) this comparison would have with `seeds` seeds in common, the study's
-        contestants and noise as estimated; the test-set term does not shrink with seeds."""
+    @property
+    def se(self) -> float:
+        return self.spread.se
+
+    @property
+    def df(self) -> float:
+        """The seed term's degrees of freedom."""
+        return self.spread.df
+
+    @property
+    def image_term(self) -> float:
+        """sigma_image^2 / N (0 without per-image predictions)."""
+        return self.spread.image_term
+
+    def interval(self, q: float) -> tuple[float, float]:
+        """diff -+ the spread's q-quantile: the two-sided interval of level 2 q - 1."""
+        if math.isnan(self.se):
+            return math.nan, math.nan
+        h = self.spread.quantile(q)
+        return self.diff - h, self.diff + h
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return self.interval(0.975)
+
+    @property
+    def ci_tost(self) -> tuple[float, float]:
+        """The (1 - 2 alpha) interval: equivalent iff inside +-margin."""
+        return self.interval(1 - self.alpha)
+
+    def spread_at(self, seeds: int) -> Spread:
+        """The spread this comparison would have with `seeds` seeds in common, the study's contestants and
+        noise as estimated; the test-set term does not shrink with seeds."""
         if self.noise.prior_df is not None:
             df_seed = self.noise.prior_df + seeds - 1
         else:
             df_seed = max(self.noise.contestants - 1, 1) * (seeds - 1)
-        return _satterthwaite(2 * self.noise.var / seeds, df_seed, self.image_term, self.images)
-
-
-def _satterthwaite(seed_term: float, df_seed: float, image_term: float, images: int) -> tuple[float, float]:
-    """se and Welch-Satterthwaite df of seed term + test-set term (the latter with N - 1 df)."""
-    total = seed_term + image_term
-    return math.sqrt(total), total * total / (seed_term * seed_term / df_seed + image_term**2 / max(images - 1, 1))
+        return Spread(2 * self.noise.var / seeds, df_seed, self.image_term)
 
 
 def compare(a: ArrayLike, b: ArrayLike, noise: SeedNoise, correct_a: Sequence[ArrayLike | None] | None = None,
@@ -172,9 +256,9 @@ def compare(a: ArrayLike, b: ArrayLike, noise: SeedNoise, correct_a: Sequence[Ar
     Difference of means over the common seeds; variance 2 sigma^2 / S (seed effects cancel) plus the
     test-set term when per-run correctness vectors are given (lists aligned by seed, None for a run
     without stored predictions; the term is estimated on the common seeds that have both), or as `image`
-    = (sigma_image^2 / N, N) when it is known. Student t
-    with Welch-Satterthwaite df gives the two-sided p for a difference and TOST's p for equivalence
-    within +-margin (the larger of the two one-sided p's), with the (1 - 2 alpha) and 95% intervals.
+    = (sigma_image^2 / N, N) when it is known. The `Spread` of seed term (noise.df df) and test-set term
+    gives the two-sided p for a difference and TOST's p for equivalence within +-margin (the larger of the
+    two one-sided p's), and the (1 - 2 alpha) and 95% intervals (`PairTest.ci_tost`, `.ci95`).
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     both = np.isfinite(a) & np.isfinite(b)
@@ -186,15 +270,12 @@ def compare(a: ArrayLike, b: ArrayLike, noise: SeedNoise, correct_a: Sequence[Ar
         if keep:
             term = image_variance([correct_a[i] for i in keep], [correct_b[i] for i in keep])
             images = len(np.asarray(correct_a[keep[0]]))
-    nan2 = (math.nan, math.nan)
     if not s or not noise.df or not (noise.var > 0 or term > 0):
-        return PairTest(diff, math.nan, math.nan, math.nan, math.nan, nan2, nan2, s, noise, term, images, margin, alpha)
-    se, df = _satterthwaite(2 * noise.var / s, noise.df, term, images)
-    p_diff = 2 * float(special.stdtr(df, -abs(diff) / se))
-    p_tost = max(float(special.stdtr(df, -(diff + margin) / se)), float(special.stdtr(df, (diff - margin) / se)))
-    h_tost, h95 = _tq(df, 1 - alpha) * se, _tq(df, 0.975) * se
-    return PairTest(diff, se, df, p_diff, p_tost, (diff - h_tost, diff + h_tost), (diff - h95, diff + h95), s, noise,
-                    term, images, margin, alpha)
+        return PairTest(diff, Spread(math.nan, math.nan, term), math.nan, math.nan, s, noise, images, margin, alpha)
+    spread = Spread(2 * noise.var / s, noise.df, term)
+    p_diff = 2 * spread.upper(abs(diff))
+    p_tost = max(spread.upper(diff + margin), spread.upper(margin - diff))
+    return PairTest(diff, spread, p_diff, p_tost, s, noise, images, margin, alpha)
 
 
 def pair_test(table: ArrayLike, a: ArrayLike, b: ArrayLike, correct_a: Sequence[ArrayLike | None] | None = None,
@@ -222,16 +303,18 @@ def holm(p: Sequence[float]) -> np.ndarray:
 
 def detectable(test: PairTest, n_tests: int = 1, power: float = POWER) -> float:
     """Minimal detectable difference: the true |a - b| the difference test finds with `power` at this
-    design, (t_{1 - a'/2} + t_power) se, at a' = alpha / n_tests (Holm's strictest step: a difference
-    this large is found whatever the family's other comparisons do)."""
+    design, (t_{1 - a'/2} + t_power) se with the spread's t approximation, at a' = alpha / n_tests (Holm's
+    strictest step: a difference this large is found whatever the family's other comparisons do)."""
     level = test.alpha / n_tests
-    return (_tq(test.df, 1 - level / 2) + _tq(test.df, power)) * test.se
+    se, df = test.spread.t_approx()
+    return (_tq(df, 1 - level / 2) + _tq(df, power)) * se
 
 
-def _power(test: PairTest, se: float, df: float, level: float, equivalence: bool) -> float:
-    """Approximate power (shifted central t) at standard error `se` and `df` of the difference test
+def _power(test: PairTest, spread: Spread, level: float, equivalence: bool) -> float:
+    """Approximate power (the spread's t approximation, shifted by the effect) of the difference test
     (two-sided, `level`) or of TOST (`level`), taking the observed |diff| as the true difference."""
     effect, m = abs(test.diff), test.margin
+    se, df = spread.t_approx()
     if se == 0:  # only the test-set term, and it is 0
         return float(effect < m if equivalence else effect > 0)
     if equivalence:
@@ -258,13 +341,13 @@ def seeds_needed(test: PairTest, n_tests: int = 1, power: float = POWER,
     routes = [(False, "detect the difference")] + ([(True, "show equivalence")] if abs(test.diff) < test.margin else [])
     found = []
     for eq, goal in routes:
-        n = _fewest(lambda k, eq=eq: _power(test, *test.se_at(k), at(k), eq) >= power)
+        n = _fewest(lambda k, eq=eq: _power(test, test.spread_at(k), at(k), eq) >= power)
         found += [(n, goal)] if n is not None else []
     if found:
         n, goal = min(found)
         return n, f"{n} seeds would {goal} with {power:.0%} power"
     floor = math.sqrt(test.image_term)  # the se with infinitely many seeds
-    if not any(_power(test, floor, math.inf, level, eq) >= power for eq, _ in routes):
+    if not any(_power(test, Spread(0.0, math.inf, test.image_term), level, eq) >= power for eq, _ in routes):
         return None, f"no number of seeds: the test-set noise alone (se {floor:.2f}) is too large for this difference"
     return None, f"more than {MAX_SEEDS} seeds"
 
