@@ -103,7 +103,12 @@ def _run(src: str, mode: str, folder: Path, terms: dict | None = None, pick: dic
     args = json.dumps([mode, str(folder), terms or {}, pick or {}])
     code = f"import sys, json; sys.path.insert(0, {src!r}); sys.path.insert(1, {str(Path(__file__).parent)!r}); " \
            f"import rejudge; print(json.dumps(rejudge._worker(*json.loads(sys.argv[1]))))"
-    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"rejudge: {mode} with {src} failed on {folder}: {last} (is it a battle folder with study.json, "
+              "results.jsonl, looks.jsonl, plan.json and findings.json, and the src of the code that made it?)", file=sys.stderr)
+        sys.exit(2)
     return json.loads(out.stdout)
 
 

@@ -117,8 +117,10 @@ class Spread:
             return _tq(df, q) * math.sqrt(s)
         lo, hi = float(special.ndtri(q)) * math.sqrt(i), _tq(df, 1.0 - (1.0 - q) / 2) * self.se
         excess = lambda x: self.upper(x) - (1.0 - q)  # noqa: E731 (decreasing in x)
-        if excess(lo) <= 0 or excess(hi) >= 0:  # a bound is the answer to rounding (one term negligible)
-            return lo if excess(lo) <= 0 else hi
+        if excess(lo) <= 0:  # a bound is the answer to rounding (one term negligible)
+            return lo
+        if excess(hi) >= 0:
+            return hi
         return float(optimize.brentq(excess, lo, hi, xtol=1e-12 * hi))
 
 
