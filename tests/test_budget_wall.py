@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spach.battle.afford import FindingPlan, Plan, make_plan, predicted_costs, read_plan, write_plan
-from spach.battle.budget import Budget
+from spach.battle.budget import Budget, Clock
 from spach.battle.runner import run_battle
 from spach.battle.study import parse_study
 from spach.train import engine
@@ -82,6 +82,21 @@ def test_a_plan_file_that_is_not_one_is_ignored_with_one_line(tmp_path, capsys):
     assert read_plan(tmp_path) is None and read_plan(tmp_path) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "plan.json: not a plan a battle wrote" in err
+
+
+def test_a_record_of_used_time_that_lies_is_said_in_one_line(tmp_path, capsys):
+    """budget.json is what an interrupted battle used; one that is not a record the battle wrote is named
+    once on stderr (it cannot be counted), one that is counts, and none (a new folder) says nothing."""
+    wall = Budget("wall", 600.0, "10m")
+    assert Clock(wall, tmp_path).before == 0.0 and capsys.readouterr().err == ""
+    (tmp_path / "budget.json").write_text('{"used_s": 42.5, "budget": "wall"}')
+    assert Clock(wall, tmp_path).before == 42.5 and capsys.readouterr().err == ""
+    for i, lie in enumerate(('{"used_s": "lots"}', '{"used_s": -3}', "not json", "[1, 2]")):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "budget.json").write_text(lie)
+        assert Clock(wall, tmp_path / str(i)).before == 0.0 and Clock(wall, tmp_path / str(i)).before == 0.0
+        err = capsys.readouterr().err  # once per process
+        assert err.count("\n") == 1 and "budget.json: is not the record of used time" in err, lie
 
 
 def test_predicted_costs_follow_the_finished_runs():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spach.errors import SpachError
-from spach.files import atomic_write_text, read_json
+from spach.files import atomic_write_text, read_json, warn_once
 from spach.humanize import hms
 
 BUDGET_FILE = "budget.json"
@@ -84,10 +84,14 @@ class Clock:
 
     def __post_init__(self) -> None:
         if self.folder is not None:
-            rec = read_json(self.folder / BUDGET_FILE, warn=False)
+            path = self.folder / BUDGET_FILE
+            rec = read_json(path, warn=False)
             used = rec.get("used_s") if isinstance(rec, dict) else None
             if isinstance(used, (int, float)) and not isinstance(used, bool) and math.isfinite(used) and used >= 0:
                 self.before = float(used)
+            elif path.exists():
+                warn_once(path, f"is not the record of used time the battle writes (used_s {used!r}); the time this "
+                                "folder's earlier battles used is not counted: give a smaller --budget to make up for it")
 
     def wall_used(self) -> float:
         return self.before + time.time() - self.started
